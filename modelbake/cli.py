@@ -1,0 +1,178 @@
+"""``modelbake``: the host CLI. The Docker stages' entrypoints in build/ call the same subcommands.
+
+Build-time subcommands import torch lazily, so ``modelbake verify`` works with the run-time extra alone.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+
+from modelbake import __version__
+from modelbake.manifest import ManifestError
+from modelbake.producers.common import ProducerError  # stdlib only: keeps this CLI torch-free
+from modelbake.spec import DEFAULT_CLIP_MODELS, DEFAULT_RERANKER_MODELS, SpecError, parse_clip_list, parse_reranker_list
+
+log = logging.getLogger("modelbake")
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(name) or default
+
+
+def _add_out(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--out", type=Path, default=Path("models"), help="model tree root (default: models/)")
+
+
+def _cmd_clip(args: argparse.Namespace) -> int:
+    from modelbake.producers import clip
+
+    clip.run(parse_clip_list(args.models), args.out, opset=args.opset, keep_pytorch=args.keep_pytorch)
+    return 0
+
+
+def _cmd_reranker(args: argparse.Namespace) -> int:
+    from modelbake.producers import reranker
+
+    reranker.run(parse_reranker_list(args.models), args.out, opset=args.opset)
+    return 0
+
+
+def _cmd_regressor(args: argparse.Namespace) -> int:
+    from modelbake.producers import regressor
+
+    regressor.run(args.out, feature_dim=args.feature_dim, seed=args.seed, epochs=args.epochs, opset=args.opset)
+    return 0
+
+
+def _cmd_merge(args: argparse.Namespace) -> int:
+    import shutil
+
+    from modelbake.manifest import merge_fragments
+    from modelbake.producers.common import normalise_tree_modes
+    from modelbake.spec import FRAGMENTS_DIR
+
+    manifest = merge_fragments(args.root)
+    if args.drop_fragments:
+        shutil.rmtree(args.root / FRAGMENTS_DIR)
+    normalise_tree_modes(args.root)
+    print(f"merged {len(manifest['models'])} models into {args.root}/model_manifest.json")
+    return 0
+
+
+def _cmd_download(args: argparse.Namespace) -> int:
+    """The seed's download_models.py: every stage on the host, into one tree, then the manifest."""
+    only = [name for name in ("clip", "reranker", "regressor") if getattr(args, f"{name}_only")]
+    if len(only) > 1:
+        raise SpecError("give at most one of --clip-only, --reranker-only, --regressor-only")
+    wanted = only or ["clip", "reranker", "regressor"]
+    clip_specs = parse_clip_list(args.clip) if "clip" in wanted else []
+    reranker_specs = parse_reranker_list(args.reranker) if "reranker" in wanted else []
+    if clip_specs:
+        from modelbake.producers import clip
+
+        clip.run(clip_specs, args.out, opset=args.opset)
+    if reranker_specs:
+        from modelbake.producers import reranker
+
+        reranker.run(reranker_specs, args.out, opset=args.opset)
+    if "regressor" in wanted:
+        from modelbake.producers import regressor
+
+        regressor.run(args.out, feature_dim=args.regressor_feature_dim, seed=args.regressor_seed, epochs=args.regressor_epochs)
+    from modelbake.manifest import merge_fragments
+
+    manifest = merge_fragments(args.out)
+    print(f"{len(manifest['models'])} models in {args.out}/model_manifest.json")
+    return 0
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
+    from modelbake.runtime.__main__ import main as runtime_main
+
+    return runtime_main(["verify", str(args.folder), *(["--quick"] if args.quick else [])])
+
+
+def _cmd_tiny(args: argparse.Namespace) -> int:
+    from modelbake.sources.tiny import make_tiny_sources
+
+    for kind, path in make_tiny_sources(args.dest).items():
+        print(f"{kind}: {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="modelbake", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"modelbake {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def opset(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--opset", type=int, default=int(_env("ONNX_OPSET", "17")), help="ONNX opset (default 17)")
+
+    p = sub.add_parser("clip-export", help="the clip-export stage: CLIP models -> ONNX text/image encoders")
+    p.add_argument("--models", default=_env("CLIP_MODELS", DEFAULT_CLIP_MODELS), help="comma-separated CLIP specs")
+    p.add_argument("--keep-pytorch", action="store_true", help="also keep the PyTorch weights in models/clip/")
+    _add_out(p)
+    opset(p)
+    p.set_defaults(func=_cmd_clip)
+
+    p = sub.add_parser("reranker-cache", help="the reranker-cache stage: first loadable cross-encoder -> folder + ONNX")
+    p.add_argument("--models", default=_env("RERANKER_MODELS", DEFAULT_RERANKER_MODELS), help="ordered fallback list")
+    _add_out(p)
+    opset(p)
+    p.set_defaults(func=_cmd_reranker)
+
+    p = sub.add_parser("regressor-seed", help="the regressor-seed stage: deterministic seed weights")
+    p.add_argument("--feature-dim", type=int, default=int(_env("REGRESSOR_FEATURE_DIM", "512")))
+    p.add_argument("--seed", type=int, default=int(_env("REGRESSOR_SEED", "0")))
+    p.add_argument("--epochs", type=int, default=int(_env("REGRESSOR_EPOCHS", "20")))
+    _add_out(p)
+    opset(p)
+    p.set_defaults(func=_cmd_regressor)
+
+    p = sub.add_parser("merge-manifest", help="merge the stages' fragments into model_manifest.json")
+    p.add_argument("root", type=Path)
+    p.add_argument("--drop-fragments", action="store_true", help="remove .manifest.d/ after merging")
+    p.set_defaults(func=_cmd_merge)
+
+    p = sub.add_parser("download", help="every stage on the host, without Docker (the seed's download_models.py)")
+    p.add_argument("--clip", default=_env("CLIP_MODELS", DEFAULT_CLIP_MODELS), help="comma-separated CLIP specs")
+    p.add_argument("--reranker", default=_env("RERANKER_MODELS", DEFAULT_RERANKER_MODELS), help="ordered fallback list")
+    p.add_argument("--regressor-feature-dim", type=int, default=512)
+    p.add_argument("--regressor-seed", type=int, default=0)
+    p.add_argument("--regressor-epochs", type=int, default=20)
+    for name in ("clip", "reranker", "regressor"):
+        p.add_argument(f"--{name}-only", action="store_true", help=f"only the {name} stage")
+    _add_out(p)
+    opset(p)
+    p.set_defaults(func=_cmd_download)
+
+    p = sub.add_parser("verify", help="re-hash a model tree and run every model on its golden inputs")
+    p.add_argument("folder", nargs="?", type=Path, default=Path(_env("MODELBAKE_MODELS", "models")))
+    p.add_argument("--quick", action="store_true", help="sizes only: the cheap health check")
+    p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser("tiny-sources", help="write tiny real models (OpenCLIP local-dir, BERT cross-encoder) for tests")
+    p.add_argument("dest", type=Path)
+    p.set_defaults(func=_cmd_tiny)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (SpecError, ManifestError, ProducerError) as exc:
+        # One line naming the problem and the fix; a traceback only with --verbose.
+        log.debug("traceback", exc_info=True)
+        print(f"modelbake {args.command}: error: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, SpecError) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

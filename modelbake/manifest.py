@@ -1,0 +1,169 @@
+"""The manifest: one schema, the hashing, fragment writing, merging and checking.
+
+Writers (the stages) and readers (the run-time loaders, verify) both go through this module, so the
+rules live in one place. Torch-free.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path, PurePosixPath
+from typing import Any, Iterable
+
+from modelbake import __version__
+from modelbake.spec import FRAGMENTS_DIR, MANIFEST_NAME
+
+SCHEMA_VERSION = 1
+_CHUNK = 1 << 20
+
+
+class ManifestError(Exception):
+    """The manifest or a file it lists is wrong; the message names the file and what to do."""
+
+
+@lru_cache(maxsize=1)
+def schema() -> dict[str, Any]:
+    return json.loads(resources.files("modelbake.schema").joinpath("manifest.schema.json").read_text())
+
+
+def _validate(doc: Any, ref: str | None, what: str) -> None:
+    import jsonschema
+
+    full = schema()
+    target = full if ref is None else {"$ref": f"#/$defs/{ref}", "$defs": full["$defs"]}
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(target).iter_errors(doc))
+    if error is not None:
+        where = "/".join(str(p) for p in error.absolute_path) or "(top level)"
+        raise ManifestError(f"{what}: invalid at {where}: {error.message}")
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def resolve_inside(root: Path, relpath: str) -> Path:
+    """The file ``relpath`` names under ``root``; refuses paths and symlinks that leave ``root``."""
+    pure = PurePosixPath(relpath)
+    if pure.is_absolute() or ".." in pure.parts:
+        raise ManifestError(f"{relpath}: manifest path leaves the model folder; paths must be relative to it")
+    root_real = root.resolve()
+    path = (root / pure).resolve()
+    if path != root_real and root_real not in path.parents:
+        raise ManifestError(f"{relpath}: resolves to {path}, outside the model folder {root_real} (symlink?)")
+    return path
+
+
+def file_entry(root: Path, path: Path, *, role: str, fmt: str, **extra: Any) -> dict[str, Any]:
+    """A manifest entry for a file a stage just wrote under ``root``."""
+    rel = path.relative_to(root).as_posix()
+    return {"path": rel, "sha256": sha256_file(path), "bytes": path.stat().st_size, "format": fmt, "role": role, **extra}
+
+
+def build_time() -> str:
+    """UTC build time; SOURCE_DATE_EPOCH wins so that rebuilds of the same inputs are identical."""
+    epoch = int(os.environ.get("SOURCE_DATE_EPOCH", time.time()))
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+def _dump(doc: dict[str, Any], path: Path) -> None:
+    """Atomic write: a reader never sees half a manifest."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def write_fragment(root: Path, stage: str, models: list[dict[str, Any]]) -> Path:
+    fragment = {"schema_version": SCHEMA_VERSION, "stage": stage, "models": models}
+    _validate(fragment, "fragment", f"fragment of stage {stage}")
+    path = root / FRAGMENTS_DIR / f"{stage}.json"
+    _dump(fragment, path)
+    return path
+
+
+def check_files(root: Path, models: Iterable[dict[str, Any]]) -> None:
+    """Every listed file exists inside ``root`` with the recorded size and sha256."""
+    for model in models:
+        for entry in model["files"]:
+            path = resolve_inside(root, entry["path"])
+            if not path.is_file():
+                raise ManifestError(f"{entry['path']}: listed for model {model['name']} but missing; rebuild it")
+            size = path.stat().st_size
+            if size != entry["bytes"]:
+                raise ManifestError(
+                    f"{entry['path']}: size {size} bytes, manifest says {entry['bytes']}; "
+                    "the file is truncated or replaced, rebuild or restore it"
+                )
+            actual = sha256_file(path)
+            if actual != entry["sha256"]:
+                raise ManifestError(
+                    f"{entry['path']}: sha256 {actual} does not match the manifest's {entry['sha256']}; "
+                    "the file was altered, rebuild or restore it"
+                )
+
+
+def merge_fragments(root: Path) -> dict[str, Any]:
+    """Merge ``root/.manifest.d/*.json`` into ``root/model_manifest.json`` after checking every file."""
+    fragment_dir = root / FRAGMENTS_DIR
+    paths = sorted(fragment_dir.glob("*.json")) if fragment_dir.is_dir() else []
+    if not paths:
+        raise ManifestError(f"no manifest fragments in {fragment_dir}; did any producing stage run?")
+    models: list[dict[str, Any]] = []
+    for path in paths:
+        try:
+            fragment = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ManifestError(f"{path.name}: not valid JSON ({exc}); rerun the stage that wrote it") from exc
+        _validate(fragment, "fragment", path.name)
+        models.extend(fragment["models"])
+    seen_names: dict[tuple[str, str], str] = {}
+    seen_paths: dict[str, str] = {}
+    for model in models:
+        ident = (model["kind"], model["name"])
+        if ident in seen_names:
+            raise ManifestError(f"{model['kind']} model {model['name']} comes from two stages; select it once")
+        seen_names[ident] = model["stage"]
+        for entry in model["files"]:
+            if entry["path"] in seen_paths:
+                raise ManifestError(
+                    f"{entry['path']}: written by {seen_paths[entry['path']]} and {model['name']}; names must be unique"
+                )
+            seen_paths[entry["path"]] = model["name"]
+    check_files(root, models)
+    manifest = {
+        "schema_version": SCHEMA_VERSION,
+        "modelbake_version": __version__,
+        "created": build_time(),
+        "models": sorted(models, key=lambda m: (m["kind"], m["name"])),
+    }
+    _validate(manifest, None, MANIFEST_NAME)
+    _dump(manifest, root / MANIFEST_NAME)
+    return manifest
+
+
+def read_manifest(root: Path) -> dict[str, Any]:
+    """Read and schema-check ``root/model_manifest.json`` (files are checked by :func:`check_files`)."""
+    path = root / MANIFEST_NAME
+    if not path.is_file():
+        raise ManifestError(f"{path}: no manifest; point at a folder built by modelbake (models/)")
+    try:
+        doc = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ManifestError(f"{path}: not valid JSON ({exc}); rebuild the model tree") from exc
+    version = doc.get("schema_version") if isinstance(doc, dict) else None
+    if version != SCHEMA_VERSION:
+        raise ManifestError(
+            f"{path}: schema_version {version!r} is not supported by modelbake {__version__} "
+            f"(reads {SCHEMA_VERSION}); use the modelbake release that built it or rebuild the models"
+        )
+    _validate(doc, None, str(path))
+    return doc

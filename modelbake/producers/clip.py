@@ -1,0 +1,183 @@
+"""clip-export: OpenCLIP models -> separate text and image ONNX encoders, checked against PyTorch.
+
+name -> config -> weights happens in one place (:func:`load_clip`), whatever the source: the hub
+(``ViT-B-32:openai``), a checkpoint file (``ViT-B-32@file:PATH``) or an OpenCLIP local-dir
+(``NAME@dir:PATH``). Every model then goes through the generic loop in ``onnx_export``.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from modelbake.manifest import file_entry, sha256_file, write_fragment
+from modelbake.producers.common import ProducerError, log, staged_output, tool_versions
+from modelbake.producers.onnx_export import DEFAULT_OPSET, OnnxExport, export_and_validate
+from modelbake.spec import CLIP_DIR, GOLDEN_DIR, ONNX_DIR, ClipSpec, clip_onnx_name
+
+STAGE = "clip-export"
+TOOLS = ("torch", "open_clip_torch", "onnx", "onnxruntime", "onnxsim", "modelbake")
+
+# Texts and images of very different shapes: the probe set of the parity gate.
+PROBE_TEXTS = ["", "dog", "a person walking a dog along a beach at sunset " * 12, "café naïve 東京 🚀"]
+EXAMPLE_TEXTS = ["a photo of a cat", "two people cooking in a small kitchen"]
+
+
+class _TextTower(torch.nn.Module):
+    def __init__(self, clip: torch.nn.Module) -> None:
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.clip.encode_text(input_ids)
+
+
+class _ImageTower(torch.nn.Module):
+    def __init__(self, clip: torch.nn.Module) -> None:
+        super().__init__()
+        self.clip = clip
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.clip.encode_image(pixel_values)
+
+
+def _suggest(name: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(name, valid, n=5, cutoff=0.5)
+    return ", ".join(close) if close else ", ".join(sorted(valid)[:12]) + ", ..."
+
+
+def validate(spec: ClipSpec) -> None:
+    """Fail before any download when the architecture or tag is unknown to OpenCLIP."""
+    import open_clip
+
+    if spec.local is not None and spec.local.kind == "dir":
+        return  # the folder's own open_clip_config.json defines the architecture
+    models = open_clip.list_models()
+    if spec.arch not in models:
+        raise ProducerError(f"{spec.text!r}: unknown OpenCLIP architecture {spec.arch!r}; close names: {_suggest(spec.arch, models)}")
+    if spec.local is None:
+        tags = open_clip.list_pretrained_tags_by_model(spec.arch)
+        if spec.tag not in tags:
+            raise ProducerError(
+                f"{spec.text!r}: {spec.arch} has no pretrained tag {spec.tag!r}; valid tags: {', '.join(tags) or 'none'}"
+            )
+
+
+def load_clip(spec: ClipSpec) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
+    """(model, tokenizer, source record) for any spec; the one place name -> config -> weights happens."""
+    import open_clip
+
+    validate(spec)
+    source: dict[str, Any]
+    if spec.local is None:
+        name, pretrained = spec.arch, spec.tag
+        source = {"type": "hub", "id": f"{spec.arch}:{spec.tag}", "revision": None}
+    else:
+        path = Path(spec.local.path)
+        if not path.exists():
+            raise ProducerError(f"{spec.text!r}: {path} does not exist; mount the model sources at that path")
+        if spec.local.kind == "dir":
+            name, pretrained = f"local-dir:{path}", None
+            source = {"type": "dir", "id": str(path)}
+        else:
+            name, pretrained = spec.arch, str(path)
+            source = {"type": "file", "id": str(path), "sha256": sha256_file(path)}
+    try:
+        model, _, _ = open_clip.create_model_and_transforms(name, pretrained=pretrained, device="cpu")
+    except (RuntimeError, ValueError, FileNotFoundError, KeyError) as exc:
+        raise ProducerError(f"{spec.text!r}: OpenCLIP could not load it: {exc}") from exc
+    return model.eval(), open_clip.get_tokenizer(name), source
+
+
+def _probe_images(size: int) -> list[Image.Image]:
+    """Deterministic images of several sizes and modes (RGB, greyscale, RGBA, a thin strip)."""
+    rng = np.random.default_rng(1234)
+    shapes = [((size * 2, size * 3, 3), "RGB"), ((size, size), "L"), ((size // 2 + 7, size + 5, 4), "RGBA"), ((9, size * 4, 3), "RGB")]
+    return [Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode) for shape, mode in shapes]
+
+
+def preprocessing(model: torch.nn.Module) -> dict[str, Any]:
+    cfg = dict(getattr(model.visual, "preprocess_cfg", {}) or {})
+    size = cfg.get("size", model.visual.image_size)
+    size = list(size) if isinstance(size, (tuple, list)) else [size, size]
+    return {
+        "image_size": size,
+        "mean": list(cfg.get("mean", [])),
+        "std": list(cfg.get("std", [])),
+        "interpolation": cfg.get("interpolation", "bicubic"),
+        "resize_mode": cfg.get("resize_mode", "shortest"),
+        "context_length": int(model.context_length),
+    }
+
+
+def export_one(spec: ClipSpec, root: Path, *, opset: int = DEFAULT_OPSET, keep_pytorch: bool = False) -> dict[str, Any]:
+    """Export one CLIP model into ``root`` (a staging folder); returns its manifest entry."""
+    import open_clip
+
+    log.info("CLIP %s: loading", spec.text)
+    model, tokenizer, source = load_clip(spec)
+    pre = preprocessing(model)
+    transform = open_clip.image_transform(model.visual.image_size, is_train=False, mean=pre["mean"] or None, std=pre["std"] or None)
+    images = _probe_images(max(pre["image_size"]))
+    towers = {
+        "text": OnnxExport(
+            role="text_encoder",
+            module=_TextTower(model),
+            example={"input_ids": tokenizer(EXAMPLE_TEXTS)},
+            probe={"input_ids": tokenizer(PROBE_TEXTS)},
+            output_names=["text_embeds"],
+            dynamic_axes={"input_ids": {0: "batch"}, "text_embeds": {0: "batch"}},
+            atol=1e-3,
+        ),
+        "image": OnnxExport(
+            role="image_encoder",
+            module=_ImageTower(model),
+            example={"pixel_values": torch.stack([transform(im) for im in images[:2]])},
+            probe={"pixel_values": torch.stack([transform(im) for im in images[1:]])},
+            output_names=["image_embeds"],
+            dynamic_axes={"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}},
+            atol=1e-3,
+        ),
+    }
+    files, parity = [], {}
+    for tower, export in towers.items():
+        onnx_path = root / ONNX_DIR / clip_onnx_name(spec.key, tower)
+        golden_path = root / GOLDEN_DIR / f"{onnx_path.stem}.npz"
+        entry, figures = export_and_validate(export, onnx_path, golden_path, root, opset)
+        files += [entry, file_entry(root, golden_path, role=f"{tower}_golden", fmt="npz")]
+        parity[tower] = figures
+    if keep_pytorch:
+        weights = root / CLIP_DIR / f"{spec.key}.safetensors"
+        weights.parent.mkdir(parents=True, exist_ok=True)
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
+        files.append(file_entry(root, weights, role="pytorch_weights", fmt="safetensors"))
+    return {
+        "name": spec.key,
+        "kind": "clip",
+        "stage": STAGE,
+        "spec": spec.text,
+        "source": source,
+        "tools": tool_versions(*TOOLS),
+        "files": files,
+        "preprocessing": pre,
+        "parity": parity,
+        "details": {"embed_dim": int(model.text_projection.shape[-1]) if hasattr(model, "text_projection") else None,
+                    "normalized": False},
+    }
+
+
+def run(specs: list[ClipSpec], out_root: Path, *, opset: int = DEFAULT_OPSET, keep_pytorch: bool = False) -> list[dict[str, Any]]:
+    """The clip-export stage: every selected model, all or nothing, plus the stage's manifest fragment."""
+    for spec in specs:
+        validate(spec)  # all names are checked before the first (slow) export
+    with staged_output(out_root) as staging:
+        models = [export_one(spec, staging, opset=opset, keep_pytorch=keep_pytorch) for spec in specs]
+        write_fragment(staging, STAGE, models)
+    return models

@@ -1,0 +1,157 @@
+"""reranker-cache: the first cross-encoder of an ordered list that loads, cached as a plain folder for
+offline use and exported to ONNX with its score contract (activation, labels, max_length, pair order).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from modelbake.manifest import file_entry, write_fragment
+from modelbake.producers.common import ProducerError, log, staged_output, tool_versions
+from modelbake.producers.onnx_export import DEFAULT_OPSET, OnnxExport, export_and_validate, session
+from modelbake.spec import GOLDEN_DIR, ONNX_DIR, RERANKER_DIR, RerankerSpec
+
+STAGE = "reranker-cache"
+TOOLS = ("torch", "transformers", "sentence-transformers", "huggingface-hub", "onnx", "onnxruntime", "modelbake")
+
+PROBE_QUERY = "person walking a dog"
+PROBE_PASSAGES = [
+    "a man is walking his dog in the park",
+    "a red car drives fast down the street at night",
+    "",
+    "dog " * 200,
+    "people dance to music on the beach",
+]
+EXAMPLE_PAIRS = [("what is this", "a video clip of a cat"), ("find the scene", "the sun opens over the sea and the city")]
+
+
+class _Logits(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
+
+
+def _fetch(spec: RerankerSpec, scratch: Path) -> tuple[Path, dict[str, Any]]:
+    """A local folder holding the model files, and the source record."""
+    if spec.local is not None:
+        path = Path(spec.local.path)
+        if not (path / "config.json").is_file():
+            raise ProducerError(f"{spec.text!r}: {path} holds no config.json; point at a Hugging Face model folder")
+        return path, {"type": "dir", "id": str(path)}
+    from huggingface_hub import snapshot_download
+
+    target = scratch / "download"
+    path = Path(snapshot_download(spec.repo, revision=spec.revision, local_dir=target))
+    from huggingface_hub import HfApi
+
+    revision = HfApi().model_info(spec.repo, revision=spec.revision).sha
+    return path, {"type": "hub", "id": spec.repo, "revision": revision}
+
+
+def _activation(ce: Any) -> str:
+    name = type(ce.activation_fn).__name__.lower()
+    if name not in ("sigmoid", "identity"):
+        raise ProducerError(f"unsupported score activation {type(ce.activation_fn).__name__}; use Sigmoid or Identity")
+    return name
+
+
+def _tokenize(ce: Any, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
+    enc = ce.tokenizer(
+        [q for q, _ in pairs], [p for _, p in pairs],
+        padding=True, truncation=True, max_length=ce.max_seq_length, return_tensors="pt",
+    )
+    if "token_type_ids" not in enc:
+        enc["token_type_ids"] = torch.zeros_like(enc["input_ids"])
+    return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def cache_one(spec: RerankerSpec, root: Path, opset: int = DEFAULT_OPSET) -> dict[str, Any]:
+    from sentence_transformers import CrossEncoder
+
+    path, source = _fetch(spec, root)
+    ce = CrossEncoder(str(path), device="cpu")
+    dest = root / RERANKER_DIR / spec.key
+    ce.save(str(dest))
+    shutil.rmtree(root / "download", ignore_errors=True)
+    # Prove the saved folder loads with no hub at all, and gives the same scores.
+    previous = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        ce = CrossEncoder(str(dest), device="cpu")
+    finally:
+        if previous is None:
+            os.environ.pop("HF_HUB_OFFLINE")
+        else:
+            os.environ["HF_HUB_OFFLINE"] = previous
+    pairs = [(PROBE_QUERY, p) for p in PROBE_PASSAGES]
+    activation = _activation(ce)
+    export = OnnxExport(
+        role="reranker",
+        module=_Logits(ce.model),
+        example=_tokenize(ce, EXAMPLE_PAIRS),
+        probe=_tokenize(ce, pairs),
+        output_names=["logits"],
+        dynamic_axes={n: {0: "batch", 1: "sequence"} for n in ("input_ids", "attention_mask", "token_type_ids")}
+        | {"logits": {0: "batch"}},
+        atol=1e-4,
+    )
+    onnx_path = root / ONNX_DIR / f"reranker_{spec.key}.onnx"
+    golden_path = root / GOLDEN_DIR / f"{onnx_path.stem}.npz"
+    entry, parity = export_and_validate(export, onnx_path, golden_path, root, opset)
+    # The score contract: what sentence-transformers' predict returns, reproduced from the ONNX logits.
+    feeds = {k: v.numpy() for k, v in export.probe.items()}
+    logits = session(onnx_path).run(["logits"], feeds)[0]
+    onnx_scores = 1 / (1 + np.exp(-logits)) if activation == "sigmoid" else logits
+    st_scores = np.asarray(ce.predict(pairs))
+    onnx_scores = onnx_scores.reshape(st_scores.shape)
+    parity["score_max_abs_diff"] = float(np.max(np.abs(onnx_scores - st_scores)))
+    parity["same_ranking"] = bool((np.argsort(-onnx_scores) == np.argsort(-st_scores)).all())
+    if parity["score_max_abs_diff"] > 1e-4 or not parity["same_ranking"]:
+        raise ProducerError(f"{spec.text!r}: ONNX scores differ from sentence-transformers: {parity}")
+    files = [file_entry(root, p, role="hf_model_file", fmt="json" if p.suffix == ".json" else "other")
+             for p in sorted(dest.rglob("*")) if p.is_file()]
+    files += [entry, file_entry(root, golden_path, role="reranker_golden", fmt="npz")]
+    return {
+        "name": spec.key,
+        "kind": "reranker",
+        "stage": STAGE,
+        "spec": spec.text,
+        "source": source,
+        "tools": tool_versions(*TOOLS),
+        "files": files,
+        "preprocessing": {
+            "tokenizer": f"{RERANKER_DIR}/{spec.key}/tokenizer.json",
+            "max_length": int(ce.max_seq_length),
+            "pair_order": ["query", "passage"],
+            "truncation_side": ce.tokenizer.truncation_side,
+        },
+        "parity": parity,
+        "details": {"activation": activation, "num_labels": int(ce.num_labels)},
+    }
+
+
+def run(specs: list[RerankerSpec], out_root: Path, opset: int = DEFAULT_OPSET) -> list[dict[str, Any]]:
+    """The reranker-cache stage: the first candidate that works wins; the manifest says why others failed."""
+    failures: list[str] = []
+    for spec in specs:
+        try:
+            with staged_output(out_root) as staging:
+                model = cache_one(spec, staging, opset)
+                if failures:
+                    model["notes"] = [f"fallback: {f}" for f in failures]
+                write_fragment(staging, STAGE, [model])
+            log.info("reranker %s cached", spec.text)
+            return [model]
+        except Exception as exc:  # try the next candidate, keep the reason for the error/manifest
+            log.warning("reranker %s failed: %s", spec.text, exc)
+            failures.append(f"{spec.text}: {exc}")
+    raise ProducerError("no reranker candidate could be cached:\n  " + "\n  ".join(failures))

@@ -1,0 +1,85 @@
+"""Verify a model tree: the manifest's schema, every file's size and sha256, and each ONNX model's
+outputs on its stored probe inputs against the golden outputs recorded at build time."""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+
+from modelbake.manifest import ManifestError, check_files, read_manifest, resolve_inside
+
+
+@dataclass
+class Check:
+    model: str
+    what: str
+    ok: bool
+    detail: str
+
+
+def _load_npz(path: Path) -> dict[str, np.ndarray]:
+    with np.load(path, allow_pickle=False) as data:  # never unpickle what a file says
+        return {k: data[k] for k in data.files}
+
+
+def run_golden(root: Path, entry: dict[str, Any]) -> Check:
+    import onnxruntime as ort
+
+    golden = _load_npz(resolve_inside(root, entry["golden"]))
+    feeds = {k.removeprefix("input:"): v for k, v in golden.items() if k.startswith("input:")}
+    expected = {k.removeprefix("output:"): v for k, v in golden.items() if k.startswith("output:")}
+    sess = ort.InferenceSession(str(resolve_inside(root, entry["path"])), providers=["CPUExecutionProvider"])
+    names = list(expected)
+    outputs = sess.run(names, feeds)
+    atol = entry["tolerance"]["atol"]
+    worst = max(float(np.max(np.abs(out - expected[n]))) for n, out in zip(names, outputs, strict=True))
+    batch = next(iter(feeds.values())).shape[0]
+    return Check("", f"inference {Path(entry['path']).name}", worst <= atol, f"batch {batch}, max|diff| {worst:.2e} (atol {atol:g})")
+
+
+def verify(root: Path, *, quick: bool = False) -> list[Check]:
+    """All checks for ``root``; ``quick`` (the health check) skips hashing and inference."""
+    checks: list[Check] = []
+    try:
+        manifest = read_manifest(root)
+    except ManifestError as exc:
+        return [Check("-", "manifest", False, str(exc))]
+    checks.append(Check("-", "manifest", True, f"schema {manifest['schema_version']}, {len(manifest['models'])} models"))
+    for model in manifest["models"]:
+        name = f"{model['kind']}:{model['name']}"
+        try:
+            if quick:
+                for entry in model["files"]:
+                    path = resolve_inside(root, entry["path"])
+                    if not path.is_file() or path.stat().st_size != entry["bytes"]:
+                        raise ManifestError(f"{entry['path']}: missing or size differs from the manifest")
+            else:
+                check_files(root, [model])
+            checks.append(Check(name, "files", True, f"{len(model['files'])} files" + ("" if quick else ", sha256 ok")))
+        except ManifestError as exc:
+            checks.append(Check(name, "files", False, str(exc)))
+            continue
+        if quick:
+            continue
+        for entry in model["files"]:
+            if "golden" not in entry:
+                continue
+            try:
+                check = run_golden(root, entry)
+            except Exception as exc:  # a corrupt model must show up in the table, not as a traceback
+                check = Check("", f"inference {Path(entry['path']).name}", False, f"{type(exc).__name__}: {exc}")
+            check.model = name
+            checks.append(check)
+    return checks
+
+
+def print_table(checks: list[Check], out: TextIO = sys.stdout) -> None:
+    widths = [max(len(getattr(c, f)) for c in checks) for f in ("model", "what")]
+    for c in checks:
+        out.write(f"{'ok  ' if c.ok else 'FAIL'}  {c.model:<{widths[0]}}  {c.what:<{widths[1]}}  {c.detail}\n")
+    failed = sum(not c.ok for c in checks)
+    out.write(f"verify: {len(checks) - failed} of {len(checks)} checks ok" + (f", {failed} FAILED\n" if failed else "\n"))

@@ -1,0 +1,183 @@
+"""Model specs: the strings users type in build args and CLI flags, and the file names they map to.
+
+Grammar (one entry of a comma-separated list)::
+
+    NAME                 a hub model; for CLIP an OpenCLIP or OpenAI name (``ViT-B-32``, ``ViT-B/32``)
+    NAME:TAG             CLIP only: an OpenCLIP pretrained tag (``ViT-B-32:laion2b_s34b_b79k``)
+    NAME@REVISION        reranker only: a pinned hub revision (branch, tag or commit)
+    NAME@dir:PATH        a local folder (OpenCLIP ``local-dir`` layout, or a Hugging Face model folder);
+                         NAME is then only the label used in file names
+    NAME@file:PATH       CLIP only: a local checkpoint for the OpenCLIP architecture NAME
+
+This module is torch-free: the bake driver and the run-time loaders use it too.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+
+# OpenAI spellings that users of the original system type, and the OpenCLIP architecture each means.
+OPENAI_NAMES = {
+    "RN50": "RN50",
+    "RN101": "RN101",
+    "RN50x4": "RN50x4",
+    "RN50x16": "RN50x16",
+    "RN50x64": "RN50x64",
+    "ViT-B/32": "ViT-B-32",
+    "ViT-B/16": "ViT-B-16",
+    "ViT-L/14": "ViT-L-14",
+    "ViT-L/14@336px": "ViT-L-14-336",
+}
+_OPENCLIP_TO_OPENAI = {v: k for k, v in OPENAI_NAMES.items()}
+
+DEFAULT_CLIP_MODELS = "ViT-B/32,ViT-B/16,RN50"
+DEFAULT_RERANKER_MODELS = "cross-encoder/ms-marco-MiniLM-L-6-v2"
+DEFAULT_CLIP_TAG = "openai"
+
+_LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
+LOCAL_KINDS = ("dir", "file")
+
+
+class SpecError(ValueError):
+    """A model spec that cannot be used; the message names the problem and the fix."""
+
+
+@dataclass(frozen=True)
+class LocalSource:
+    kind: str  # "dir" or "file"
+    path: str
+
+
+@dataclass(frozen=True)
+class ClipSpec:
+    """One CLIP model to export. ``arch`` is the OpenCLIP name, or the label of a local folder."""
+
+    text: str
+    arch: str
+    tag: str | None
+    local: LocalSource | None
+
+    @property
+    def key(self) -> str:
+        """The name used in file names and the manifest (``ViT-B/32`` -> ``ViT-B_32``)."""
+        base = _OPENCLIP_TO_OPENAI.get(self.arch, self.arch)
+        if self.tag not in (None, DEFAULT_CLIP_TAG):
+            base = f"{base}-{self.tag}"
+        return base.replace("/", "_").replace("@", "_")
+
+
+@dataclass(frozen=True)
+class RerankerSpec:
+    text: str
+    repo: str
+    revision: str | None
+    local: LocalSource | None
+
+    @property
+    def key(self) -> str:
+        """Folder name under ``models/reranker/`` (``org/name`` -> ``org__name``)."""
+        return self.repo.replace("/", "__")
+
+
+def _split_list(value: str) -> list[str]:
+    items = [item.strip() for item in value.replace("\n", ",").split(",")]
+    return [item for item in items if item]
+
+
+def _split_local(text: str) -> tuple[str, LocalSource | None, str | None]:
+    """Split ``NAME@dir:PATH`` / ``NAME@file:PATH`` / ``NAME@REVISION``."""
+    if "@" not in text:
+        return text, None, None
+    name, _, rest = text.partition("@")
+    kind, sep, path = rest.partition(":")
+    if sep and kind in LOCAL_KINDS:
+        if not path:
+            raise SpecError(f"{text!r}: empty path after '{kind}:'; write {name}@{kind}:/path/to/source")
+        return name, LocalSource(kind, path), None
+    return name, None, rest
+
+
+def parse_clip(text: str) -> ClipSpec:
+    text = text.strip()
+    # ViT-L/14@336px is an OpenAI name, not NAME@REVISION.
+    if text in OPENAI_NAMES:
+        return ClipSpec(text, OPENAI_NAMES[text], DEFAULT_CLIP_TAG, None)
+    name, local, revision = _split_local(text)
+    if revision is not None:
+        raise SpecError(
+            f"{text!r}: CLIP specs take a pretrained tag after ':' (ViT-B-32:openai) "
+            "or a local source after '@' (NAME@dir:PATH, NAME@file:PATH)"
+        )
+    name, _, tag = name.partition(":")
+    if not name or not _LABEL.match(name):
+        raise SpecError(f"{text!r}: a CLIP spec starts with a model name such as ViT-B-32 or ViT-B/32")
+    arch = OPENAI_NAMES.get(name, name)
+    if local is not None:
+        if tag:
+            raise SpecError(f"{text!r}: a local source and a pretrained tag exclude each other")
+        return ClipSpec(text, arch, None, local)
+    return ClipSpec(text, arch, tag or DEFAULT_CLIP_TAG, None)
+
+
+def parse_reranker(text: str) -> RerankerSpec:
+    text = text.strip()
+    name, local, revision = _split_local(text)
+    if local is not None and local.kind != "dir":
+        raise SpecError(f"{text!r}: a reranker source is a folder; write {name}@dir:PATH")
+    if not name or not _LABEL.match(name) or PurePosixPath(name).is_absolute():
+        raise SpecError(f"{text!r}: a reranker spec is a hub id such as cross-encoder/ms-marco-MiniLM-L-6-v2")
+    return RerankerSpec(text, name, revision, local)
+
+
+def parse_clip_list(value: str) -> list[ClipSpec]:
+    specs = [parse_clip(item) for item in _split_list(value)]
+    if not specs:
+        raise SpecError("no CLIP model selected; set CLIP_MODELS (e.g. ViT-B/32) or skip the stage")
+    keys = [spec.key for spec in specs]
+    duplicates = sorted({k for k in keys if keys.count(k) > 1})
+    if duplicates:
+        raise SpecError(f"CLIP selection names {', '.join(duplicates)} twice; list each model once")
+    return specs
+
+
+def parse_reranker_list(value: str) -> list[RerankerSpec]:
+    specs = [parse_reranker(item) for item in _split_list(value)]
+    if not specs:
+        raise SpecError("no reranker selected; set RERANKER_MODELS (e.g. cross-encoder/ms-marco-MiniLM-L-6-v2)")
+    return specs
+
+
+# --- file names (the seed's convention; services auto-detect these) ---------------------------
+
+CLIP_TOWERS = ("text", "image")
+
+
+def clip_onnx_name(key: str, tower: str) -> str:
+    """``clip_ViT-B_32_text_encoder.onnx``: the names services of the original system look for."""
+    if tower not in CLIP_TOWERS:
+        raise ValueError(f"tower must be one of {CLIP_TOWERS}, not {tower!r}")
+    return f"clip_{key}_{tower}_encoder.onnx"
+
+
+CLIP_ONNX_PATTERN = re.compile(r"^clip_(?P<key>.+)_(?P<tower>text|image)_encoder\.onnx$")
+
+# Folders of the model tree (relative to the models root) and the manifest's name.
+MANIFEST_NAME = "model_manifest.json"
+ONNX_DIR = "onnx"
+CLIP_DIR = "clip"
+RERANKER_DIR = "reranker"
+REGRESSOR_DIR = "regressor"
+FRAGMENTS_DIR = ".manifest.d"
+GOLDEN_DIR = "golden"
+
+REGRESSOR_PTH = "boundary_regressor_pretrained.pth"
+REGRESSOR_SAFETENSORS = "boundary_regressor_pretrained.safetensors"
+REGRESSOR_ONNX = "boundary_regressor.onnx"
+# The seed's look-up order for the regressor's weights, relative to the model folder.
+REGRESSOR_LOOKUP = (
+    REGRESSOR_PTH,
+    "boundary_regressor.pth",
+    f"{REGRESSOR_DIR}/{REGRESSOR_PTH}",
+)
