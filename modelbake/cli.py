@@ -82,7 +82,9 @@ def _cmd_download(args: argparse.Namespace) -> int:
     if "regressor" in wanted:
         from modelbake.producers import regressor
 
-        regressor.run(args.out, feature_dim=args.regressor_feature_dim, seed=args.regressor_seed, epochs=args.regressor_epochs)
+        regressor.run(
+            args.out, feature_dim=args.regressor_feature_dim, seed=args.regressor_seed, epochs=args.regressor_epochs
+        )
     from modelbake.manifest import merge_fragments
 
     manifest = merge_fragments(args.out)
@@ -164,7 +166,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    # Docker passes an unset build arg as an empty variable; libraries that honour SOURCE_DATE_EPOCH
+    # then crash on int(""). Empty means unset.
+    if os.environ.get("SOURCE_DATE_EPOCH") == "":
+        del os.environ["SOURCE_DATE_EPOCH"]
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return args.func(args)
     except (SpecError, ManifestError, ProducerError) as exc:

@@ -10,10 +10,11 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Iterable
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path, PurePosixPath
-from typing import Any, Iterable
+from typing import Any
 
 from modelbake import __version__
 from modelbake.spec import FRAGMENTS_DIR, MANIFEST_NAME
@@ -65,12 +66,19 @@ def resolve_inside(root: Path, relpath: str) -> Path:
 def file_entry(root: Path, path: Path, *, role: str, fmt: str, **extra: Any) -> dict[str, Any]:
     """A manifest entry for a file a stage just wrote under ``root``."""
     rel = path.relative_to(root).as_posix()
-    return {"path": rel, "sha256": sha256_file(path), "bytes": path.stat().st_size, "format": fmt, "role": role, **extra}
+    return {
+        "path": rel,
+        "sha256": sha256_file(path),
+        "bytes": path.stat().st_size,
+        "format": fmt,
+        "role": role,
+        **extra,
+    }
 
 
 def build_time() -> str:
     """UTC build time; SOURCE_DATE_EPOCH wins so that rebuilds of the same inputs are identical."""
-    epoch = int(os.environ.get("SOURCE_DATE_EPOCH", time.time()))
+    epoch = int(os.environ.get("SOURCE_DATE_EPOCH") or time.time())
     return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
 
 

@@ -59,12 +59,15 @@ def validate(spec: ClipSpec) -> None:
         return  # the folder's own open_clip_config.json defines the architecture
     models = open_clip.list_models()
     if spec.arch not in models:
-        raise ProducerError(f"{spec.text!r}: unknown OpenCLIP architecture {spec.arch!r}; close names: {_suggest(spec.arch, models)}")
+        raise ProducerError(
+            f"{spec.text!r}: unknown OpenCLIP architecture {spec.arch!r}; close names: {_suggest(spec.arch, models)}"
+        )
     if spec.local is None:
         tags = open_clip.list_pretrained_tags_by_model(spec.arch)
         if spec.tag not in tags:
             raise ProducerError(
-                f"{spec.text!r}: {spec.arch} has no pretrained tag {spec.tag!r}; valid tags: {', '.join(tags) or 'none'}"
+                f"{spec.text!r}: {spec.arch} has no pretrained tag {spec.tag!r}; "
+                f"valid tags: {', '.join(tags) or 'none'}"
             )
 
 
@@ -97,7 +100,12 @@ def load_clip(spec: ClipSpec) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
 def _probe_images(size: int) -> list[Image.Image]:
     """Deterministic images of several sizes and modes (RGB, greyscale, RGBA, a thin strip)."""
     rng = np.random.default_rng(1234)
-    shapes = [((size * 2, size * 3, 3), "RGB"), ((size, size), "L"), ((size // 2 + 7, size + 5, 4), "RGBA"), ((9, size * 4, 3), "RGB")]
+    shapes = [
+        ((size * 2, size * 3, 3), "RGB"),
+        ((size, size), "L"),
+        ((size // 2 + 7, size + 5, 4), "RGBA"),
+        ((9, size * 4, 3), "RGB"),
+    ]
     return [Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode) for shape, mode in shapes]
 
 
@@ -122,7 +130,9 @@ def export_one(spec: ClipSpec, root: Path, *, opset: int = DEFAULT_OPSET, keep_p
     log.info("CLIP %s: loading", spec.text)
     model, tokenizer, source = load_clip(spec)
     pre = preprocessing(model)
-    transform = open_clip.image_transform(model.visual.image_size, is_train=False, mean=pre["mean"] or None, std=pre["std"] or None)
+    transform = open_clip.image_transform(
+        model.visual.image_size, is_train=False, mean=pre["mean"] or None, std=pre["std"] or None
+    )
     images = _probe_images(max(pre["image_size"]))
     towers = {
         "text": OnnxExport(
@@ -168,12 +178,16 @@ def export_one(spec: ClipSpec, root: Path, *, opset: int = DEFAULT_OPSET, keep_p
         "files": files,
         "preprocessing": pre,
         "parity": parity,
-        "details": {"embed_dim": int(model.text_projection.shape[-1]) if hasattr(model, "text_projection") else None,
-                    "normalized": False},
+        "details": {
+            "embed_dim": int(model.text_projection.shape[-1]) if hasattr(model, "text_projection") else None,
+            "normalized": False,
+        },
     }
 
 
-def run(specs: list[ClipSpec], out_root: Path, *, opset: int = DEFAULT_OPSET, keep_pytorch: bool = False) -> list[dict[str, Any]]:
+def run(
+    specs: list[ClipSpec], out_root: Path, *, opset: int = DEFAULT_OPSET, keep_pytorch: bool = False
+) -> list[dict[str, Any]]:
     """The clip-export stage: every selected model, all or nothing, plus the stage's manifest fragment."""
     for spec in specs:
         validate(spec)  # all names are checked before the first (slow) export

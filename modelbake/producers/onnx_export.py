@@ -169,7 +169,9 @@ def export_and_validate(
             f"(allowed {spec.atol:g}), min cosine {figures['min_cosine']:.6f} (required {spec.min_cosine}); "
             "nothing was written"
         )
-    log.info("%s: parity max|d|=%.2e min cos=%.6f, %s", spec.role, figures["max_abs_diff"], figures["min_cosine"], graph_info)
+    log.info(
+        "%s: parity max|d|=%.2e min cos=%.6f, %s", spec.role, figures["max_abs_diff"], figures["min_cosine"], graph_info
+    )
 
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
     onnx_path.write_bytes(data)

@@ -46,7 +46,9 @@ def mae(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> list[float]:
     return [float(v) for v in np.mean(np.abs(pred - y), axis=0)]
 
 
-def seed_weights(feature_dim: int, seed: int, epochs: int, n_train: int = 4096) -> tuple[BoundaryRegressor, dict[str, Any]]:
+def seed_weights(
+    feature_dim: int, seed: int, epochs: int, n_train: int = 4096
+) -> tuple[BoundaryRegressor, dict[str, Any]]:
     torch.manual_seed(seed)
     torch.use_deterministic_algorithms(True)
     model = BoundaryRegressor(feature_dim)
@@ -77,11 +79,17 @@ def seed_weights(feature_dim: int, seed: int, epochs: int, n_train: int = 4096) 
     return model.eval(), metrics
 
 
-def run(out_root: Path, *, feature_dim: int = 512, seed: int = 0, epochs: int = 20, opset: int = DEFAULT_OPSET) -> list[dict[str, Any]]:
+def run(
+    out_root: Path, *, feature_dim: int = 512, seed: int = 0, epochs: int = 20, opset: int = DEFAULT_OPSET
+) -> list[dict[str, Any]]:
     from safetensors.torch import save_file
 
     model, metrics = seed_weights(feature_dim, seed, epochs)
-    log.info("regressor seed: held-out MAE %s (random init %s)", metrics["heldout_mae_seed"], metrics["heldout_mae_random_init"])
+    log.info(
+        "regressor seed: held-out MAE %s (random init %s)",
+        metrics["heldout_mae_seed"],
+        metrics["heldout_mae_random_init"],
+    )
     with staged_output(out_root) as root:
         folder = root / REGRESSOR_DIR
         folder.mkdir(parents=True)
@@ -108,16 +116,18 @@ def run(out_root: Path, *, feature_dim: int = 512, seed: int = 0, epochs: int = 
             entry,
             file_entry(root, golden_path, role="regressor_golden", fmt="npz"),
         ]
-        models = [{
-            "name": "boundary_regressor",
-            "kind": "regressor",
-            "stage": STAGE,
-            "spec": f"seed={seed},feature_dim={feature_dim},epochs={epochs}",
-            "source": {"type": "generated", "id": "synthetic seed training"},
-            "tools": tool_versions(*TOOLS),
-            "files": files,
-            "parity": parity,
-            "details": {"feature_dim": feature_dim, "outputs": list(OUTPUT_NAMES), "metrics": metrics},
-        }]
+        models = [
+            {
+                "name": "boundary_regressor",
+                "kind": "regressor",
+                "stage": STAGE,
+                "spec": f"seed={seed},feature_dim={feature_dim},epochs={epochs}",
+                "source": {"type": "generated", "id": "synthetic seed training"},
+                "tools": tool_versions(*TOOLS),
+                "files": files,
+                "parity": parity,
+                "details": {"feature_dim": feature_dim, "outputs": list(OUTPUT_NAMES), "metrics": metrics},
+            }
+        ]
         write_fragment(root, STAGE, models)
     return models

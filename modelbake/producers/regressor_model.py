@@ -15,7 +15,9 @@ HIDDEN = (256, 64)
 
 
 class BoundaryRegressor(nn.Module):
-    def __init__(self, feature_dim: int = DEFAULT_FEATURE_DIM, hidden: tuple[int, ...] = HIDDEN, dropout: float = 0.1) -> None:
+    def __init__(
+        self, feature_dim: int = DEFAULT_FEATURE_DIM, hidden: tuple[int, ...] = HIDDEN, dropout: float = 0.1
+    ) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         width = feature_dim

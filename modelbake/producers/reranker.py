@@ -28,7 +28,10 @@ PROBE_PASSAGES = [
     "dog " * 200,
     "people dance to music on the beach",
 ]
-EXAMPLE_PAIRS = [("what is this", "a video clip of a cat"), ("find the scene", "the sun opens over the sea and the city")]
+EXAMPLE_PAIRS = [
+    ("what is this", "a video clip of a cat"),
+    ("find the scene", "the sun opens over the sea and the city"),
+]
 
 
 class _Logits(torch.nn.Module):
@@ -36,7 +39,9 @@ class _Logits(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor
+    ) -> torch.Tensor:
         return self.model(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids).logits
 
 
@@ -66,8 +71,12 @@ def _activation(ce: Any) -> str:
 
 def _tokenize(ce: Any, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
     enc = ce.tokenizer(
-        [q for q, _ in pairs], [p for _, p in pairs],
-        padding=True, truncation=True, max_length=ce.max_seq_length, return_tensors="pt",
+        [q for q, _ in pairs],
+        [p for _, p in pairs],
+        padding=True,
+        truncation=True,
+        max_length=ce.max_seq_length,
+        return_tensors="pt",
     )
     if "token_type_ids" not in enc:
         enc["token_type_ids"] = torch.zeros_like(enc["input_ids"])
@@ -117,8 +126,11 @@ def cache_one(spec: RerankerSpec, root: Path, opset: int = DEFAULT_OPSET) -> dic
     parity["same_ranking"] = bool((np.argsort(-onnx_scores) == np.argsort(-st_scores)).all())
     if parity["score_max_abs_diff"] > 1e-4 or not parity["same_ranking"]:
         raise ProducerError(f"{spec.text!r}: ONNX scores differ from sentence-transformers: {parity}")
-    files = [file_entry(root, p, role="hf_model_file", fmt="json" if p.suffix == ".json" else "other")
-             for p in sorted(dest.rglob("*")) if p.is_file()]
+    files = [
+        file_entry(root, p, role="hf_model_file", fmt="json" if p.suffix == ".json" else "other")
+        for p in sorted(dest.rglob("*"))
+        if p.is_file()
+    ]
     files += [entry, file_entry(root, golden_path, role="reranker_golden", fmt="npz")]
     return {
         "name": spec.key,
@@ -152,6 +164,8 @@ def run(specs: list[RerankerSpec], out_root: Path, opset: int = DEFAULT_OPSET) -
             log.info("reranker %s cached", spec.text)
             return [model]
         except Exception as exc:  # try the next candidate, keep the reason for the error/manifest
-            log.warning("reranker %s failed: %s", spec.text, exc)
-            failures.append(f"{spec.text}: {exc}")
+            reason = str(exc) if isinstance(exc, ProducerError) else f"{type(exc).__name__}: {exc}"
+            log.warning("reranker %s failed: %s", spec.text, reason)
+            log.debug("traceback", exc_info=True)
+            failures.append(f"{spec.text}: {reason}")
     raise ProducerError("no reranker candidate could be cached:\n  " + "\n  ".join(failures))

@@ -38,7 +38,12 @@ def run_golden(root: Path, entry: dict[str, Any]) -> Check:
     atol = entry["tolerance"]["atol"]
     worst = max(float(np.max(np.abs(out - expected[n]))) for n, out in zip(names, outputs, strict=True))
     batch = next(iter(feeds.values())).shape[0]
-    return Check("", f"inference {Path(entry['path']).name}", worst <= atol, f"batch {batch}, max|diff| {worst:.2e} (atol {atol:g})")
+    return Check(
+        "",
+        f"inference {Path(entry['path']).name}",
+        worst <= atol,
+        f"batch {batch}, max|diff| {worst:.2e} (atol {atol:g})",
+    )
 
 
 def verify(root: Path, *, quick: bool = False) -> list[Check]:
@@ -48,7 +53,9 @@ def verify(root: Path, *, quick: bool = False) -> list[Check]:
         manifest = read_manifest(root)
     except ManifestError as exc:
         return [Check("-", "manifest", False, str(exc))]
-    checks.append(Check("-", "manifest", True, f"schema {manifest['schema_version']}, {len(manifest['models'])} models"))
+    checks.append(
+        Check("-", "manifest", True, f"schema {manifest['schema_version']}, {len(manifest['models'])} models")
+    )
     for model in manifest["models"]:
         name = f"{model['kind']}:{model['name']}"
         try:
@@ -82,4 +89,6 @@ def print_table(checks: list[Check], out: TextIO = sys.stdout) -> None:
     for c in checks:
         out.write(f"{'ok  ' if c.ok else 'FAIL'}  {c.model:<{widths[0]}}  {c.what:<{widths[1]}}  {c.detail}\n")
     failed = sum(not c.ok for c in checks)
-    out.write(f"verify: {len(checks) - failed} of {len(checks)} checks ok" + (f", {failed} FAILED\n" if failed else "\n"))
+    out.write(
+        f"verify: {len(checks) - failed} of {len(checks)} checks ok" + (f", {failed} FAILED\n" if failed else "\n")
+    )

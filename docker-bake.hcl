@@ -1,0 +1,110 @@
+# docker buildx bake            -> the runtime image (group "default")
+# docker buildx bake models     -> the model tree written to ./models on the host
+# docker buildx bake --print    -> the resolved plan
+# Every variable below can be overridden from the environment, e.g. CLIP_MODELS=RN50 docker buildx bake
+# Bake also reads compose.yaml: its service is named "modelbake" so it never merges into a target here.
+
+variable "BASE_IMAGE" { default = "python:3.11-slim-bookworm" }
+variable "RUNTIME_BASE_IMAGE" { default = BASE_IMAGE }
+variable "TORCH_INDEX_URL" { default = "https://download.pytorch.org/whl/cpu" }
+
+# Model selection (see README "Model specs").
+variable "CLIP_MODELS" { default = "ViT-B/32,ViT-B/16,RN50" }
+variable "RERANKER_MODELS" { default = "cross-encoder/ms-marco-MiniLM-L-6-v2" }
+variable "REGRESSOR_FEATURE_DIM" { default = "512" }
+variable "REGRESSOR_SEED" { default = "0" }
+variable "REGRESSOR_EPOCHS" { default = "20" }
+variable "ONNX_OPSET" { default = "17" }
+
+# Optional local inputs: a wheelhouse folder (offline pip) and a model-sources folder (mounted at /sources).
+variable "WHEELHOUSE" { default = "" }
+variable "MODEL_SOURCES" { default = "" }
+# 1 = install from WHEELHOUSE alone (no index); on by default when a wheelhouse is given.
+variable "PIP_OFFLINE" { default = notequal(WHEELHOUSE, "") ? "1" : "0" }
+
+variable "IMAGE" { default = "modelbake" }
+variable "TAG" { default = "latest" }
+variable "MODELS_OUT" { default = "models" }
+# Set it (e.g. to the last commit's time) for reproducible builds; empty means "now".
+variable "SOURCE_DATE_EPOCH" { default = "" }
+variable "GIT_REVISION" { default = "" }
+variable "SOURCE_URL" { default = "" }
+
+target "_common" {
+  context    = "."
+  dockerfile = "Dockerfile.models"
+  contexts = merge(
+    notequal(WHEELHOUSE, "") ? { wheelhouse = WHEELHOUSE } : {},
+    notequal(MODEL_SOURCES, "") ? { model-sources = MODEL_SOURCES } : {},
+  )
+  args = {
+    BASE_IMAGE            = BASE_IMAGE
+    RUNTIME_BASE_IMAGE    = RUNTIME_BASE_IMAGE
+    TORCH_INDEX_URL       = TORCH_INDEX_URL
+    PIP_OFFLINE           = PIP_OFFLINE
+    CLIP_MODELS           = CLIP_MODELS
+    RERANKER_MODELS       = RERANKER_MODELS
+    REGRESSOR_FEATURE_DIM = REGRESSOR_FEATURE_DIM
+    REGRESSOR_SEED        = REGRESSOR_SEED
+    REGRESSOR_EPOCHS      = REGRESSOR_EPOCHS
+    ONNX_OPSET            = ONNX_OPSET
+    SOURCE_DATE_EPOCH     = SOURCE_DATE_EPOCH
+  }
+  # Labels live here only; every target inherits them.
+  labels = {
+    "org.opencontainers.image.title"    = "modelbake"
+    "org.opencontainers.image.source"   = SOURCE_URL
+    "org.opencontainers.image.revision" = GIT_REVISION
+    "org.opencontainers.image.created" = notequal(SOURCE_DATE_EPOCH, "") ? formatdate("YYYY-MM-DD'T'hh:mm:ssZ", timeadd("1970-01-01T00:00:00Z", "${SOURCE_DATE_EPOCH}s")) : timestamp()
+    "io.modelbake.clip-models"          = CLIP_MODELS
+    "io.modelbake.reranker-models"      = RERANKER_MODELS
+  }
+}
+
+group "default" { targets = ["runtime"] }
+group "stages" { targets = ["clip-export", "reranker-cache", "regressor-seed"] }
+
+target "base-image" {
+  inherits = ["_common"]
+  target   = "base-image"
+  tags     = ["${IMAGE}-base:${TAG}"]
+}
+
+target "clip-export" {
+  inherits = ["_common"]
+  target   = "clip-export"
+}
+
+target "reranker-cache" {
+  inherits = ["_common"]
+  target   = "reranker-cache"
+}
+
+target "regressor-seed" {
+  inherits = ["_common"]
+  target   = "regressor-seed"
+}
+
+target "manifest" {
+  inherits = ["_common"]
+  target   = "manifest"
+}
+
+# The model tree, written to the host (./models by default).
+target "models" {
+  inherits = ["_common"]
+  target   = "models"
+  output   = ["type=local,dest=${MODELS_OUT}"]
+}
+
+target "runtime-base" {
+  inherits = ["_common"]
+  target   = "runtime-base"
+  tags     = ["${IMAGE}-runtime-base:${TAG}"]
+}
+
+target "runtime" {
+  inherits = ["_common"]
+  target   = "runtime"
+  tags     = ["${IMAGE}:${TAG}"]
+}

@@ -1,0 +1,117 @@
+#!/usr/bin/env bash
+# Everything the Docker tests need on a Debian 12 host, as root, idempotent and quick the second time:
+#   1. a Docker engine with the buildx and compose plugins, started and answering;
+#   2. a local base image (debootstrap + docker import), since no image can be pulled here;
+#   3. a wheelhouse of the pinned requirement sets (build/requirements-*.txt), for offline image builds.
+# Prints the variables the build needs as `export` lines (eval "$(bash docker/setup-engine.sh)").
+#
+# Why not Debian 12's docker.io alone: its engine (20.10) embeds a BuildKit too old for named contexts,
+# and Debian 12 has no buildx. Debian 13 ships dockerd 26, buildx 0.13 and compose v2 as .debs whose
+# binaries run on Debian 12 with its containerd and runc; we fetch them with a private apt list so the
+# system's apt setup stays untouched.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")/.." && pwd)
+cache=${MODELBAKE_CACHE:-$HOME/.cache/modelbake}
+base_image=${MODELBAKE_BASE_IMAGE:-modelbake/debian-base:bookworm}
+wheelhouse=${MODELBAKE_WHEELHOUSE:-$cache/wheelhouse}
+suite_base=bookworm
+plugins=/usr/libexec/docker/cli-plugins
+mkdir -p "$cache"
+
+say() { printf '[setup-engine] %s\n' "$*" >&2; }
+die() { say "error: $*"; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "run as root (it installs Debian packages and starts dockerd)"
+
+debian_mirror() {
+  # The mirror this machine's apt already uses, so no host name is hard-coded here.
+  local uri
+  uri=$(awk '/^URIs:/ && $2 ~ /\/debian\/?$/ {print $2; exit}' /etc/apt/sources.list.d/*.sources 2>/dev/null || true)
+  [ -n "$uri" ] || uri=$(awk '$1 == "deb" && $3 ~ /^bookworm$/ {print $2; exit}' /etc/apt/sources.list 2>/dev/null || true)
+  [ -n "$uri" ] || die "no Debian mirror found in the apt sources; add one for $suite_base"
+  printf '%s\n' "$uri"
+}
+
+apt_updated=0
+apt_install() {
+  local missing=()
+  for pkg in "$@"; do dpkg -s "$pkg" >/dev/null 2>&1 || missing+=("$pkg"); done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  say "apt-get install ${missing[*]}"
+  [ $apt_updated = 1 ] || { apt-get update -qq; apt_updated=1; }
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+trixie_root() {
+  # Unpacked Debian 13 docker.io (dockerd 26), docker-buildx and docker-compose.
+  local dir=$cache/trixie
+  if [ ! -x "$dir/root/usr/sbin/dockerd" ] || [ ! -x "$dir/root/usr/libexec/docker/cli-plugins/docker-buildx" ]; then
+    say "fetching dockerd, buildx and compose from Debian 13"
+    rm -rf "$dir"; mkdir -p "$dir/lists/partial" "$dir/cache/archives/partial" "$dir/debs" "$dir/root"
+    echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $(debian_mirror) trixie main" >"$dir/sources.list"
+    local opts=(-o "Dir::Etc::SourceList=$dir/sources.list" -o Dir::Etc::SourceParts=/dev/null
+                -o "Dir::State::Lists=$dir/lists" -o "Dir::Cache=$dir/cache" -o APT::Sandbox::User=root)
+    apt-get "${opts[@]}" update -qq
+    (cd "$dir/debs" && apt-get "${opts[@]}" download docker.io docker-buildx docker-compose >/dev/null)
+    for deb in "$dir"/debs/*.deb; do dpkg-deb -x "$deb" "$dir/root"; done
+  fi
+  printf '%s\n' "$dir/root"
+}
+
+engine_ok() { timeout 10 docker info >/dev/null 2>&1 && timeout 10 docker buildx version >/dev/null 2>&1; }
+
+setup_engine() {
+  # Debian 12's docker.io brings containerd, runc, iptables and a client; dockerd 26 and the plugins come
+  # from Debian 13 (unpacked once into the cache).
+  apt_install docker.io debootstrap ca-certificates iptables
+  local root; root=$(trixie_root)
+  install -d "$plugins"
+  for plugin in docker-buildx docker-compose; do
+    cmp -s "$root/usr/libexec/docker/cli-plugins/$plugin" "$plugins/$plugin" \
+      || install -m 0755 "$root/usr/libexec/docker/cli-plugins/$plugin" "$plugins/"
+  done
+  # `docker-compose build` as well as `docker compose build`: compose v2 runs standalone too.
+  ln -sf "$plugins/docker-compose" /usr/local/bin/docker-compose
+  if ! timeout 10 docker info >/dev/null 2>&1; then
+    say "starting dockerd (log: $cache/dockerd.log)"
+    PATH="$root/usr/sbin:$root/usr/bin:$PATH" nohup dockerd >"$cache/dockerd.log" 2>&1 &
+    for _ in $(seq 60); do timeout 5 docker info >/dev/null 2>&1 && break; sleep 1; done
+  fi
+  engine_ok || { tail -20 "$cache/dockerd.log" >&2 || true; die "dockerd did not answer within 60 s (log above)"; }
+  say "engine: $(docker version --format 'server {{.Server.Version}}'), $(docker buildx version | cut -d' ' -f1-2)"
+}
+
+setup_base_image() {
+  if docker image inspect "$base_image" >/dev/null 2>&1; then say "base image $base_image present"; return; fi
+  local tarball=$cache/rootfs-$suite_base.tar
+  if [ ! -s "$tarball" ]; then
+    apt_install debootstrap
+    local rootfs=$cache/rootfs-$suite_base
+    say "debootstrap $suite_base (about a minute)"
+    rm -rf "$rootfs"
+    debootstrap --variant=minbase --include=python3,python3-venv,ca-certificates "$suite_base" "$rootfs" "$(debian_mirror)" >"$cache/debootstrap.log" 2>&1 \
+      || { tail -20 "$cache/debootstrap.log" >&2; die "debootstrap failed (log above)"; }
+    rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
+    tar -C "$rootfs" -cf "$tarball.tmp" . && mv "$tarball.tmp" "$tarball"
+    rm -rf "$rootfs"
+  fi
+  say "docker import $base_image"
+  docker import "$tarball" "$base_image" >/dev/null
+}
+
+setup_wheelhouse() {
+  local stamp=$wheelhouse/.requirements.sha256 want
+  want=$(cat "$here"/build/requirements-*.txt | sha256sum | cut -d' ' -f1)
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then say "wheelhouse up to date"; return; fi
+  say "pip download into the wheelhouse (several GB the first time)"
+  mkdir -p "$wheelhouse"
+  python3 -m pip download -q --only-binary=:all: -d "$wheelhouse" -r "$here/build/requirements-dev.txt" \
+    2> >(grep -v "is ignored: it is neither" >&2)
+  echo "$want" >"$stamp"
+}
+
+setup_engine
+setup_base_image
+setup_wheelhouse
+printf 'export BASE_IMAGE=%q\nexport WHEELHOUSE=%q\n' "$base_image" "$wheelhouse"

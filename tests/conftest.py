@@ -1,0 +1,65 @@
+"""Shared fixtures: the tiny real models every test feeds through the users' code paths."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+# Kept between runs (git-ignored) so BuildKit sees identical sources and reuses its cache.
+CACHE = Path(os.environ.get("MODELBAKE_TEST_CACHE", REPO / ".cache"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sources() -> Path:
+    dest = CACHE / "tiny-sources"
+    if (
+        not (dest / "clip" / "tiny-vit" / "open_clip_config.json").is_file()
+        or not (dest / "reranker" / "tiny-bert" / "config.json").is_file()
+    ):
+        from modelbake.sources.tiny import make_tiny_sources
+
+        make_tiny_sources(dest)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def tiny_specs(tiny_sources: Path) -> dict[str, str]:
+    return {
+        "clip": f"tiny-vit@dir:{tiny_sources / 'clip' / 'tiny-vit'}",
+        "reranker": f"tiny-bert@dir:{tiny_sources / 'reranker' / 'tiny-bert'}",
+    }
+
+
+@pytest.fixture(scope="session")
+def built_tree(tmp_path_factory: pytest.TempPathFactory, tiny_specs: dict[str, str]) -> Path:
+    """A complete model tree made on the host by `modelbake download` with the tiny models."""
+    out = tmp_path_factory.mktemp("models")
+    run_cli(
+        "download",
+        "--clip",
+        tiny_specs["clip"],
+        "--reranker",
+        tiny_specs["reranker"],
+        "--regressor-epochs",
+        "3",
+        "--out",
+        str(out),
+        check=True,
+    )
+    return out
+
+
+def run_cli(
+    *args: str, check: bool = False, cwd: Path | None = None, script: str | None = None
+) -> subprocess.CompletedProcess:
+    """Run `modelbake ARGS` (or a build/ entrypoint script) in a fresh interpreter, as users do."""
+    cmd = [sys.executable, str(REPO / "build" / script)] if script else [sys.executable, "-m", "modelbake.cli"]
+    proc = subprocess.run([*cmd, *args], capture_output=True, text=True, cwd=cwd or REPO)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd + list(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
+    return proc

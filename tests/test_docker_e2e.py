@@ -1,0 +1,144 @@
+"""End to end in a real Docker engine: `docker buildx bake` with the tiny models, then the image.
+
+Needs the engine, the local base image and the wheelhouse that docker/setup-engine.sh provides. Outside
+CI these tests skip with the reason when no engine answers; under CI=true that is a failure instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+
+from modelbake.manifest import check_files, read_manifest
+
+pytestmark = pytest.mark.docker
+TAG = "e2e"
+IMAGE = f"modelbake:{TAG}"
+UID = "10001"
+
+
+def _missing(reason: str) -> None:
+    if os.environ.get("CI") == "true":
+        pytest.fail(f"{reason} (CI=true: the Docker tests must run, run docker/setup-engine.sh first)")
+    pytest.skip(f"{reason}; run `bash docker/setup-engine.sh` (root, Debian 12) to get one")
+
+
+def _docker(
+    *args: str, check: bool = True, env: dict[str, str] | None = None, timeout: int = 1800
+) -> subprocess.CompletedProcess:
+    proc = subprocess.run(["docker", *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"docker {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+@pytest.fixture(scope="session")
+def bake_env(tiny_sources: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    if shutil.which("docker") is None:
+        _missing("no docker client on PATH")
+    for probe in (["info"], ["buildx", "version"]):
+        if subprocess.run(["docker", *probe], capture_output=True, timeout=30).returncode != 0:
+            _missing(f"`docker {' '.join(probe)}` does not answer")
+    wheelhouse = os.environ.get("WHEELHOUSE", "")
+    if not wheelhouse or not Path(wheelhouse).is_dir():
+        _missing("WHEELHOUSE is not set to a wheel folder (images build offline here)")
+    base = os.environ.get("BASE_IMAGE", "modelbake/debian-base:bookworm")
+    if subprocess.run(["docker", "image", "inspect", base], capture_output=True).returncode != 0:
+        _missing(f"base image {base} is not in the engine")
+    return {
+        **os.environ,
+        "BASE_IMAGE": base,
+        "WHEELHOUSE": wheelhouse,
+        "MODEL_SOURCES": str(tiny_sources),
+        "CLIP_MODELS": "tiny-vit@dir:/sources/clip/tiny-vit",
+        "RERANKER_MODELS": "tiny-bert@dir:/sources/reranker/tiny-bert",
+        "REGRESSOR_EPOCHS": "3",
+        "TAG": TAG,
+        "MODELS_OUT": str(tmp_path_factory.mktemp("models-out")),
+    }
+
+
+@pytest.fixture(scope="session")
+def baked(bake_env: dict[str, str]) -> dict[str, str]:
+    """`docker buildx bake runtime models`: the runtime image, and the model tree exported to the host."""
+    _docker("buildx", "bake", "--progress=plain", "runtime", "models", env=bake_env)
+    return bake_env
+
+
+def _run(*args: str, check: bool = False) -> subprocess.CompletedProcess:
+    return _docker("run", "--rm", "--network", "none", *args, check=check, timeout=300)
+
+
+def test_bake_print_resolves_every_stage(bake_env: dict[str, str]) -> None:
+    plan = json.loads(
+        _docker("buildx", "bake", "--print", "runtime", "models", "base-image", "stages", env=bake_env).stdout
+    )
+    targets = plan["target"]
+    assert set(targets) >= {"runtime", "models", "base-image", "clip-export", "reranker-cache", "regressor-seed"}
+    assert targets["runtime"]["args"]["CLIP_MODELS"] == "tiny-vit@dir:/sources/clip/tiny-vit"
+    assert targets["runtime"]["args"]["PIP_OFFLINE"] == "1"
+    assert targets["models"]["output"] == [f"type=local,dest={bake_env['MODELS_OUT']}"]
+    assert set(targets["runtime"]["contexts"]) == {"wheelhouse", "model-sources"}
+
+
+def test_runtime_verifies_with_no_network(baked: dict[str, str]) -> None:
+    proc = _run(IMAGE)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "FAIL" not in proc.stdout
+    for onnx in (
+        "clip_tiny-vit_text_encoder.onnx",
+        "clip_tiny-vit_image_encoder.onnx",
+        "reranker_tiny-bert.onnx",
+        "boundary_regressor.onnx",
+    ):
+        assert f"inference {onnx}" in proc.stdout
+
+
+def test_runtime_has_no_torch(baked: dict[str, str]) -> None:
+    for module in ("torch", "open_clip", "transformers", "sentence_transformers"):
+        proc = _run("--entrypoint", "python", IMAGE, "-c", f"import {module}")
+        assert proc.returncode != 0 and "No module named" in proc.stderr, module
+    proc = _run("--entrypoint", "python", IMAGE, "-c", "import onnxruntime, numpy, tokenizers, PIL; print('ok')")
+    assert proc.stdout.strip() == "ok", proc.stderr
+
+
+def test_runtime_is_non_root_and_models_are_read_only(baked: dict[str, str]) -> None:
+    proc = _run("--entrypoint", "id", IMAGE, "-u")
+    assert proc.stdout.strip() == UID
+    proc = _run("--entrypoint", "sh", IMAGE, "-c", "touch /models/x || echo refused")
+    assert "refused" in proc.stdout
+    config = json.loads(_docker("image", "inspect", IMAGE).stdout)[0]["Config"]
+    assert config["User"] == "modelbake"
+    assert {"HF_HUB_OFFLINE=1", "TRANSFORMERS_OFFLINE=1", "MODELBAKE_MODELS=/models"} <= set(config["Env"])
+    assert config["Healthcheck"]["Test"][-2:] == ["--quick", "/models"]
+
+
+def test_exported_model_tree_matches_its_manifest(baked: dict[str, str]) -> None:
+    root = Path(baked["MODELS_OUT"])
+    manifest = read_manifest(root)
+    check_files(root, manifest["models"])
+    assert sorted(m["kind"] for m in manifest["models"]) == ["clip", "regressor", "reranker"]
+    assert not (root / ".manifest.d").exists()
+    # The same manifest is what the runtime image carries.
+    in_image = _run("--entrypoint", "cat", IMAGE, "/models/model_manifest.json", check=True).stdout
+    assert json.loads(in_image) == manifest
+
+
+@pytest.mark.parametrize("command", [["docker", "compose"], ["docker-compose"]])
+def test_compose_builds_the_runtime_image(baked: dict[str, str], command: list[str]) -> None:
+    if shutil.which(command[0]) is None:
+        _missing(f"{command[0]} is not installed")
+    env = {**baked, "PIP_OFFLINE": "1", "TAG": f"compose-{command[-1]}"}
+    proc = subprocess.run([*command, "build"], capture_output=True, text=True, env=env, cwd=REPO, timeout=1800)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    image = f"modelbake:compose-{command[-1]}"
+    proc = _run(image)
+    assert proc.returncode == 0 and "FAIL" not in proc.stdout, proc.stdout + proc.stderr

@@ -1,0 +1,83 @@
+import pytest
+
+from modelbake.spec import (
+    CLIP_ONNX_PATTERN,
+    SpecError,
+    clip_onnx_name,
+    parse_clip,
+    parse_clip_list,
+    parse_reranker,
+    parse_reranker_list,
+)
+
+
+@pytest.mark.parametrize(
+    ("text", "arch", "tag", "key"),
+    [
+        ("ViT-B/32", "ViT-B-32", "openai", "ViT-B_32"),
+        ("ViT-B-32", "ViT-B-32", "openai", "ViT-B_32"),
+        ("RN50", "RN50", "openai", "RN50"),
+        ("ViT-L/14@336px", "ViT-L-14-336", "openai", "ViT-L_14_336px"),
+        ("ViT-B-32:laion2b_s34b_b79k", "ViT-B-32", "laion2b_s34b_b79k", "ViT-B_32-laion2b_s34b_b79k"),
+    ],
+)
+def test_clip_hub_specs(text: str, arch: str, tag: str, key: str) -> None:
+    spec = parse_clip(text)
+    assert (spec.arch, spec.tag, spec.key, spec.local) == (arch, tag, key, None)
+
+
+def test_clip_local_specs() -> None:
+    spec = parse_clip("tiny@dir:/sources/clip/tiny")
+    assert spec.local is not None and (spec.local.kind, spec.local.path, spec.key) == (
+        "dir",
+        "/sources/clip/tiny",
+        "tiny",
+    )
+    spec = parse_clip("ViT-B/32@file:/sources/ckpt.pt")
+    assert spec.arch == "ViT-B-32" and spec.local is not None and spec.local.kind == "file" and spec.key == "ViT-B_32"
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("ViT-B-32@main", "pretrained tag after ':'"),
+        ("tiny@dir:", "empty path"),
+        ("tiny:openai@dir:/x", "exclude each other"),
+        ("-bad", "starts with a model name"),
+    ],
+)
+def test_clip_bad_specs(text: str, message: str) -> None:
+    with pytest.raises(SpecError, match=message):
+        parse_clip(text)
+
+
+def test_lists_and_duplicates() -> None:
+    assert [s.key for s in parse_clip_list("ViT-B/32, RN50,\nViT-B/16")] == ["ViT-B_32", "RN50", "ViT-B_16"]
+    with pytest.raises(SpecError, match="twice"):
+        parse_clip_list("ViT-B/32,ViT-B-32")
+    with pytest.raises(SpecError, match="no CLIP model"):
+        parse_clip_list(" , ")
+    with pytest.raises(SpecError, match="no reranker"):
+        parse_reranker_list("")
+
+
+def test_reranker_specs() -> None:
+    spec = parse_reranker("cross-encoder/ms-marco-MiniLM-L-6-v2@abc123")
+    assert (spec.repo, spec.revision, spec.key) == (
+        "cross-encoder/ms-marco-MiniLM-L-6-v2",
+        "abc123",
+        "cross-encoder__ms-marco-MiniLM-L-6-v2",
+    )
+    spec = parse_reranker("tiny@dir:/sources/r")
+    assert spec.local is not None and spec.local.path == "/sources/r"
+    with pytest.raises(SpecError, match="a folder"):
+        parse_reranker("tiny@file:/x.pt")
+
+
+def test_onnx_names_follow_the_seed() -> None:
+    name = clip_onnx_name(parse_clip("ViT-B/32").key, "text")
+    assert name == "clip_ViT-B_32_text_encoder.onnx"
+    match = CLIP_ONNX_PATTERN.match(clip_onnx_name("RN50", "image"))
+    assert match is not None and match["key"] == "RN50" and match["tower"] == "image"
+    with pytest.raises(ValueError):
+        clip_onnx_name("RN50", "audio")
