@@ -11,7 +11,7 @@ variable "TORCH_INDEX_URL" { default = "https://download.pytorch.org/whl/cpu" }
 # Model selection (see README "Model specs").
 variable "CLIP_MODELS" { default = "ViT-B/32,ViT-B/16,RN50" }
 variable "RERANKER_MODELS" { default = "cross-encoder/ms-marco-MiniLM-L-6-v2" }
-variable "REGRESSOR_FEATURE_DIM" { default = "512" }
+variable "REGRESSOR_FEATURE_DIM" { default = "auto" }
 variable "REGRESSOR_SEED" { default = "0" }
 variable "REGRESSOR_EPOCHS" { default = "20" }
 variable "ONNX_OPSET" { default = "17" }

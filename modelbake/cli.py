@@ -41,10 +41,36 @@ def _cmd_reranker(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_regressor(args: argparse.Namespace) -> int:
+def _run_regressor_seed(args: argparse.Namespace, clip_models: str, out: Path) -> None:
     from modelbake.producers import regressor
 
-    regressor.run(args.out, feature_dim=args.feature_dim, seed=args.seed, epochs=args.epochs, opset=args.opset)
+    dim, dim_from = regressor.resolve_feature_dim(args.feature_dim, clip_models)
+    regressor.run(out, feature_dim=dim, feature_dim_from=dim_from, seed=args.seed, epochs=args.epochs, opset=args.opset)
+
+
+def _cmd_regressor(args: argparse.Namespace) -> int:
+    _run_regressor_seed(args, args.clip_models, args.out)
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from modelbake.producers.regressor import train
+
+    metrics = train(
+        args.data, args.out, epochs=args.epochs, val_fraction=args.val_fraction, patience=args.patience,
+        seed=args.seed, lr=args.lr, batch_size=args.batch_size, feature_dim=args.feature_dim,
+    )  # fmt: skip
+    v = metrics["val_mae"]
+    best = metrics["best_epoch"]
+    print(f"validation MAE: start {v['start_delta']:.4f} s, end {v['end_delta']:.4f} s (best epoch {best})")
+    return 0
+
+
+def _cmd_validate_data(args: argparse.Namespace) -> int:
+    from modelbake.producers.regressor_data import load_dataset
+
+    dataset = load_dataset(args.data, args.feature_dim)
+    print(f"{args.data}: {len(dataset.features)} records, {dataset.features.shape[1]} features each: valid")
     return 0
 
 
@@ -80,11 +106,13 @@ def _cmd_download(args: argparse.Namespace) -> int:
 
         reranker.run(reranker_specs, args.out, opset=args.opset)
     if "regressor" in wanted:
-        from modelbake.producers import regressor
-
-        regressor.run(
-            args.out, feature_dim=args.regressor_feature_dim, seed=args.regressor_seed, epochs=args.regressor_epochs
+        seed_args = argparse.Namespace(
+            feature_dim=args.regressor_feature_dim,
+            seed=args.regressor_seed,
+            epochs=args.regressor_epochs,
+            opset=args.opset,
         )
+        _run_regressor_seed(seed_args, args.clip, args.out)
     from modelbake.manifest import merge_fragments
 
     manifest = merge_fragments(args.out)
@@ -129,12 +157,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_reranker)
 
     p = sub.add_parser("regressor-seed", help="the regressor-seed stage: deterministic seed weights")
-    p.add_argument("--feature-dim", type=int, default=int(_env("REGRESSOR_FEATURE_DIM", "512")))
+    p.add_argument(
+        "--feature-dim",
+        default=_env("REGRESSOR_FEATURE_DIM", "auto"),
+        help="input size, or 'auto': the embedding size of the first model of --clip-models (default auto)",
+    )
+    p.add_argument("--clip-models", default=_env("CLIP_MODELS", DEFAULT_CLIP_MODELS), help="for --feature-dim auto")
     p.add_argument("--seed", type=int, default=int(_env("REGRESSOR_SEED", "0")))
     p.add_argument("--epochs", type=int, default=int(_env("REGRESSOR_EPOCHS", "20")))
     _add_out(p)
     opset(p)
     p.set_defaults(func=_cmd_regressor)
+
+    p = sub.add_parser("train-regressor", help="train the boundary regressor on your data (JSON or JSON Lines)")
+    p.add_argument("data", type=Path, help="training records: see models/regressor/README.md")
+    p.add_argument("out", type=Path, help="OUT.pth; OUT.safetensors and OUT.metrics.json are written beside it")
+    p.add_argument("--epochs", type=int, default=200, help="at most this many epochs (default 200)")
+    p.add_argument("--patience", type=int, default=20, help="stop after this many epochs without improvement")
+    p.add_argument("--val-fraction", type=float, default=0.2, help="held out for validation (default 0.2)")
+    p.add_argument("--seed", type=int, default=0, help="fixes the split, the init and the batches")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--feature-dim", type=int, default=None, help="expected feature length (default: the data's)")
+    p.set_defaults(func=_cmd_train)
+
+    p = sub.add_parser("validate-data", help="check regressor training data; names the first bad record")
+    p.add_argument("data", type=Path)
+    p.add_argument(
+        "--feature-dim", type=int, default=None, help="expected feature length (default: the first record's)"
+    )
+    p.set_defaults(func=_cmd_validate_data)
 
     p = sub.add_parser("merge-manifest", help="merge the stages' fragments into model_manifest.json")
     p.add_argument("root", type=Path)
@@ -144,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("download", help="every stage on the host, without Docker (the seed's download_models.py)")
     p.add_argument("--clip", default=_env("CLIP_MODELS", DEFAULT_CLIP_MODELS), help="comma-separated CLIP specs")
     p.add_argument("--reranker", default=_env("RERANKER_MODELS", DEFAULT_RERANKER_MODELS), help="ordered fallback list")
-    p.add_argument("--regressor-feature-dim", type=int, default=512)
+    p.add_argument("--regressor-feature-dim", default="auto", help="integer, or auto (from the first --clip model)")
     p.add_argument("--regressor-seed", type=int, default=0)
     p.add_argument("--regressor-epochs", type=int, default=20)
     for name in ("clip", "reranker", "regressor"):

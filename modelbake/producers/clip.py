@@ -71,6 +71,21 @@ def validate(spec: ClipSpec) -> None:
             )
 
 
+def embed_dim(spec: ClipSpec) -> int:
+    """The embedding size of a CLIP spec, read from its config without building the model."""
+    import json
+
+    import open_clip
+
+    validate(spec)
+    if spec.local is not None and spec.local.kind == "dir":
+        config_path = Path(spec.local.path) / "open_clip_config.json"
+        if not config_path.is_file():
+            raise ProducerError(f"{spec.text!r}: {config_path} does not exist; mount the model sources at that path")
+        return int(json.loads(config_path.read_text())["model_cfg"]["embed_dim"])
+    return int(open_clip.get_model_config(spec.arch)["embed_dim"])
+
+
 def load_clip(spec: ClipSpec) -> tuple[torch.nn.Module, Any, dict[str, Any]]:
     """(model, tokenizer, source record) for any spec; the one place name -> config -> weights happens."""
     import open_clip

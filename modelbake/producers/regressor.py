@@ -1,13 +1,18 @@
-"""regressor-seed: deterministic seed weights for the boundary regressor, trained on a documented
-synthetic set (no download), shipped as safetensors, a weights-only .pth state dict, and ONNX.
+"""The boundary regressor at build time: one training loop (:func:`fit`) used by both the
+``regressor-seed`` stage (synthetic data, no download) and user training (:func:`train`).
 
-The synthetic generator: features are unit-norm Gaussian vectors (like normalised CLIP features);
-the true deltas are a fixed smooth function of them, ``MAX_DELTA * tanh(features @ W)``, with W drawn
-from the same seed, plus Gaussian noise. Seed weights fit that function; random init does not.
+The synthetic generator (documented in models/regressor/README.md): features are unit-norm Gaussian
+vectors (like normalised CLIP features); the deltas are a fixed smooth function of them,
+``MAX_DELTA * tanh(features @ W)`` with ``W ~ N(0, 1)`` drawn from ``function_seed``, plus
+``N(0, NOISE)`` noise. Seed weights fit that function; random init does not.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,15 +20,17 @@ import numpy as np
 import torch
 
 from modelbake.manifest import file_entry, write_fragment
-from modelbake.producers.common import log, staged_output, tool_versions
+from modelbake.producers.common import ProducerError, log, staged_output, tool_versions
 from modelbake.producers.onnx_export import DEFAULT_OPSET, OnnxExport, export_and_validate
-from modelbake.producers.regressor_model import OUTPUT_NAMES, BoundaryRegressor
-from modelbake.spec import GOLDEN_DIR, ONNX_DIR, REGRESSOR_DIR, REGRESSOR_ONNX, REGRESSOR_PTH, REGRESSOR_SAFETENSORS
+from modelbake.producers.regressor_data import DataError, load_dataset
+from modelbake.producers.regressor_model import OUTPUT_NAMES, BoundaryRegressor, save_weights
+from modelbake.spec import GOLDEN_DIR, ONNX_DIR, REGRESSOR_DIR, REGRESSOR_ONNX, REGRESSOR_PTH, parse_clip_list
 
 STAGE = "regressor-seed"
 TOOLS = ("torch", "safetensors", "onnx", "onnxruntime", "modelbake")
 MAX_DELTA = 2.0
 NOISE = 0.05
+SEED_TRAIN, SEED_HELDOUT = 4096, 1024
 
 
 def synthetic_set(n: int, feature_dim: int, seed: int, function_seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -39,70 +46,119 @@ def synthetic_set(n: int, feature_dim: int, seed: int, function_seed: int = 0) -
     return x.astype(np.float32), y.astype(np.float32)
 
 
-def mae(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> list[float]:
+def mae(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    """Mean absolute error of each delta, in seconds."""
     model.eval()
     with torch.no_grad():
         pred = model(torch.from_numpy(x)).numpy()
-    return [float(v) for v in np.mean(np.abs(pred - y), axis=0)]
+    return dict(zip(OUTPUT_NAMES, (float(v) for v in np.mean(np.abs(pred - y), axis=0)), strict=True))
 
 
-def seed_weights(
-    feature_dim: int, seed: int, epochs: int, n_train: int = 4096
-) -> tuple[BoundaryRegressor, dict[str, Any]]:
-    torch.manual_seed(seed)
+def fit(
+    model: BoundaryRegressor,
+    train: tuple[np.ndarray, np.ndarray],
+    val: tuple[np.ndarray, np.ndarray],
+    *,
+    epochs: int,
+    seed: int,
+    lr: float = 3e-3,
+    batch_size: int = 256,
+    patience: int | None = None,
+    on_epoch: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """L1 training with a fixed seed; keeps the epoch with the best validation MAE (early stopping)."""
     torch.use_deterministic_algorithms(True)
-    model = BoundaryRegressor(feature_dim)
-    x, y = synthetic_set(n_train, feature_dim, seed)
-    x_val, y_val = synthetic_set(1024, feature_dim, seed + 1)
-    random_mae = mae(model, x_val, y_val)
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
     generator = torch.Generator().manual_seed(seed)
-    for epoch in range(epochs):
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    xt, yt = torch.from_numpy(train[0]), torch.from_numpy(train[1])
+    best = (float("inf"), 0, {k: v.clone() for k, v in model.state_dict().items()})
+    history = []
+    for epoch in range(1, epochs + 1):
         model.train()
-        for idx in torch.randperm(n_train, generator=generator).split(256):
+        total = 0.0
+        for idx in torch.randperm(len(xt), generator=generator).split(batch_size):
             opt.zero_grad()
             loss = torch.nn.functional.l1_loss(model(xt[idx]), yt[idx])
             loss.backward()
             opt.step()
-        log.debug("regressor seed epoch %d loss %.4f", epoch, loss.item())
-    seed_mae = mae(model, x_val, y_val)
-    metrics = {
-        "heldout_mae_random_init": dict(zip(OUTPUT_NAMES, random_mae, strict=True)),
-        "heldout_mae_seed": dict(zip(OUTPUT_NAMES, seed_mae, strict=True)),
-        "train_examples": n_train,
-        "heldout_examples": 1024,
+            total += loss.item() * len(idx)
+        val_mae = mae(model, *val)
+        row = {"epoch": epoch, "train_l1": total / len(xt), "val_mae": val_mae}
+        history.append(row)
+        if on_epoch:
+            on_epoch(row)
+        score = sum(val_mae.values()) / len(val_mae)
+        if score < best[0]:
+            best = (score, epoch, {k: v.clone() for k, v in model.state_dict().items()})
+        elif patience is not None and epoch - best[1] >= patience:
+            break
+    model.load_state_dict(best[2])
+    model.eval()
+    return {"epochs_run": len(history), "best_epoch": best[1], "history": history}
+
+
+def _log_epoch(total: int) -> Callable[[dict[str, Any]], None]:
+    def report(row: dict[str, Any]) -> None:
+        v = row["val_mae"]
+        log.info(
+            "epoch %d/%d  train L1 %.4f  val MAE start %.4f s, end %.4f s",
+            row["epoch"], total, row["train_l1"], v["start_delta"], v["end_delta"],
+        )  # fmt: skip
+
+    return report
+
+
+def seed_weights(feature_dim: int, seed: int, epochs: int) -> tuple[BoundaryRegressor, dict[str, Any]]:
+    """Seed weights and their figures: held-out MAE of random init and of the seed, same held-out set."""
+    torch.manual_seed(seed)
+    model = BoundaryRegressor(feature_dim)
+    train = synthetic_set(SEED_TRAIN, feature_dim, seed)
+    heldout = synthetic_set(SEED_HELDOUT, feature_dim, seed + 1)
+    random_mae = mae(model, *heldout)
+    result = fit(model, train, heldout, epochs=epochs, seed=seed)
+    return model, {
+        "heldout_mae_random_init": random_mae,
+        "heldout_mae_seed": mae(model, *heldout),
+        "train_examples": SEED_TRAIN,
+        "heldout_examples": SEED_HELDOUT,
         "epochs": epochs,
+        "best_epoch": result["best_epoch"],
         "seed": seed,
-        "generator": f"features unit-norm N(0,1); deltas = {MAX_DELTA}*tanh(features @ W) + N(0,{NOISE})",
+        "generator": f"features unit-norm N(0,1); deltas = {MAX_DELTA}*tanh(features @ W) + N(0,{NOISE}), W~N(0,1)",
     }
-    return model.eval(), metrics
+
+
+def resolve_feature_dim(value: str, clip_models: str) -> tuple[int, str]:
+    """``512`` -> 512; ``auto`` -> the embedding size of the first (default) CLIP model of the selection."""
+    if value.strip().isdigit():
+        return int(value), "REGRESSOR_FEATURE_DIM"
+    if value.strip() != "auto":
+        raise ProducerError(f"feature dim {value!r}: give a positive integer or 'auto' (from the first CLIP model)")
+    from modelbake.producers.clip import embed_dim
+
+    spec = parse_clip_list(clip_models)[0]
+    return embed_dim(spec), f"CLIP {spec.text}"
 
 
 def run(
-    out_root: Path, *, feature_dim: int = 512, seed: int = 0, epochs: int = 20, opset: int = DEFAULT_OPSET
+    out_root: Path,
+    *,
+    feature_dim: int = 512,
+    feature_dim_from: str = "REGRESSOR_FEATURE_DIM",
+    seed: int = 0,
+    epochs: int = 20,
+    opset: int = DEFAULT_OPSET,
 ) -> list[dict[str, Any]]:
-    from safetensors.torch import save_file
-
+    """The regressor-seed stage: seed weights in three formats, checked, plus the stage's fragment."""
     model, metrics = seed_weights(feature_dim, seed, epochs)
-    log.info(
-        "regressor seed: held-out MAE %s (random init %s)",
-        metrics["heldout_mae_seed"],
-        metrics["heldout_mae_random_init"],
-    )
+    log.info("seed held-out MAE %s (random init %s)", metrics["heldout_mae_seed"], metrics["heldout_mae_random_init"])
     with staged_output(out_root) as root:
-        folder = root / REGRESSOR_DIR
-        folder.mkdir(parents=True)
-        state = {k: v.contiguous() for k, v in model.state_dict().items()}
-        save_file(state, folder / REGRESSOR_SAFETENSORS, metadata={"feature_dim": str(feature_dim)})
-        torch.save(state, folder / REGRESSOR_PTH)
-        x_example, _ = synthetic_set(2, feature_dim, seed + 2)
-        x_probe, _ = synthetic_set(5, feature_dim, seed + 3)
+        pth, safetensors = save_weights(model, root / REGRESSOR_DIR / REGRESSOR_PTH)
         export = OnnxExport(
             role="regressor",
             module=model,
-            example={"features": torch.from_numpy(x_example)},
-            probe={"features": torch.from_numpy(x_probe)},
+            example={"features": torch.from_numpy(synthetic_set(2, feature_dim, seed + 2)[0])},
+            probe={"features": torch.from_numpy(synthetic_set(5, feature_dim, seed + 3)[0])},
             output_names=["deltas"],
             dynamic_axes={"features": {0: "batch"}, "deltas": {0: "batch"}},
             atol=1e-4,
@@ -111,8 +167,8 @@ def run(
         golden_path = root / GOLDEN_DIR / f"{onnx_path.stem}.npz"
         entry, parity = export_and_validate(export, onnx_path, golden_path, root, opset)
         files = [
-            file_entry(root, folder / REGRESSOR_SAFETENSORS, role="weights", fmt="safetensors"),
-            file_entry(root, folder / REGRESSOR_PTH, role="weights_state_dict", fmt="pth"),
+            file_entry(root, safetensors, role="weights", fmt="safetensors"),
+            file_entry(root, pth, role="weights_state_dict", fmt="pth"),
             entry,
             file_entry(root, golden_path, role="regressor_golden", fmt="npz"),
         ]
@@ -126,8 +182,68 @@ def run(
                 "tools": tool_versions(*TOOLS),
                 "files": files,
                 "parity": parity,
-                "details": {"feature_dim": feature_dim, "outputs": list(OUTPUT_NAMES), "metrics": metrics},
+                "details": {
+                    "feature_dim": feature_dim,
+                    "feature_dim_from": feature_dim_from,
+                    "outputs": list(OUTPUT_NAMES),
+                    "metrics": metrics,
+                },
             }
         ]
         write_fragment(root, STAGE, models)
     return models
+
+
+def train(
+    data: Path,
+    out_pth: Path,
+    *,
+    epochs: int = 200,
+    val_fraction: float = 0.2,
+    patience: int = 20,
+    seed: int = 0,
+    lr: float = 1e-3,
+    batch_size: int = 64,
+    feature_dim: int | None = None,
+) -> dict[str, Any]:
+    """Train on user data; writes OUT.pth, OUT.safetensors and OUT.metrics.json, each atomically."""
+    if out_pth.suffix != ".pth":
+        raise DataError(f"{out_pth}: the output must end in .pth (its .safetensors twin is written beside it)")
+    if not 0 < val_fraction < 1:
+        raise DataError(f"--val-fraction {val_fraction}: give a fraction between 0 and 1")
+    dataset = load_dataset(data, feature_dim)
+    n = len(dataset.features)
+    n_val = max(1, round(n * val_fraction))
+    if n - n_val < 1:
+        raise DataError(f"{data}: {n} record(s) cannot be split into training and validation; give at least 2")
+    order = np.random.default_rng(seed).permutation(n)
+    val_idx, train_idx = order[:n_val], order[n_val:]
+    train_set = (dataset.features[train_idx], dataset.deltas[train_idx])
+    val_set = (dataset.features[val_idx], dataset.deltas[val_idx])
+    torch.manual_seed(seed)
+    model = BoundaryRegressor(dataset.features.shape[1])
+    zero = {k: float(v) for k, v in zip(OUTPUT_NAMES, np.mean(np.abs(val_set[1]), axis=0), strict=True)}
+    log.info("training on %d records, validating on %d (%s)", len(train_idx), n_val, data)
+    result = fit(
+        model, train_set, val_set, epochs=epochs, seed=seed, lr=lr, batch_size=batch_size, patience=patience,
+        on_epoch=_log_epoch(epochs),
+    )  # fmt: skip
+    metrics = {
+        "val_mae": mae(model, *val_set),
+        "train_mae": mae(model, *train_set),
+        "val_mae_predicting_zero": zero,
+        "train_records": len(train_idx),
+        "val_records": n_val,
+        "feature_dim": int(dataset.features.shape[1]),
+        "seed": seed,
+        "data": str(data),
+        "data_sha256": hashlib.sha256(data.read_bytes()).hexdigest(),
+        **result,
+    }
+    save_weights(model, out_pth)
+    metrics_path = out_pth.with_suffix(".metrics.json")
+    tmp = metrics_path.with_name(f".{metrics_path.name}.tmp")
+    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
+    os.replace(tmp, metrics_path)
+    log.info("wrote %s, %s and %s", out_pth, out_pth.with_suffix(".safetensors"), metrics_path)
+    return metrics
