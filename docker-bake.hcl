@@ -11,6 +11,11 @@ variable "TORCH_INDEX_URL" { default = "https://download.pytorch.org/whl/cpu" }
 # Model selection (see README "Model specs").
 variable "CLIP_MODELS" { default = "ViT-B/32,ViT-B/16,RN50" }
 variable "RERANKER_MODELS" { default = "cross-encoder/ms-marco-MiniLM-L-6-v2" }
+variable "CLIP_INT8" { default = "0" }
+variable "CLIP_KEEP_PYTORCH" { default = "0" }
+variable "CLIP_PARITY_ATOL" { default = "1e-3" }
+variable "CLIP_PARITY_MIN_COSINE" { default = "0.999" }
+variable "CLIP_INT8_MIN_COSINE" { default = "0.99" }
 variable "REGRESSOR_FEATURE_DIM" { default = "auto" }
 variable "REGRESSOR_SEED" { default = "0" }
 variable "REGRESSOR_EPOCHS" { default = "20" }
@@ -42,7 +47,12 @@ target "_common" {
     RUNTIME_BASE_IMAGE    = RUNTIME_BASE_IMAGE
     TORCH_INDEX_URL       = TORCH_INDEX_URL
     PIP_OFFLINE           = PIP_OFFLINE
-    CLIP_MODELS           = CLIP_MODELS
+    CLIP_MODELS            = CLIP_MODELS
+    CLIP_INT8              = CLIP_INT8
+    CLIP_KEEP_PYTORCH      = CLIP_KEEP_PYTORCH
+    CLIP_PARITY_ATOL       = CLIP_PARITY_ATOL
+    CLIP_PARITY_MIN_COSINE = CLIP_PARITY_MIN_COSINE
+    CLIP_INT8_MIN_COSINE   = CLIP_INT8_MIN_COSINE
     RERANKER_MODELS       = RERANKER_MODELS
     REGRESSOR_FEATURE_DIM = REGRESSOR_FEATURE_DIM
     REGRESSOR_SEED        = REGRESSOR_SEED

@@ -27,10 +27,48 @@ def _add_out(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("models"), help="model tree root (default: models/)")
 
 
+def _clip_options(args: argparse.Namespace):  # -> ClipOptions, imported lazily (torch)
+    from modelbake.producers.clip import ClipOptions
+
+    return ClipOptions(
+        opset=args.opset, keep_pytorch=args.keep_pytorch, int8=args.int8, atol=args.parity_atol,
+        min_cosine=args.parity_min_cosine, int8_min_cosine=args.int8_min_cosine,
+    )  # fmt: skip
+
+
+def _add_clip_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--keep-pytorch",
+        action="store_true",
+        default=_env("CLIP_KEEP_PYTORCH", "0") == "1",
+        help="also keep the PyTorch weights in models/clip/ (not needed at run time)",
+    )
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        default=_env("CLIP_INT8", "0") == "1",
+        help="also write dynamic-int8 variants (*_int8.onnx), each gated on its own cosine",
+    )
+    p.add_argument(
+        "--parity-atol",
+        type=float,
+        default=float(_env("CLIP_PARITY_ATOL", "1e-3")),
+        help="max abs difference allowed between onnxruntime and PyTorch (default 1e-3)",
+    )
+    p.add_argument(
+        "--parity-min-cosine",
+        type=float,
+        default=float(_env("CLIP_PARITY_MIN_COSINE", "0.999")),
+        help="min cosine similarity between onnxruntime and PyTorch outputs (default 0.999)",
+    )
+    p.add_argument("--int8-min-cosine", type=float, default=float(_env("CLIP_INT8_MIN_COSINE", "0.99")),
+                   help="min cosine of the int8 variants against PyTorch (default 0.99)")  # fmt: skip
+
+
 def _cmd_clip(args: argparse.Namespace) -> int:
     from modelbake.producers import clip
 
-    clip.run(parse_clip_list(args.models), args.out, opset=args.opset, keep_pytorch=args.keep_pytorch)
+    clip.run(parse_clip_list(args.models), args.out, _clip_options(args))
     return 0
 
 
@@ -100,7 +138,7 @@ def _cmd_download(args: argparse.Namespace) -> int:
     if clip_specs:
         from modelbake.producers import clip
 
-        clip.run(clip_specs, args.out, opset=args.opset)
+        clip.run(clip_specs, args.out, _clip_options(args))
     if reranker_specs:
         from modelbake.producers import reranker
 
@@ -145,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("clip-export", help="the clip-export stage: CLIP models -> ONNX text/image encoders")
     p.add_argument("--models", default=_env("CLIP_MODELS", DEFAULT_CLIP_MODELS), help="comma-separated CLIP specs")
-    p.add_argument("--keep-pytorch", action="store_true", help="also keep the PyTorch weights in models/clip/")
+    _add_clip_options(p)
     _add_out(p)
     opset(p)
     p.set_defaults(func=_cmd_clip)
@@ -201,6 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--regressor-epochs", type=int, default=20)
     for name in ("clip", "reranker", "regressor"):
         p.add_argument(f"--{name}-only", action="store_true", help=f"only the {name} stage")
+    _add_clip_options(p)
     _add_out(p)
     opset(p)
     p.set_defaults(func=_cmd_download)
@@ -222,9 +261,11 @@ def main(argv: list[str] | None = None) -> int:
     # then crash on int(""). Empty means unset.
     if os.environ.get("SOURCE_DATE_EPOCH") == "":
         del os.environ["SOURCE_DATE_EPOCH"]
+    # Our progress at INFO; the libraries' (open_clip, onnxruntime) chatter only with --verbose.
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+        level=logging.DEBUG if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s"
     )
+    log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return args.func(args)
     except (SpecError, ManifestError, ProducerError) as exc:

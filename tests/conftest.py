@@ -17,10 +17,8 @@ CACHE = Path(os.environ.get("MODELBAKE_TEST_CACHE", REPO / ".cache"))
 @pytest.fixture(scope="session")
 def tiny_sources() -> Path:
     dest = CACHE / "tiny-sources"
-    if (
-        not (dest / "clip" / "tiny-vit" / "open_clip_config.json").is_file()
-        or not (dest / "reranker" / "tiny-bert" / "config.json").is_file()
-    ):
+    wanted = [dest / "clip" / name / "open_clip_config.json" for name in ("tiny-vit", "tiny-rn")]
+    if not all(p.is_file() for p in [*wanted, dest / "reranker" / "tiny-bert" / "config.json"]):
         from modelbake.sources.tiny import make_tiny_sources
 
         make_tiny_sources(dest)
@@ -30,7 +28,7 @@ def tiny_sources() -> Path:
 @pytest.fixture(scope="session")
 def tiny_specs(tiny_sources: Path) -> dict[str, str]:
     return {
-        "clip": f"tiny-vit@dir:{tiny_sources / 'clip' / 'tiny-vit'}",
+        "clip": ",".join(f"{name}@dir:{tiny_sources / 'clip' / name}" for name in ("tiny-vit", "tiny-rn")),
         "reranker": f"tiny-bert@dir:{tiny_sources / 'reranker' / 'tiny-bert'}",
     }
 
@@ -45,6 +43,7 @@ def built_tree(tmp_path_factory: pytest.TempPathFactory, tiny_specs: dict[str, s
         tiny_specs["clip"],
         "--reranker",
         tiny_specs["reranker"],
+        "--int8",
         "--regressor-epochs",
         "3",
         "--out",

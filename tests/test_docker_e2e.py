@@ -58,7 +58,8 @@ def bake_env(tiny_sources: Path, tmp_path_factory: pytest.TempPathFactory) -> di
         "BASE_IMAGE": base,
         "WHEELHOUSE": wheelhouse,
         "MODEL_SOURCES": str(tiny_sources),
-        "CLIP_MODELS": "tiny-vit@dir:/sources/clip/tiny-vit",
+        "CLIP_MODELS": "tiny-vit@dir:/sources/clip/tiny-vit,tiny-rn@dir:/sources/clip/tiny-rn",
+        "CLIP_INT8": "1",
         "RERANKER_MODELS": "tiny-bert@dir:/sources/reranker/tiny-bert",
         "REGRESSOR_EPOCHS": "3",
         "TAG": TAG,
@@ -83,7 +84,8 @@ def test_bake_print_resolves_every_stage(bake_env: dict[str, str]) -> None:
     )
     targets = plan["target"]
     assert set(targets) >= {"runtime", "models", "base-image", "clip-export", "reranker-cache", "regressor-seed"}
-    assert targets["runtime"]["args"]["CLIP_MODELS"] == "tiny-vit@dir:/sources/clip/tiny-vit"
+    assert targets["runtime"]["args"]["CLIP_MODELS"] == bake_env["CLIP_MODELS"]
+    assert targets["runtime"]["args"]["CLIP_INT8"] == "1"
     assert targets["runtime"]["args"]["PIP_OFFLINE"] == "1"
     assert targets["models"]["output"] == [f"type=local,dest={bake_env['MODELS_OUT']}"]
     assert set(targets["runtime"]["contexts"]) == {"wheelhouse", "model-sources"}
@@ -96,6 +98,8 @@ def test_runtime_verifies_with_no_network(baked: dict[str, str]) -> None:
     for onnx in (
         "clip_tiny-vit_text_encoder.onnx",
         "clip_tiny-vit_image_encoder.onnx",
+        "clip_tiny-rn_image_encoder.onnx",
+        "clip_tiny-rn_image_encoder_int8.onnx",
         "reranker_tiny-bert.onnx",
         "boundary_regressor.onnx",
     ):
@@ -125,7 +129,7 @@ def test_exported_model_tree_matches_its_manifest(baked: dict[str, str]) -> None
     root = Path(baked["MODELS_OUT"])
     manifest = read_manifest(root)
     check_files(root, manifest["models"])
-    assert sorted(m["kind"] for m in manifest["models"]) == ["clip", "regressor", "reranker"]
+    assert sorted(m["kind"] for m in manifest["models"]) == ["clip", "clip", "regressor", "reranker"]
     assert not (root / ".manifest.d").exists()
     # The same manifest is what the runtime image carries.
     in_image = _run("--entrypoint", "cat", IMAGE, "/models/model_manifest.json", check=True).stdout

@@ -28,7 +28,7 @@ def _tree(built_tree: Path, tmp_path: Path) -> Path:
 def test_merged_manifest_lists_every_file_with_its_hash(built_tree: Path) -> None:
     manifest = read_manifest(built_tree)
     kinds = sorted(m["kind"] for m in manifest["models"])
-    assert kinds == ["clip", "regressor", "reranker"]
+    assert kinds == ["clip", "clip", "regressor", "reranker"]
     listed = {f["path"] for m in manifest["models"] for f in m["files"]}
     on_disk = {
         p.relative_to(built_tree).as_posix()

@@ -28,7 +28,9 @@ def test_verify_passes_on_a_fresh_tree(built_tree: Path) -> None:
     checks = verify(built_tree)
     assert all(c.ok for c in checks), [c for c in checks if not c.ok]
     inference = [c for c in checks if c.what.startswith("inference")]
-    assert len(inference) == 4  # clip text + image, reranker, regressor
+    assert len(inference) == 10  # 2 CLIP x (text + image) x (fp32 + int8), reranker, regressor
+    replays = [c for c in checks if c.what.startswith("inputs")]
+    assert len(replays) == 8 and all("identical" in c.detail or "0.0e+00" in c.detail for c in replays)
 
 
 @pytest.mark.parametrize(

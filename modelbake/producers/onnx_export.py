@@ -50,6 +50,9 @@ class OnnxExport:
     min_cosine: float = 0.999
     simplify: bool = True
     details: dict[str, Any] = field(default_factory=dict)
+    # Raw inputs (texts, images) stored with the golden file, so the runtime can replay its own
+    # tokenizer / preprocessing too: written as ``raw:<name>``.
+    raw_golden: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def _tensor_info(values: list[onnx.ValueInfoProto]) -> list[dict[str, Any]]:
@@ -159,27 +162,46 @@ def export_and_validate(
     data = model.SerializeToString()
 
     reference = torch_outputs(module, spec.probe)
-    feeds = {name: t.detach().cpu().numpy() for name, t in spec.probe.items()}
-    actual = session(data).run(spec.output_names, feeds)
-    figures = compare(reference, actual)
-    figures["probe_batch"] = int(next(iter(spec.probe.values())).shape[0])
-    if figures["max_abs_diff"] > spec.atol or figures["min_cosine"] < spec.min_cosine:
-        raise ParityError(
-            f"{spec.role}: onnxruntime differs from PyTorch: max abs diff {figures['max_abs_diff']:.3g} "
-            f"(allowed {spec.atol:g}), min cosine {figures['min_cosine']:.6f} (required {spec.min_cosine}); "
-            "nothing was written"
-        )
+    figures = _gate(spec, data, reference, spec.atol, spec.min_cosine)
     log.info(
         "%s: parity max|d|=%.2e min cos=%.6f, %s", spec.role, figures["max_abs_diff"], figures["min_cosine"], graph_info
     )
-
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
     onnx_path.write_bytes(data)
-    golden = {f"input:{k}": v for k, v in feeds.items()}
-    golden.update({f"output:{n}": v for n, v in zip(spec.output_names, reference, strict=True)})
-    write_npz(golden_path, golden)
+    entry = _write_golden(spec, model, onnx_path, golden_path, root, reference, spec.atol, opset)
+    return entry, {**figures, **graph_info, **spec.details}
 
-    entry = file_entry(
+
+def _gate(spec: OnnxExport, data: bytes, reference: list[np.ndarray], atol: float, min_cosine: float) -> dict[str, Any]:
+    """The parity gate: onnxruntime on the probe inputs against PyTorch's outputs."""
+    feeds = {name: t.detach().cpu().numpy() for name, t in spec.probe.items()}
+    actual = session(data).run(spec.output_names, feeds)
+    figures: dict[str, Any] = compare(reference, actual)
+    figures["probe_batch"] = int(next(iter(spec.probe.values())).shape[0])
+    if figures["max_abs_diff"] > atol or figures["min_cosine"] < min_cosine:
+        raise ParityError(
+            f"{spec.role}: onnxruntime differs from PyTorch: max abs diff {figures['max_abs_diff']:.3g} "
+            f"(allowed {atol:g}), min cosine {figures['min_cosine']:.6f} (required {min_cosine}); "
+            "nothing was written"
+        )
+    return figures
+
+
+def _write_golden(
+    spec: OnnxExport,
+    model: onnx.ModelProto,
+    onnx_path: Path,
+    golden_path: Path,
+    root: Path,
+    reference: list[np.ndarray],
+    atol: float,
+    opset: int,
+) -> dict[str, Any]:
+    golden = {f"input:{k}": v.detach().cpu().numpy() for k, v in spec.probe.items()}
+    golden.update({f"output:{n}": v for n, v in zip(spec.output_names, reference, strict=True)})
+    golden.update({f"raw:{k}": v for k, v in spec.raw_golden.items()})
+    write_npz(golden_path, golden)
+    return file_entry(
         root,
         onnx_path,
         role=spec.role,
@@ -188,6 +210,39 @@ def export_and_validate(
         inputs=_tensor_info(list(model.graph.input)),
         outputs=_tensor_info(list(model.graph.output)),
         golden=golden_path.relative_to(root).as_posix(),
-        tolerance={"atol": spec.atol},
+        tolerance={"atol": atol},
     )
-    return entry, {**figures, **graph_info, **spec.details}
+
+
+def quantize_and_validate(
+    spec: OnnxExport,
+    fp32_path: Path,
+    int8_path: Path,
+    golden_path: Path,
+    root: Path,
+    *,
+    min_cosine: float = 0.99,
+    per_channel: bool = True,
+    opset: int = DEFAULT_OPSET,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A dynamic-int8 variant of ``fp32_path`` (onnxruntime's quantize_dynamic), gated on cosine.
+
+    Its golden tolerance is derived from its measured error, since int8 is not meant to match fp32 bit
+    for bit; cosine against PyTorch is the gate.
+    """
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    int8_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = int8_path.with_name(f".{int8_path.name}.tmp")
+    quantize_dynamic(str(fp32_path), str(tmp), weight_type=QuantType.QInt8, per_channel=per_channel)
+    data = tmp.read_bytes()
+    tmp.unlink()
+    reference = torch_outputs(spec.module.eval(), spec.probe)
+    figures = _gate(spec, data, reference, float("inf"), min_cosine)
+    figures.update({"weight_type": "int8", "per_channel": per_channel, "method": "quantize_dynamic"})
+    log.info("%s int8: max|d|=%.2e min cos=%.6f", spec.role, figures["max_abs_diff"], figures["min_cosine"])
+    int8_path.write_bytes(data)
+    model = onnx.load_from_string(data)
+    atol = float(f"{2 * figures['max_abs_diff'] + 1e-3:.3g}")
+    entry = _write_golden(spec, model, int8_path, golden_path, root, reference, atol, opset)
+    return entry, figures

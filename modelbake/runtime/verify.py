@@ -26,6 +26,26 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
         return {k: data[k] for k in data.files}
 
 
+def replay_inputs(
+    root: Path, model: dict[str, Any], entry: dict[str, Any], golden: dict[str, np.ndarray]
+) -> Check | None:
+    """The run-time tokenizer / preprocessing on the raw probe inputs must give the golden model inputs."""
+    from modelbake.runtime.clip import ClipTokenizer, preprocess_image
+
+    pre = model.get("preprocessing", {})
+    name = f"inputs {Path(entry['path']).name}"
+    if "raw:text" in golden and pre.get("tokenizer"):
+        ids = ClipTokenizer(resolve_inside(root, pre["tokenizer"]), pre["context_length"])(list(golden["raw:text"]))
+        same = np.array_equal(ids, golden["input:input_ids"])
+        return Check("", name, same, f"tokenizer ids {'identical' if same else 'DIFFER'} on {len(ids)} probe texts")
+    images = [golden[k] for k in sorted(golden) if k.startswith("raw:image:")]
+    if images:
+        pixels = np.stack([preprocess_image(im, pre) for im in images])
+        worst = float(np.max(np.abs(pixels - golden["input:pixel_values"])))
+        return Check("", name, worst <= 1e-5, f"preprocessing of {len(images)} probe images, max|diff| {worst:.1e}")
+    return None
+
+
 def run_golden(root: Path, entry: dict[str, Any]) -> Check:
     import onnxruntime as ort
 
@@ -81,6 +101,13 @@ def verify(root: Path, *, quick: bool = False) -> list[Check]:
                 check = Check("", f"inference {Path(entry['path']).name}", False, f"{type(exc).__name__}: {exc}")
             check.model = name
             checks.append(check)
+            try:
+                replay = replay_inputs(root, model, entry, _load_npz(resolve_inside(root, entry["golden"])))
+            except Exception as exc:
+                replay = Check("", f"inputs {Path(entry['path']).name}", False, f"{type(exc).__name__}: {exc}")
+            if replay is not None:
+                replay.model = name
+                checks.append(replay)
     return checks
 
 

@@ -9,10 +9,19 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-TINY_CLIP_CFG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
-    "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2},
+_TINY_TEXT = {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}
+TINY_CLIP_CFGS = {
+    # A ViT (class-token pooling) and a ResNet (attention pooling, as RN50), both with the real tokenizer.
+    "tiny-vit": {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+        "text_cfg": _TINY_TEXT,
+    },
+    "tiny-rn": {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 64, "layers": [1, 1, 1, 1], "width": 8, "head_width": 32},
+        "text_cfg": _TINY_TEXT,
+    },
 }
 OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
 OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
@@ -99,7 +108,7 @@ _WORDS = [
 ]
 
 
-def make_tiny_clip(dest: Path, seed: int = 0) -> Path:
+def make_tiny_clip(dest: Path, arch: str = "tiny-vit", seed: int = 0) -> Path:
     """An OpenCLIP ``local-dir`` folder: open_clip_config.json + open_clip_model.safetensors."""
     import torch
     from open_clip.model import CLIP
@@ -107,9 +116,9 @@ def make_tiny_clip(dest: Path, seed: int = 0) -> Path:
 
     dest.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    model = CLIP(**TINY_CLIP_CFG)
+    model = CLIP(**TINY_CLIP_CFGS[arch])
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, dest / "open_clip_model.safetensors")
-    config = {"model_cfg": TINY_CLIP_CFG, "preprocess_cfg": {"mean": OPENAI_MEAN, "std": OPENAI_STD}}
+    config = {"model_cfg": TINY_CLIP_CFGS[arch], "preprocess_cfg": {"mean": OPENAI_MEAN, "std": OPENAI_STD}}
     (dest / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return dest
 
@@ -142,7 +151,6 @@ def make_tiny_cross_encoder(dest: Path, seed: int = 0) -> Path:
 
 def make_tiny_sources(dest: Path) -> dict[str, Path]:
     """Both tiny models under ``dest``; returns {name: folder}."""
-    return {
-        "clip": make_tiny_clip(dest / "clip" / "tiny-vit"),
-        "reranker": make_tiny_cross_encoder(dest / "reranker" / "tiny-bert"),
-    }
+    made = {name: make_tiny_clip(dest / "clip" / name, name) for name in TINY_CLIP_CFGS}
+    made["tiny-bert"] = make_tiny_cross_encoder(dest / "reranker" / "tiny-bert")
+    return made

@@ -1,0 +1,163 @@
+"""CLIP at run time without torch or open_clip: tokenizer, image preprocessing, ONNX encoders.
+
+The tokenizer and the preprocessing reproduce open_clip's exactly (checked at build time against
+open_clip on a probe set, and by ``verify`` against the golden inputs).
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+ImageInput = Image.Image | str | Path | np.ndarray
+_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
+             "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}  # fmt: skip
+
+
+def clean_text(text: str) -> str:
+    """open_clip's basic clean: ftfy, HTML entities (twice), strip."""
+    import ftfy
+
+    return html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+
+
+class ClipTokenizer:
+    """``tokenizer(texts) -> (n, context_length) int64``, id-exact with open_clip's tokenizer."""
+
+    def __init__(self, tokenizer_json: Path, context_length: int) -> None:
+        from tokenizers import Tokenizer
+
+        self.tokenizer = Tokenizer.from_file(str(tokenizer_json))
+        self.context_length = context_length
+
+    def __call__(self, texts: list[str]) -> np.ndarray:
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise TypeError("texts must be a list of str")
+        encodings = self.tokenizer.encode_batch([clean_text(t) for t in texts])
+        ids = np.zeros((len(texts), self.context_length), dtype=np.int64)
+        for row, enc in enumerate(encodings):
+            ids[row, : len(enc.ids)] = enc.ids[: self.context_length]
+        return ids
+
+
+def _open(image: ImageInput) -> Image.Image:
+    if isinstance(image, Image.Image):
+        return image
+    if isinstance(image, (str, Path)):
+        with Image.open(image) as img:
+            img.load()
+            return img
+    if isinstance(image, np.ndarray):
+        if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
+            raise ValueError(
+                f"an image array must be uint8 (H, W), (H, W, 3) or (H, W, 4); got {image.dtype} {image.shape}"
+            )
+        return Image.fromarray(image)
+    raise TypeError(f"an image must be a PIL image, a path or a uint8 array, not {type(image).__name__}")
+
+
+def preprocess_image(image: ImageInput, cfg: dict[str, Any]) -> np.ndarray:
+    """One image -> (3, H, W) float32, as open_clip's eval transform (resize, center crop, RGB, normalise)."""
+    img = _open(image)
+    height, width = cfg["image_size"]
+    resample = _RESAMPLE[cfg.get("interpolation", "bicubic")]
+    mode = cfg.get("resize_mode", "shortest")
+    w, h = img.size
+    if mode == "squash":
+        img = img.resize((width, height), resample)
+    elif mode == "shortest" and height == width:
+        # torchvision's Resize(int): the short side to `size`, the long side scaled and truncated.
+        short, long = (w, h) if w <= h else (h, w)
+        new_short, new_long = height, int(height * long / short)
+        new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+        if (new_w, new_h) != (w, h):
+            img = img.resize((new_w, new_h), resample)
+        img = _center_crop(img, height, width)
+    else:
+        raise ValueError(f"resize_mode {mode!r} with size {cfg['image_size']} is not supported at run time yet")
+    arr = np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+    arr = (arr - np.asarray(cfg["mean"], dtype=np.float32)) / np.asarray(cfg["std"], dtype=np.float32)
+    return arr.transpose(2, 0, 1).astype(np.float32)
+
+
+def _center_crop(img: Image.Image, height: int, width: int) -> Image.Image:
+    w, h = img.size
+    if w < width or h < height:  # torchvision pads with zeros first
+        padded = Image.new(img.mode, (max(w, width), max(h, height)))
+        padded.paste(img, ((max(w, width) - w) // 2, (max(h, height) - h) // 2))
+        img, (w, h) = padded, padded.size
+    top, left = round((h - height) / 2.0), round((w - width) / 2.0)  # as torchvision: round half to even
+    return img.crop((left, top, left + width, top + height))
+
+
+class ClipEncoder:
+    """A CLIP model of a model tree: ``encode_text(texts)`` and ``encode_image(images)`` -> (n, embed_dim).
+
+    Embeddings are L2-normalised unless ``normalize=False`` (the ONNX graphs return raw projections).
+    """
+
+    def __init__(self, folder: Path, model: dict[str, Any], *, int8: bool = False, threads: int | None = None) -> None:
+        import onnxruntime as ort
+
+        from modelbake.manifest import resolve_inside
+
+        self.name = model["name"]
+        self.preprocessing = model["preprocessing"]
+        roles = {f["role"]: f for f in model["files"]}
+        suffix = "_int8" if int8 else ""
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        self.sessions = {}
+        for tower in ("text", "image"):
+            entry = roles.get(f"{tower}_encoder{suffix}")
+            if entry is None:
+                raise FileNotFoundError(
+                    f"CLIP {self.name}: no {tower} encoder{' (int8)' if int8 else ''} in the manifest"
+                )
+            path = resolve_inside(folder, entry["path"])
+            self.sessions[tower] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        tokenizer = self.preprocessing.get("tokenizer")
+        self.tokenizer = (
+            ClipTokenizer(resolve_inside(folder, tokenizer), self.preprocessing["context_length"])
+            if tokenizer
+            else None
+        )
+
+    @classmethod
+    def from_folder(cls, folder: Path, name: str | None = None, **kwargs: Any) -> ClipEncoder:
+        """The CLIP model ``name`` (default: the first listed) of the tree at ``folder``, files checked."""
+        from modelbake.manifest import check_files, read_manifest
+
+        models = [m for m in read_manifest(folder)["models"] if m["kind"] == "clip"]
+        chosen = [m for m in models if name in (None, m["name"])]
+        if not chosen:
+            names = ", ".join(m["name"] for m in models) or "none"
+            raise LookupError(f"no CLIP model {name!r} in {folder}; it has: {names}")
+        check_files(folder, chosen[:1])
+        return cls(folder, chosen[0], **kwargs)
+
+    @staticmethod
+    def _normalise(x: np.ndarray, normalize: bool) -> np.ndarray:
+        return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12) if normalize else x
+
+    def encode_text(self, texts: list[str], *, normalize: bool = True, batch_size: int = 64) -> np.ndarray:
+        if self.tokenizer is None:
+            raise RuntimeError(f"CLIP {self.name}: the build shipped no tokenizer; pass token ids to the ONNX model")
+        ids = self.tokenizer(texts)
+        out = [self.sessions["text"].run(None, {"input_ids": ids[i : i + batch_size]})[0]
+               for i in range(0, len(ids), batch_size)]  # fmt: skip
+        return self._normalise(np.concatenate(out) if out else np.zeros((0, 0), np.float32), normalize)
+
+    def encode_image(self, images: list[ImageInput], *, normalize: bool = True, batch_size: int = 16) -> np.ndarray:
+        if not isinstance(images, (list, tuple)):
+            raise TypeError("images must be a list of PIL images, paths or uint8 arrays")
+        out = []
+        for i in range(0, len(images), batch_size):
+            pixels = np.stack([preprocess_image(im, self.preprocessing) for im in images[i : i + batch_size]])
+            out.append(self.sessions["image"].run(None, {"pixel_values": pixels})[0])
+        return self._normalise(np.concatenate(out) if out else np.zeros((0, 0), np.float32), normalize)

@@ -1,0 +1,145 @@
+"""CLIP export: torch-free tokenizer and preprocessing, the runtime encoder, the parity gate, bad input."""
+
+from __future__ import annotations
+
+import json
+import random
+import string
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from conftest import run_cli
+from PIL import Image
+
+from modelbake.producers.clip_tokenizer import tokenizer_json
+from modelbake.runtime.clip import ClipEncoder, ClipTokenizer, preprocess_image
+
+UNICODE = "éàüñçøß東京日本語한국어😀🚀ﬁ–—“”‘’"
+
+
+def _texts(n: int, seed: int = 0) -> list[str]:
+    rng = random.Random(seed)
+    alphabet = string.ascii_letters + string.digits + string.punctuation + " \t\n" + UNICODE
+    fixed = ["", " ", "dog", "A Photo of a CAT!!", "don't it's we've", "café naïve 東京 🚀", "&amp;lt;b&amp;gt; x",
+             "word " * 100, "x" * 400, "ＦＵＬＬＷＩＤＴＨ", "a <END_OF_TEXT> b"]  # fmt: skip
+    return fixed + ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 150))) for _ in range(n)]
+
+
+def test_tokenizer_json_is_id_exact_with_open_clip(tmp_path: Path) -> None:
+    reference = open_clip.get_tokenizer("ViT-B-32")
+    path = tmp_path / "tokenizer.json"
+    path.write_text(tokenizer_json(reference, 77))
+    texts = _texts(600)
+    ours, theirs = ClipTokenizer(path, 77)(texts), reference(texts).numpy()
+    mismatched = [t for t, a, b in zip(texts, ours, theirs, strict=True) if not np.array_equal(a, b)]
+    assert mismatched == []
+    assert ours.dtype == np.int64 and ours.shape == (len(texts), 77)
+    with pytest.raises(TypeError):
+        ClipTokenizer(path, 77)("not a list")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("name", ["tiny-vit", "tiny-rn"])
+def test_preprocessing_is_exact(tiny_sources: Path, name: str) -> None:
+    from modelbake.producers.clip import preprocessing
+
+    model, _, transform = open_clip.create_model_and_transforms(f"local-dir:{tiny_sources / 'clip' / name}")
+    cfg = preprocessing(model)
+    rng = np.random.default_rng(0)
+    shapes = [
+        ((200, 300, 3), "RGB"),
+        ((50, 50), "L"),
+        ((33, 71, 4), "RGBA"),
+        ((7, 200, 3), "RGB"),
+        ((65, 64, 3), "RGB"),
+    ]
+    for shape, mode in shapes:
+        image = Image.fromarray(rng.integers(0, 256, shape, dtype=np.uint8), mode)
+        np.testing.assert_array_equal(preprocess_image(image, cfg), transform(image).numpy())
+
+
+def test_runtime_encoder_matches_open_clip(built_tree: Path, tiny_sources: Path, tmp_path: Path) -> None:
+    model, _, transform = open_clip.create_model_and_transforms(f"local-dir:{tiny_sources / 'clip' / 'tiny-rn'}")
+    model.eval()  # the ResNet tower has BatchNorm
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{tiny_sources / 'clip' / 'tiny-rn'}")
+    encoder = ClipEncoder.from_folder(built_tree, "tiny-rn")
+    for batch in (3, 8):  # batch sizes the export never saw, texts of very different lengths
+        texts = _texts(batch, seed=batch)[-batch:]
+        with torch.no_grad():
+            expected = model.encode_text(tokenizer(texts), normalize=True).numpy()
+        np.testing.assert_allclose(encoder.encode_text(texts), expected, atol=1e-4)
+    rng = np.random.default_rng(5)
+    arrays = [rng.integers(0, 256, (40 + 9 * i, 90 - 7 * i, 3), dtype=np.uint8) for i in range(5)]
+    Image.fromarray(arrays[0]).save(tmp_path / "a.png")
+    inputs = [tmp_path / "a.png", Image.fromarray(arrays[1]), *arrays[2:]]
+    with torch.no_grad():
+        expected = model.encode_image(torch.stack([transform(Image.fromarray(a)) for a in arrays])).numpy()
+    np.testing.assert_allclose(encoder.encode_image(inputs, normalize=False), expected, atol=1e-4)
+    int8 = ClipEncoder.from_folder(built_tree, "tiny-rn", int8=True).encode_image(inputs)
+    cos = np.sum(int8 * encoder.encode_image(inputs), axis=1)
+    assert cos.min() > 0.99
+    with pytest.raises(LookupError, match=r"it has: tiny-(rn|vit), tiny-(rn|vit)"):
+        ClipEncoder.from_folder(built_tree, "ViT-B_32")
+    with pytest.raises(ValueError, match="uint8"):
+        encoder.encode_image([np.zeros((4, 4, 3), dtype=np.float32)])
+
+
+def test_manifest_records_what_a_loader_needs(built_tree: Path) -> None:
+    manifest = json.loads((built_tree / "model_manifest.json").read_text())
+    (vit,) = [m for m in manifest["models"] if m["name"] == "tiny-vit"]
+    files = {f["role"]: f for f in vit["files"]}
+    assert {"tokenizer", "text_encoder", "image_encoder", "text_encoder_int8", "image_encoder_int8"} <= set(files)
+    for role in ("text_encoder", "image_encoder", "text_encoder_int8"):
+        assert files[role]["inputs"][0]["shape"][0] == "batch"  # symbolic batch in the written graph
+        assert files[role]["opset"] == 17
+    assert files["text_encoder"]["inputs"][0] == {"name": "input_ids", "shape": ["batch", 77], "dtype": "int64"}
+    assert files["image_encoder"]["outputs"][0] == {"name": "image_embeds", "shape": ["batch", 32], "dtype": "float32"}
+    pre = vit["preprocessing"]
+    assert pre["image_size"] == [32, 32] and pre["context_length"] == 77 and pre["interpolation"] == "bicubic"
+    assert vit["details"] == {"embed_dim": 32, "normalized": False, "architecture": "tiny-vit"}
+    assert vit["parity"]["text"]["min_cosine"] > 0.999 and vit["parity"]["image"]["simplified"] is True
+    assert vit["parity"]["image_int8"]["min_cosine"] > 0.99
+    assert set(vit["source"]["files"]) == {"open_clip_config.json", "open_clip_model.safetensors"}
+    assert {"torch", "open_clip_torch", "onnx", "onnxruntime", "onnxsim"} <= set(vit["tools"])
+
+
+def test_parity_gate_fails_the_stage_with_figures_and_writes_nothing(
+    tiny_specs: dict[str, str], tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    spec = tiny_specs["clip"].split(",")[0]
+    proc = run_cli("--models", spec, "--parity-atol", "1e-12", "--out", str(out), script="clip_export.py")
+    assert proc.returncode == 1
+    assert "onnxruntime differs from PyTorch: max abs diff" in proc.stderr and "allowed 1e-12" in proc.stderr
+    assert list(out.rglob("*")) == []
+
+
+def test_checkpoint_of_another_architecture_is_refused(tiny_sources: Path, tmp_path: Path) -> None:
+    ckpt = tiny_sources / "clip" / "tiny-vit" / "open_clip_model.safetensors"
+    proc = run_cli("--models", f"ViT-B-32@file:{ckpt}", "--out", str(tmp_path / "out"), script="clip_export.py")
+    assert proc.returncode == 1
+    assert "OpenCLIP could not load it" in proc.stderr and "belongs to this architecture" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").rglob("*")) == []
+
+
+@pytest.mark.slow
+def test_real_size_vit_b_32_exports_and_verifies(tmp_path: Path) -> None:
+    """ViT-B/32 at full size (random weights: no hub here) through the file-checkpoint path."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = open_clip.create_model("ViT-B-32")
+    ckpt = tmp_path / "vit-b-32.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, ckpt)
+    out = tmp_path / "models"
+    run_cli("download", "--clip-only", "--clip", f"ViT-B/32@file:{ckpt}", "--out", str(out), check=True)
+    manifest = json.loads((out / "model_manifest.json").read_text())
+    (entry,) = manifest["models"]
+    assert entry["name"] == "ViT-B_32" and (out / "onnx" / "clip_ViT-B_32_image_encoder.onnx").is_file()
+    assert entry["parity"]["image"]["nodes"] < entry["parity"]["image"]["nodes_before"]
+    assert entry["source"]["sha256"]
+    proc = run_cli("verify", str(out))
+    assert proc.returncode == 0, proc.stdout
