@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from modelbake.runtime.verify import verify
@@ -30,7 +31,7 @@ def test_verify_passes_on_a_fresh_tree(built_tree: Path) -> None:
     inference = [c for c in checks if c.what.startswith("inference")]
     assert len(inference) == 10  # 2 CLIP x (text + image) x (fp32 + int8), reranker, regressor
     replays = [c for c in checks if c.what.startswith("inputs")]
-    assert len(replays) == 8 and all("identical" in c.detail or "0.0e+00" in c.detail for c in replays)
+    assert len(replays) == 9 and all("identical" in c.detail or "0.0e+00" in c.detail for c in replays)
 
 
 @pytest.mark.parametrize(
@@ -63,3 +64,38 @@ def test_verify_cli_exit_codes(built_tree: Path, tmp_path: Path) -> None:
         [sys.executable, "-m", "modelbake.runtime", "verify", str(tmp_path)], capture_output=True, text=True
     )
     assert empty.returncode == 1 and "no manifest" in empty.stdout
+
+
+def test_open_models_gives_all_three_without_torch(built_tree: Path) -> None:
+    code = f"""
+import sys, numpy as np
+from modelbake.runtime.models import open_models
+models = open_models({str(built_tree)!r})
+clip = models.default_clip
+text = clip.encode_text(["a dog", "", "café 東京"])
+image = clip.encode_image([np.zeros((40, 50, 3), np.uint8)])
+scores = models.reranker.score("person walking a dog", ["a man walks his dog", "a red car"])
+ranked = models.reranker.rank("q", ["a", "b", "c"], top_k=2)
+deltas = models.regressor.predict(np.zeros((4, models.regressor.feature_dim), np.float32))
+print(sorted(models.clip), text.shape, image.shape, scores.shape, len(ranked), deltas.shape)
+print([m for m in ("torch", "open_clip", "transformers", "sentence_transformers") if m in sys.modules])
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["['tiny-rn', 'tiny-vit'] (3, 32) (1, 32) (2,) 2 (4, 2)", "[]"]
+
+
+def test_reranker_runtime_matches_sentence_transformers(built_tree: Path) -> None:
+    from sentence_transformers import CrossEncoder
+
+    from modelbake.runtime.reranker import Reranker
+
+    reranker = Reranker.from_folder(built_tree)
+    query = "who is walking the dog"
+    passages = ["a man is walking his dog", "", "dog " * 300, "café 東京 🚀", "people dance on the beach at night"]
+    expected = CrossEncoder(str(built_tree / "reranker" / "tiny-bert")).predict([(query, p) for p in passages])
+    got = reranker.score(query, passages)
+    np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert [i for i, _ in reranker.rank(query, passages)] == list(np.argsort(-expected, kind="stable"))
+    with pytest.raises(TypeError):
+        reranker.score("q", "not a list")  # type: ignore[arg-type]

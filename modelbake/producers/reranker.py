@@ -112,6 +112,7 @@ def cache_one(spec: RerankerSpec, root: Path, opset: int = DEFAULT_OPSET) -> dic
         dynamic_axes={n: {0: "batch", 1: "sequence"} for n in ("input_ids", "attention_mask", "token_type_ids")}
         | {"logits": {0: "batch"}},
         atol=1e-4,
+        raw_golden={"query": np.asarray([PROBE_QUERY]), "passages": np.asarray(PROBE_PASSAGES)},
     )
     onnx_path = root / ONNX_DIR / f"reranker_{spec.key}.onnx"
     golden_path = root / GOLDEN_DIR / f"{onnx_path.stem}.npz"

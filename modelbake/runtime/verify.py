@@ -38,6 +38,14 @@ def replay_inputs(
         ids = ClipTokenizer(resolve_inside(root, pre["tokenizer"]), pre["context_length"])(list(golden["raw:text"]))
         same = np.array_equal(ids, golden["input:input_ids"])
         return Check("", name, same, f"tokenizer ids {'identical' if same else 'DIFFER'} on {len(ids)} probe texts")
+    if "raw:passages" in golden:
+        from modelbake.runtime.reranker import Reranker
+
+        feeds = Reranker(root, model).encode(str(golden["raw:query"][0]), list(golden["raw:passages"]))
+        same = all(np.array_equal(feeds[k], golden[f"input:{k}"]) for k in feeds)
+        return Check(
+            "", name, same, f"pair encoding {'identical' if same else 'DIFFERS'} on {len(feeds['input_ids'])} pairs"
+        )
     images = [golden[k] for k in sorted(golden) if k.startswith("raw:image:")]
     if images:
         pixels = np.stack([preprocess_image(im, pre) for im in images])

@@ -1,0 +1,142 @@
+#!/usr/bin/env python3
+"""CLIP encoders: PyTorch eager vs onnxruntime variants, measured side by side in one process.
+
+For the image encoder (batch 1 and 16) and the text encoder (batch 1 and 32): equal thread counts,
+rounds interleaved (the order rotates each round), medians of per-call times. Prints, per variant, the
+speed-up over PyTorch (PyTorch time / variant time) and its parity (min cosine, max abs difference).
+
+Variants: fp32 as shipped (ORT_ENABLE_ALL), fp32 at ORT_ENABLE_BASIC, int8 per-channel (as shipped
+with CLIP_INT8=1), int8 per-tensor, and int8 per-channel after onnxruntime's quantisation
+pre-processing. The model is a full-size OpenCLIP architecture with random weights (no hub needed);
+`--arch` picks it.
+
+    python bench/clip_speed.py [--arch ViT-B-32] [--threads 2] [--rounds 7]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import open_clip
+import torch
+from onnxruntime.quantization import QuantType, quantize_dynamic
+from onnxruntime.quantization.shape_inference import quant_pre_process
+from safetensors.torch import save_file
+
+from modelbake.producers.clip import ClipOptions, run
+from modelbake.spec import clip_onnx_name, parse_clip
+
+
+def per_call(fn: Callable[[], object], calls: int) -> float:
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.min(np.sum(a * b, 1) / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))))
+
+
+def variants(fp32: Path, work: Path) -> dict[str, tuple[Path, ort.GraphOptimizationLevel]]:
+    all_opt, basic = ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    out = {"fp32": (fp32, all_opt), "fp32 basic-opt": (fp32, basic),
+           "int8 per-channel": (fp32.with_name(f"{fp32.stem}_int8.onnx"), all_opt)}  # fmt: skip
+    per_tensor = work / f"{fp32.stem}_int8_tensor.onnx"
+    quantize_dynamic(str(fp32), str(per_tensor), weight_type=QuantType.QInt8, per_channel=False)
+    out["int8 per-tensor"] = (per_tensor, all_opt)
+    prepped, pre_int8 = work / f"{fp32.stem}_prep.onnx", work / f"{fp32.stem}_prep_int8.onnx"
+    quant_pre_process(str(fp32), str(prepped), skip_symbolic_shape=True)
+    quantize_dynamic(str(prepped), str(pre_int8), weight_type=QuantType.QInt8, per_channel=True)
+    out["int8 pre-processed"] = (pre_int8, all_opt)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="ViT-B-32")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="clip-bench-"))
+
+    torch.manual_seed(0)
+    model = open_clip.create_model(args.arch).eval()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, work / "ckpt.safetensors")
+    spec = parse_clip(f"{args.arch}@file:{work / 'ckpt.safetensors'}")
+    print(f"exporting {args.arch} (fp32 + int8) ...", flush=True)
+    run([spec], work / "models", ClipOptions(int8=True))
+    tokenizer = open_clip.get_tokenizer(args.arch)
+    size = model.visual.image_size
+    size = size[0] if isinstance(size, tuple) else size
+    rng = np.random.default_rng(0)
+    words = [
+        "a",
+        "person",
+        "walks",
+        "a",
+        "small",
+        "dog",
+        "along",
+        "the",
+        "beach",
+        "while",
+        "the",
+        "sun",
+        "sets",
+        "over",
+        "the",
+        "sea",
+    ]
+
+    cases = []
+    for batch in (1, 16):
+        pixels = rng.normal(size=(batch, 3, size, size)).astype(np.float32)
+        cases.append(("image", batch, "pixel_values", pixels, model.encode_image))
+    for batch in (1, 32):
+        texts = [" ".join(rng.choice(words, rng.integers(3, 15))) for _ in range(batch)]
+        cases.append(("text", batch, "input_ids", tokenizer(texts).numpy(), model.encode_text))
+
+    print(f"torch {torch.__version__}, onnxruntime {ort.__version__}, {args.threads} threads, "
+          f"{args.rounds} interleaved rounds, medians")  # fmt: skip
+    print(f"{'encoder':<6} {'batch':>5} {'variant':<20} {'ms/call':>9} {'vs PyTorch':>11} {'min cos':>9} {'max|d|':>8}")
+    for tower, batch, input_name, x, torch_fn in cases:
+        fp32 = work / "models" / "onnx" / clip_onnx_name(spec.key, tower)
+        sessions = {}
+        for name, (path, level) in variants(fp32, work).items():
+            options = ort.SessionOptions()
+            options.intra_op_num_threads, options.inter_op_num_threads = args.threads, 1
+            options.graph_optimization_level = level
+            sessions[name] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        with torch.inference_mode():
+            reference = torch_fn(torch.from_numpy(x)).numpy()
+        calls: dict[str, Callable[[], object]] = {"pytorch": lambda f=torch_fn, x=x: f(torch.from_numpy(x))}
+        for name, sess in sessions.items():
+            calls[name] = lambda sess=sess, feeds={input_name: x}: sess.run(None, feeds)
+        n = max(1, int(0.5 / max(per_call(calls["pytorch"], 1), 1e-4)))  # about half a second per measurement
+        times: dict[str, list[float]] = {k: [] for k in calls}
+        names = list(calls)
+        with torch.inference_mode():
+            for r in range(args.rounds):
+                for name in names[r % len(names) :] + names[: r % len(names)]:
+                    times[name].append(per_call(calls[name], n))
+        base = statistics.median(times["pytorch"])
+        print(f"{tower:<6} {batch:>5} {'pytorch eager':<20} {base * 1e3:>9.2f} {'1.00x':>11} {'':>9} {'':>8}")
+        for name, sess in sessions.items():
+            t = statistics.median(times[name])
+            out = sess.run(None, {input_name: x})[0]
+            diff = float(np.max(np.abs(out - reference)))
+            cos = cosine(out, reference)
+            print(f"{'':<6} {'':>5} {name:<20} {t * 1e3:>9.2f} {base / t:>10.2f}x {cos:>9.5f} {diff:>8.1e}")
+
+
+if __name__ == "__main__":
+    main()
