@@ -11,6 +11,8 @@ variable "TORCH_INDEX_URL" { default = "https://download.pytorch.org/whl/cpu" }
 # Model selection (see README "Model specs").
 variable "CLIP_MODELS" { default = "ViT-B/32,ViT-B/16,RN50" }
 variable "RERANKER_MODELS" { default = "cross-encoder/ms-marco-MiniLM-L-6-v2" }
+variable "RERANKER_INT8" { default = "0" }
+variable "RERANKER_INT8_ATOL" { default = "0.02" }
 variable "CLIP_INT8" { default = "0" }
 variable "CLIP_KEEP_PYTORCH" { default = "0" }
 variable "CLIP_PARITY_ATOL" { default = "1e-3" }
@@ -54,6 +56,8 @@ target "_common" {
     CLIP_PARITY_MIN_COSINE = CLIP_PARITY_MIN_COSINE
     CLIP_INT8_MIN_COSINE   = CLIP_INT8_MIN_COSINE
     RERANKER_MODELS       = RERANKER_MODELS
+    RERANKER_INT8         = RERANKER_INT8
+    RERANKER_INT8_ATOL    = RERANKER_INT8_ATOL
     REGRESSOR_FEATURE_DIM = REGRESSOR_FEATURE_DIM
     REGRESSOR_SEED        = REGRESSOR_SEED
     REGRESSOR_EPOCHS      = REGRESSOR_EPOCHS

@@ -47,7 +47,7 @@ def _add_clip_options(p: argparse.ArgumentParser) -> None:
         "--int8",
         action="store_true",
         default=_env("CLIP_INT8", "0") == "1",
-        help="also write dynamic-int8 variants (*_int8.onnx), each gated on its own cosine",
+        help="also write dynamic-int8 variants (*_int8.onnx), each gated on its own parity (download: reranker too)",
     )
     p.add_argument(
         "--parity-atol",
@@ -75,7 +75,7 @@ def _cmd_clip(args: argparse.Namespace) -> int:
 def _cmd_reranker(args: argparse.Namespace) -> int:
     from modelbake.producers import reranker
 
-    reranker.run(parse_reranker_list(args.models), args.out, opset=args.opset)
+    reranker.run(parse_reranker_list(args.models), args.out, opset=args.opset, int8=args.int8, int8_atol=args.int8_atol)
     return 0
 
 
@@ -142,7 +142,7 @@ def _cmd_download(args: argparse.Namespace) -> int:
     if reranker_specs:
         from modelbake.producers import reranker
 
-        reranker.run(reranker_specs, args.out, opset=args.opset)
+        reranker.run(reranker_specs, args.out, opset=args.opset, int8=args.int8)
     if "regressor" in wanted:
         seed_args = argparse.Namespace(
             feature_dim=args.regressor_feature_dim,
@@ -190,6 +190,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reranker-cache", help="the reranker-cache stage: first loadable cross-encoder -> folder + ONNX")
     p.add_argument("--models", default=_env("RERANKER_MODELS", DEFAULT_RERANKER_MODELS), help="ordered fallback list")
+    p.add_argument(
+        "--int8",
+        action="store_true",
+        default=_env("RERANKER_INT8", "0") == "1",
+        help="also write a dynamic-int8 variant, gated on its scores and ranking",
+    )
+    p.add_argument("--int8-atol", type=float, default=float(_env("RERANKER_INT8_ATOL", "0.02")),
+                   help="max score difference of int8 against sentence-transformers (default 0.02)")  # fmt: skip
     _add_out(p)
     opset(p)
     p.set_defaults(func=_cmd_reranker)

@@ -51,6 +51,19 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+# (path, mtime_ns, size) -> sha256: loaders re-opening a folder (a service restart in-process, several
+# loaders over one tree) hash each file once. verify bypasses it.
+_HASHED: dict[tuple[str, int, int], str] = {}
+
+
+def sha256_cached(path: Path) -> str:
+    stat = path.stat()
+    key = (str(path), stat.st_mtime_ns, stat.st_size)
+    if key not in _HASHED:
+        _HASHED[key] = sha256_file(path)
+    return _HASHED[key]
+
+
 def resolve_inside(root: Path, relpath: str) -> Path:
     """The file ``relpath`` names under ``root``; refuses paths and symlinks that leave ``root``."""
     pure = PurePosixPath(relpath)
@@ -98,8 +111,11 @@ def write_fragment(root: Path, stage: str, models: list[dict[str, Any]]) -> Path
     return path
 
 
-def check_files(root: Path, models: Iterable[dict[str, Any]]) -> None:
-    """Every listed file exists inside ``root`` with the recorded size and sha256."""
+def check_files(root: Path, models: Iterable[dict[str, Any]], *, cached: bool = True) -> None:
+    """Every listed file exists inside ``root`` with the recorded size and sha256.
+
+    ``cached``: trust a digest computed earlier in this process for the same path, mtime and size.
+    """
     for model in models:
         for entry in model["files"]:
             path = resolve_inside(root, entry["path"])
@@ -111,7 +127,7 @@ def check_files(root: Path, models: Iterable[dict[str, Any]]) -> None:
                     f"{entry['path']}: size {size} bytes, manifest says {entry['bytes']}; "
                     "the file is truncated or replaced, rebuild or restore it"
                 )
-            actual = sha256_file(path)
+            actual = sha256_cached(path) if cached else sha256_file(path)
             if actual != entry["sha256"]:
                 raise ManifestError(
                     f"{entry['path']}: sha256 {actual} does not match the manifest's {entry['sha256']}; "
@@ -146,7 +162,7 @@ def merge_fragments(root: Path) -> dict[str, Any]:
                     f"{entry['path']}: written by {seen_paths[entry['path']]} and {model['name']}; names must be unique"
                 )
             seen_paths[entry["path"]] = model["name"]
-    check_files(root, models)
+    check_files(root, models, cached=False)
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "modelbake_version": __version__,

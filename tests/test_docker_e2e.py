@@ -60,6 +60,7 @@ def bake_env(tiny_sources: Path, tmp_path_factory: pytest.TempPathFactory) -> di
         "MODEL_SOURCES": str(tiny_sources),
         "CLIP_MODELS": "tiny-vit@dir:/sources/clip/tiny-vit,tiny-rn@dir:/sources/clip/tiny-rn",
         "CLIP_INT8": "1",
+        "RERANKER_INT8": "1",
         "RERANKER_MODELS": "tiny-bert@dir:/sources/reranker/tiny-bert",
         "REGRESSOR_EPOCHS": "3",
         "TAG": TAG,
@@ -92,7 +93,7 @@ def test_bake_print_resolves_every_stage(bake_env: dict[str, str]) -> None:
 
 
 def test_runtime_verifies_with_no_network(baked: dict[str, str]) -> None:
-    proc = _run(IMAGE)
+    proc = _run("--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges", IMAGE)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "FAIL" not in proc.stdout
     for onnx in (
@@ -100,6 +101,7 @@ def test_runtime_verifies_with_no_network(baked: dict[str, str]) -> None:
         "clip_tiny-vit_image_encoder.onnx",
         "clip_tiny-rn_image_encoder.onnx",
         "clip_tiny-rn_image_encoder_int8.onnx",
+        "reranker_tiny-bert_int8.onnx",
         "reranker_tiny-bert.onnx",
         "boundary_regressor.onnx",
     ):
@@ -112,6 +114,9 @@ def test_runtime_has_no_torch(baked: dict[str, str]) -> None:
         assert proc.returncode != 0 and "No module named" in proc.stderr, module
     proc = _run("--entrypoint", "python", IMAGE, "-c", "import onnxruntime, numpy, tokenizers, PIL; print('ok')")
     assert proc.stdout.strip() == "ok", proc.stderr
+    # No build tools or package caches either.
+    proc = _run("--entrypoint", "sh", IMAGE, "-c", "command -v pip gcc cc; ls /root/.cache 2>/dev/null; true")
+    assert proc.stdout.strip() == "", proc.stdout
 
 
 def test_runtime_is_non_root_and_models_are_read_only(baked: dict[str, str]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
@@ -99,3 +100,38 @@ def test_reranker_runtime_matches_sentence_transformers(built_tree: Path) -> Non
     assert [i for i, _ in reranker.rank(query, passages)] == list(np.argsort(-expected, kind="stable"))
     with pytest.raises(TypeError):
         reranker.score("q", "not a list")  # type: ignore[arg-type]
+
+
+def test_every_artifact_flipped_or_truncated_is_caught_by_load_and_verify(built_tree: Path, tmp_path: Path) -> None:
+    from modelbake.manifest import ManifestError, read_manifest
+    from modelbake.runtime.models import open_models
+
+    root = tmp_path / "m"
+    shutil.copytree(built_tree, root)
+    paths = [f["path"] for m in read_manifest(root)["models"] for f in m["files"]]
+    assert len(paths) > 20
+    for rel in paths:
+        original = (root / rel).read_bytes()
+        for damaged in (original[:-1], original[:7] + bytes([original[7] ^ 0x20]) + original[8:]):
+            (root / rel).write_bytes(damaged)
+            with pytest.raises(ManifestError, match=re.escape(rel)):
+                open_models(root)
+            failed = [c for c in verify(root) if not c.ok]
+            assert failed and rel in failed[0].detail, (rel, failed)
+        (root / rel).write_bytes(original)
+    assert all(c.ok for c in verify(root))
+
+
+def test_missing_file_and_empty_folder(built_tree: Path, tmp_path: Path) -> None:
+    from modelbake.manifest import ManifestError
+    from modelbake.runtime.models import open_models
+
+    root = tmp_path / "m"
+    shutil.copytree(built_tree, root)
+    (root / "onnx" / "boundary_regressor.onnx").unlink()
+    with pytest.raises(
+        ManifestError, match=re.escape("onnx/boundary_regressor.onnx: listed for model boundary_regressor but missing")
+    ):
+        open_models(root)
+    with pytest.raises(ManifestError, match="no manifest"):
+        open_models(tmp_path / "empty")

@@ -14,7 +14,13 @@ import torch
 
 from modelbake.manifest import file_entry, write_fragment
 from modelbake.producers.common import ProducerError, log, staged_output, tool_versions
-from modelbake.producers.onnx_export import DEFAULT_OPSET, OnnxExport, export_and_validate, session
+from modelbake.producers.onnx_export import (
+    DEFAULT_OPSET,
+    OnnxExport,
+    export_and_validate,
+    quantize_and_validate,
+    session,
+)
 from modelbake.spec import GOLDEN_DIR, ONNX_DIR, RERANKER_DIR, RerankerSpec
 
 STAGE = "reranker-cache"
@@ -83,7 +89,34 @@ def _tokenize(ce: Any, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
     return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
 
 
-def cache_one(spec: RerankerSpec, root: Path, opset: int = DEFAULT_OPSET) -> dict[str, Any]:
+def _score_gate(onnx_path: Path, feeds: dict[str, np.ndarray], st_scores: np.ndarray, activation: str,
+                atol: float) -> dict[str, Any]:  # fmt: skip
+    """The score contract: sentence-transformers' predict, reproduced from the ONNX logits.
+
+    Scores must agree within ``atol``, and every two passages whose reference scores differ by more
+    than ``2 * atol`` must keep their order (passages the model itself cannot tell apart may swap).
+    """
+    logits = session(onnx_path).run(["logits"], feeds)[0]
+    scores = (1 / (1 + np.exp(-logits)) if activation == "sigmoid" else logits).reshape(st_scores.shape)
+    gap = st_scores[:, None] - st_scores[None, :]
+    flipped = (gap > 2 * atol) & (scores[:, None] - scores[None, :] <= 0)
+    ranks = [np.argsort(np.argsort(-s, kind="stable")) for s in (scores, st_scores)]
+    spearman = float(np.corrcoef(*ranks)[0, 1]) if len(scores) > 1 else 1.0
+    figures = {
+        "score_max_abs_diff": float(np.max(np.abs(scores - st_scores))),
+        "same_ranking": bool(np.array_equal(np.argsort(-scores, kind="stable"), np.argsort(-st_scores, kind="stable"))),
+        "rank_correlation": spearman,
+        "order_violations": int(flipped.sum()),
+    }
+    if figures["score_max_abs_diff"] > atol or figures["order_violations"]:
+        raise ProducerError(
+            f"{onnx_path.name}: ONNX scores differ from sentence-transformers beyond {atol:g}: {figures}"
+        )
+    return figures
+
+
+def cache_one(spec: RerankerSpec, root: Path, opset: int = DEFAULT_OPSET, int8: bool = False,
+              int8_atol: float = 0.02) -> dict[str, Any]:  # fmt: skip
     from sentence_transformers import CrossEncoder
 
     path, source = _fetch(spec, root)
@@ -117,22 +150,28 @@ def cache_one(spec: RerankerSpec, root: Path, opset: int = DEFAULT_OPSET) -> dic
     onnx_path = root / ONNX_DIR / f"reranker_{spec.key}.onnx"
     golden_path = root / GOLDEN_DIR / f"{onnx_path.stem}.npz"
     entry, parity = export_and_validate(export, onnx_path, golden_path, root, opset)
-    # The score contract: what sentence-transformers' predict returns, reproduced from the ONNX logits.
     feeds = {k: v.numpy() for k, v in export.probe.items()}
-    logits = session(onnx_path).run(["logits"], feeds)[0]
-    onnx_scores = 1 / (1 + np.exp(-logits)) if activation == "sigmoid" else logits
     st_scores = np.asarray(ce.predict(pairs))
-    onnx_scores = onnx_scores.reshape(st_scores.shape)
-    parity["score_max_abs_diff"] = float(np.max(np.abs(onnx_scores - st_scores)))
-    parity["same_ranking"] = bool((np.argsort(-onnx_scores) == np.argsort(-st_scores)).all())
-    if parity["score_max_abs_diff"] > 1e-4 or not parity["same_ranking"]:
-        raise ProducerError(f"{spec.text!r}: ONNX scores differ from sentence-transformers: {parity}")
+    parity.update(_score_gate(onnx_path, feeds, st_scores, activation, 1e-4))
+    variants = [entry, file_entry(root, golden_path, role="reranker_golden", fmt="npz")]
+    parities = {"fp32": parity}
+    if int8:
+        int8_path = onnx_path.with_name(f"{onnx_path.stem}_int8.onnx")
+        int8_golden = root / GOLDEN_DIR / f"{int8_path.stem}.npz"
+        # Logits are (n, 1): cosine says nothing there, the score gate below is the int8 gate.
+        int8_entry, figures = quantize_and_validate(
+            export, onnx_path, int8_path, int8_golden, root, min_cosine=-1.0, opset=opset
+        )
+        figures.update(_score_gate(int8_path, feeds, st_scores, activation, int8_atol))
+        int8_entry["role"] = "reranker_int8"
+        variants += [int8_entry, file_entry(root, int8_golden, role="reranker_int8_golden", fmt="npz")]
+        parities["int8"] = figures
     files = [
         file_entry(root, p, role="hf_model_file", fmt="json" if p.suffix == ".json" else "other")
         for p in sorted(dest.rglob("*"))
         if p.is_file()
     ]
-    files += [entry, file_entry(root, golden_path, role="reranker_golden", fmt="npz")]
+    files += variants
     return {
         "name": spec.key,
         "kind": "reranker",
@@ -147,18 +186,19 @@ def cache_one(spec: RerankerSpec, root: Path, opset: int = DEFAULT_OPSET) -> dic
             "pair_order": ["query", "passage"],
             "truncation_side": ce.tokenizer.truncation_side,
         },
-        "parity": parity,
+        "parity": parities,
         "details": {"activation": activation, "num_labels": int(ce.num_labels)},
     }
 
 
-def run(specs: list[RerankerSpec], out_root: Path, opset: int = DEFAULT_OPSET) -> list[dict[str, Any]]:
+def run(specs: list[RerankerSpec], out_root: Path, opset: int = DEFAULT_OPSET, int8: bool = False,
+        int8_atol: float = 0.02) -> list[dict[str, Any]]:  # fmt: skip
     """The reranker-cache stage: the first candidate that works wins; the manifest says why others failed."""
     failures: list[str] = []
     for spec in specs:
         try:
             with staged_output(out_root) as staging:
-                model = cache_one(spec, staging, opset)
+                model = cache_one(spec, staging, opset, int8, int8_atol)
                 if failures:
                     model["notes"] = [f"fallback: {f}" for f in failures]
                 write_fragment(staging, STAGE, [model])

@@ -14,13 +14,18 @@ INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 
 
 class Reranker:
-    def __init__(self, folder: Path, model: dict[str, Any], *, threads: int | None = None) -> None:
+    def __init__(self, folder: Path, model: dict[str, Any], *, int8: bool = False, threads: int | None = None) -> None:
         import onnxruntime as ort
         from tokenizers import Tokenizer
 
         self.name = model["name"]
         self.contract = {**model["preprocessing"], **model["details"]}
-        entry = next(f for f in model["files"] if f["role"] == "reranker")
+        role = "reranker_int8" if int8 else "reranker"
+        entry = next((f for f in model["files"] if f["role"] == role), None)
+        if entry is None:
+            raise FileNotFoundError(
+                f"reranker {self.name}: no {role} file in the manifest (build with RERANKER_INT8=1)"
+            )
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads

