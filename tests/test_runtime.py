@@ -30,9 +30,9 @@ def test_verify_passes_on_a_fresh_tree(built_tree: Path) -> None:
     checks = verify(built_tree)
     assert all(c.ok for c in checks), [c for c in checks if not c.ok]
     inference = [c for c in checks if c.what.startswith("inference")]
-    assert len(inference) == 10  # 2 CLIP x (text + image) x (fp32 + int8), reranker, regressor
+    assert len(inference) == 11  # 2 CLIP x (text + image) x (fp32 + int8), reranker x 2, regressor
     replays = [c for c in checks if c.what.startswith("inputs")]
-    assert len(replays) == 9 and all("identical" in c.detail or "0.0e+00" in c.detail for c in replays)
+    assert len(replays) == 10 and all("identical" in c.detail or "0.0e+00" in c.detail for c in replays)
 
 
 @pytest.mark.parametrize(
