@@ -48,7 +48,6 @@ class OnnxExport:
     dynamic_axes: dict[str, dict[int, str]]
     atol: float
     min_cosine: float = 0.999
-    simplify: bool = True
     details: dict[str, Any] = field(default_factory=dict)
     # Raw inputs (texts, images) stored with the golden file, so the runtime can replay its own
     # tokenizer / preprocessing too: written as ``raw:<name>``.
