@@ -143,3 +143,15 @@ def test_real_size_vit_b_32_exports_and_verifies(tmp_path: Path) -> None:
     assert entry["source"]["sha256"]
     proc = run_cli("verify", str(out))
     assert proc.returncode == 0, proc.stdout
+
+
+def test_pytorch_weights_are_kept_only_when_asked(tiny_specs: dict[str, str], tmp_path: Path) -> None:
+    spec = tiny_specs["clip"].split(",")[0]
+    run_cli("--models", spec, "--out", str(tmp_path / "plain"), script="clip_export.py", check=True)
+    assert not (tmp_path / "plain" / "clip" / "tiny-vit" / "open_clip_model.safetensors").exists()
+    run_cli("--models", spec, "--keep-pytorch", "--out", str(tmp_path / "kept"), script="clip_export.py", check=True)
+    weights = tmp_path / "kept" / "clip" / "tiny-vit" / "open_clip_model.safetensors"
+    fragment = json.loads((tmp_path / "kept" / ".manifest.d" / "clip-export.json").read_text())
+    assert weights.is_file() and "clip/tiny-vit/open_clip_model.safetensors" in {
+        f["path"] for f in fragment["models"][0]["files"]
+    }
