@@ -23,4 +23,5 @@ fi
 
 "$venv/bin/ruff" check .
 "$venv/bin/ruff" format --check .
+"$venv/bin/hadolint" Dockerfile.models
 exec "$venv/bin/python" -m pytest -ra "$@"

@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -127,7 +128,7 @@ def test_runtime_is_non_root_and_models_are_read_only(baked: dict[str, str]) -> 
     proc = _run("--entrypoint", "sh", IMAGE, "-c", "touch /models/x || echo refused")
     assert "refused" in proc.stdout
     config = json.loads(_docker("image", "inspect", IMAGE).stdout)[0]["Config"]
-    assert config["User"] == "modelbake"
+    assert config["User"] == f"{UID}:{UID}"
     assert {"HF_HUB_OFFLINE=1", "TRANSFORMERS_OFFLINE=1", "MODELBAKE_MODELS=/models"} <= set(config["Env"])
     assert config["Healthcheck"]["Test"][-2:] == ["--quick", "/models"]
 
@@ -189,3 +190,13 @@ def test_a_reranker_change_reruns_only_its_stage(baked: dict[str, str], tmp_path
     manifest = json.loads((tmp_path / "out" / "model_manifest.json").read_text())
     (reranker,) = [m for m in manifest["models"] if m["kind"] == "reranker"]
     assert any(missing in note for note in reranker["notes"])
+
+
+def test_container_structure(baked: dict[str, str]) -> None:
+    binary = shutil.which("container-structure-test") or str(Path(sys.executable).parent / "container-structure-test")
+    if not Path(binary).exists():
+        _missing("container-structure-test is not installed (build/requirements-dev.txt)")
+    proc = subprocess.run([binary, "test", "--image", IMAGE, "--config", str(REPO / "docker" / "structure-test.yaml")],
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert "FAIL" not in proc.stdout
