@@ -54,10 +54,9 @@ def replay_inputs(
     return None
 
 
-def run_golden(root: Path, entry: dict[str, Any]) -> Check:
+def run_golden(root: Path, entry: dict[str, Any], golden: dict[str, np.ndarray]) -> Check:
     import onnxruntime as ort
 
-    golden = _load_npz(resolve_inside(root, entry["golden"]))
     feeds = {k.removeprefix("input:"): v for k, v in golden.items() if k.startswith("input:")}
     expected = {k.removeprefix("output:"): v for k, v in golden.items() if k.startswith("output:")}
     sess = ort.InferenceSession(str(resolve_inside(root, entry["path"])), providers=["CPUExecutionProvider"])
@@ -103,19 +102,15 @@ def verify(root: Path, *, quick: bool = False) -> list[Check]:
         for entry in model["files"]:
             if "golden" not in entry:
                 continue
+            file_name = Path(entry["path"]).name
             try:
-                check = run_golden(root, entry)
+                golden = _load_npz(resolve_inside(root, entry["golden"]))
+                found = [run_golden(root, entry, golden), replay_inputs(root, model, entry, golden)]
             except Exception as exc:  # a corrupt model must show up in the table, not as a traceback
-                check = Check("", f"inference {Path(entry['path']).name}", False, f"{type(exc).__name__}: {exc}")
-            check.model = name
-            checks.append(check)
-            try:
-                replay = replay_inputs(root, model, entry, _load_npz(resolve_inside(root, entry["golden"])))
-            except Exception as exc:
-                replay = Check("", f"inputs {Path(entry['path']).name}", False, f"{type(exc).__name__}: {exc}")
-            if replay is not None:
-                replay.model = name
-                checks.append(replay)
+                found = [Check("", f"inference {file_name}", False, f"{type(exc).__name__}: {exc}")]
+            for check in filter(None, found):
+                check.model = name
+                checks.append(check)
     return checks
 
 
