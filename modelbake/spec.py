@@ -161,6 +161,10 @@ def clip_onnx_name(key: str, tower: str) -> str:
     return f"clip_{key}_{tower}_encoder.onnx"
 
 
+# OpenAI CLIP's image normalisation: what the original system's services assumed without a manifest.
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
 CLIP_ONNX_PATTERN = re.compile(r"^clip_(?P<key>.+)_(?P<tower>text|image)_encoder\.onnx$")
 
 # Folders of the model tree (relative to the models root) and the manifest's name.

@@ -155,3 +155,20 @@ def test_pytorch_weights_are_kept_only_when_asked(tiny_specs: dict[str, str], tm
     assert weights.is_file() and "clip/tiny-vit/open_clip_model.safetensors" in {
         f["path"] for f in fragment["models"][0]["files"]
     }
+
+
+def test_folder_without_manifest_is_detected_by_file_names(built_tree: Path, tmp_path: Path) -> None:
+    import shutil
+
+    (tmp_path / "onnx").mkdir()
+    for tower in ("text", "image"):
+        shutil.copy(built_tree / "onnx" / f"clip_tiny-vit_{tower}_encoder.onnx", tmp_path / "onnx")
+    (tmp_path / "clip" / "tiny-vit").mkdir(parents=True)
+    shutil.copy(built_tree / "clip" / "tiny-vit" / "tokenizer.json", tmp_path / "clip" / "tiny-vit")
+    detected, listed = ClipEncoder.from_folder(tmp_path), ClipEncoder.from_folder(built_tree, "tiny-vit")
+    assert detected.name == "tiny-vit"
+    texts, images = ["a dog", "", "café"], [np.full((20, 30, 3), 7, np.uint8), np.zeros((64, 48), np.uint8)]
+    np.testing.assert_array_equal(detected.encode_text(texts), listed.encode_text(texts))
+    np.testing.assert_array_equal(detected.encode_image(images), listed.encode_image(images))
+    with pytest.raises(LookupError, match=r"no manifest .* and no clip_<model>_text_encoder\.onnx"):
+        ClipEncoder.from_folder(tmp_path, "ViT-B_32")

@@ -130,9 +130,15 @@ class ClipEncoder:
 
     @classmethod
     def from_folder(cls, folder: Path, name: str | None = None, **kwargs: Any) -> ClipEncoder:
-        """The CLIP model ``name`` (default: the first listed) of the tree at ``folder``, files checked."""
-        from modelbake.manifest import check_files, read_manifest
+        """The CLIP model ``name`` (default: the first listed) of the tree at ``folder``, files checked.
 
+        A folder without a manifest is searched as the original services did (see :func:`detect`).
+        """
+        from modelbake.manifest import check_files, read_manifest
+        from modelbake.spec import MANIFEST_NAME
+
+        if not (folder / MANIFEST_NAME).is_file():
+            return cls(folder, detect(folder, name), **kwargs)
         models = [m for m in read_manifest(folder)["models"] if m["kind"] == "clip"]
         chosen = [m for m in models if name in (None, m["name"])]
         if not chosen:
@@ -161,3 +167,51 @@ class ClipEncoder:
             pixels = np.stack([preprocess_image(im, self.preprocessing) for im in images[i : i + batch_size]])
             out.append(self.sessions["image"].run(None, {"pixel_values": pixels})[0])
         return self._normalise(np.concatenate(out) if out else np.zeros((0, 0), np.float32), normalize)
+
+
+def detect(folder: Path, name: str | None = None) -> dict[str, Any]:
+    """A model entry for ONNX files found by the original naming convention, without a manifest.
+
+    ``clip_<model>_{text,image}_encoder.onnx`` in ``folder/onnx/`` or ``folder``; the image size and
+    context length come from the graphs' input shapes, mean/std are OpenAI's, the tokenizer is
+    ``clip/<model>/tokenizer.json`` when present. Nothing is verified: there are no digests to check.
+    """
+    import logging
+
+    import onnxruntime as ort
+
+    from modelbake.spec import CLIP_DIR, CLIP_ONNX_PATTERN, ONNX_DIR, OPENAI_MEAN, OPENAI_STD
+
+    found: dict[str, dict[str, Path]] = {}
+    for directory in (folder / ONNX_DIR, folder):
+        for path in sorted(directory.glob("clip_*_encoder.onnx")):
+            match = CLIP_ONNX_PATTERN.match(path.name)
+            if match:
+                found.setdefault(match["key"], {}).setdefault(match["tower"], path)
+    pairs = {key: towers for key, towers in found.items() if set(towers) == {"text", "image"}}
+    if name is not None:
+        pairs = {key: towers for key, towers in pairs.items() if key == name}
+    if not pairs:
+        raise LookupError(
+            f"no manifest in {folder} and no clip_<model>_text_encoder.onnx + clip_<model>_image_encoder.onnx pair"
+            + (f" for {name!r}" if name else "")
+            + "; build the models with modelbake or point at the folder holding them"
+        )
+    key, towers = next(iter(sorted(pairs.items())))
+    sessions = {t: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for t, p in towers.items()}
+    height, width = sessions["image"].get_inputs()[0].shape[2:]
+    tokenizer = folder / CLIP_DIR / key / "tokenizer.json"
+    logging.getLogger("modelbake").warning("CLIP %s: no manifest in %s, files are not verified", key, folder)
+    return {
+        "name": key,
+        "files": [{"role": f"{t}_encoder", "path": p.relative_to(folder).as_posix()} for t, p in towers.items()],
+        "preprocessing": {
+            "image_size": [int(height), int(width)],
+            "mean": list(OPENAI_MEAN),
+            "std": list(OPENAI_STD),
+            "interpolation": "bicubic",
+            "resize_mode": "shortest",
+            "context_length": int(sessions["text"].get_inputs()[0].shape[1]),
+            "tokenizer": tokenizer.relative_to(folder).as_posix() if tokenizer.is_file() else None,
+        },
+    }

@@ -9,6 +9,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from modelbake.spec import OPENAI_MEAN, OPENAI_STD
+
 _TINY_TEXT = {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}
 TINY_CLIP_CFGS = {
     # A ViT (class-token pooling) and a ResNet (attention pooling, as RN50), both with the real tokenizer.
@@ -23,8 +25,6 @@ TINY_CLIP_CFGS = {
         "text_cfg": _TINY_TEXT,
     },
 }
-OPENAI_MEAN = [0.48145466, 0.4578275, 0.40821073]
-OPENAI_STD = [0.26862954, 0.26130258, 0.27577711]
 
 # A WordPiece vocabulary written by hand: enough words for probe queries and passages.
 _WORDS = [
@@ -118,7 +118,7 @@ def make_tiny_clip(dest: Path, arch: str = "tiny-vit", seed: int = 0) -> Path:
     torch.manual_seed(seed)
     model = CLIP(**TINY_CLIP_CFGS[arch])
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, dest / "open_clip_model.safetensors")
-    config = {"model_cfg": TINY_CLIP_CFGS[arch], "preprocess_cfg": {"mean": OPENAI_MEAN, "std": OPENAI_STD}}
+    config = {"model_cfg": TINY_CLIP_CFGS[arch], "preprocess_cfg": {"mean": list(OPENAI_MEAN), "std": list(OPENAI_STD)}}
     (dest / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return dest
 
