@@ -8,10 +8,12 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import subprocess
 import sys
 from pathlib import Path
 
 from modelbake import __version__
+from modelbake.bake import BakeError
 from modelbake.manifest import ManifestError
 from modelbake.producers.common import ProducerError  # stdlib only: keeps this CLI torch-free
 from modelbake.spec import DEFAULT_CLIP_MODELS, DEFAULT_RERANKER_MODELS, SpecError, parse_clip_list, parse_reranker_list
@@ -164,6 +166,41 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return runtime_main(["verify", str(args.folder), *(["--quick"] if args.quick else [])])
 
 
+def _cmd_bake(args: argparse.Namespace) -> int:
+    import shlex
+
+    from modelbake.bake import Selection, bake, command
+
+    selection = Selection.from_file(args.config) if args.config else Selection()
+    if args.clip:
+        selection.clip = args.clip.split(",")
+    if args.reranker:
+        selection.reranker = args.reranker.split(",")
+    selection.clip_int8 = selection.clip_int8 or args.clip_int8
+    selection.reranker_int8 = selection.reranker_int8 or args.reranker_int8
+    variables = selection.variables()  # every spec checked before anything runs
+    targets = args.targets or ["runtime"]
+    if args.dry_run or args.print:
+        cmd = command(targets, args.set, print_only=args.print)
+        line = " ".join(f"{k}={shlex.quote(v)}" for k, v in variables.items()) + " " + shlex.join(cmd)
+        if args.dry_run:
+            print(line)
+            return 0
+        return subprocess.run(cmd, env={**os.environ, **variables}).returncode
+    result = bake(selection, targets, overrides=args.set, inspect=not args.no_inspect)
+    if result.image:
+        models = ", ".join(f"{m['kind']}:{m['name']}" for m in (result.manifest or {}).get("models", []))
+        print(f"image      {result.image}  {result.image_size / 1e6:.0f} MB")
+        print(f"models     {models}")
+        for key in sorted(result.labels):
+            print(f"label      {key}={result.labels[key]}")
+        print(f"verify     {'passed' if result.verify_ok else 'FAILED'} in a container with no network")
+        if not result.verify_ok:
+            print(result.verify_output, file=sys.stderr)
+            return 1
+    return 0
+
+
 def _cmd_tiny(args: argparse.Namespace) -> int:
     from modelbake.sources.tiny import make_tiny_sources
 
@@ -252,6 +289,19 @@ def build_parser() -> argparse.ArgumentParser:
     opset(p)
     p.set_defaults(func=_cmd_download)
 
+    p = sub.add_parser("bake", help="check a model selection, run docker buildx bake, inspect the image")
+    p.add_argument("targets", nargs="*", help="bake targets or groups (default: runtime)")
+    p.add_argument("--config", type=Path, help="a TOML selection file (clip, reranker, clip_int8, [regressor])")
+    p.add_argument("--clip", help="comma-separated CLIP specs (overrides the file)")
+    p.add_argument("--reranker", help="comma-separated reranker fallback list (overrides the file)")
+    p.add_argument("--clip-int8", action="store_true", help="also ship CLIP int8 variants")
+    p.add_argument("--reranker-int8", action="store_true", help="also ship the reranker's int8 variant")
+    p.add_argument("--set", action="append", default=[], metavar="TARGET.KEY=VALUE", help="passed to bake --set")
+    p.add_argument("--print", action="store_true", help="show the resolved plan (bake --print)")
+    p.add_argument("--dry-run", action="store_true", help="print the exact command and its variables, run nothing")
+    p.add_argument("--no-inspect", action="store_true", help="skip the image inspection and verify run")
+    p.set_defaults(func=_cmd_bake)
+
     p = sub.add_parser("verify", help="re-hash a model tree and run every model on its golden inputs")
     p.add_argument("folder", nargs="?", type=Path, default=Path(_env("MODELBAKE_MODELS", "models")))
     p.add_argument("--quick", action="store_true", help="sizes only: the cheap health check")
@@ -276,7 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
         return args.func(args)
-    except (SpecError, ManifestError, ProducerError) as exc:
+    except (SpecError, ManifestError, ProducerError, BakeError) as exc:
         # One line naming the problem and the fix; a traceback only with --verbose.
         log.debug("traceback", exc_info=True)
         print(f"modelbake {args.command}: error: {exc}", file=sys.stderr)

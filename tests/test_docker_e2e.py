@@ -200,3 +200,17 @@ def test_container_structure(baked: dict[str, str]) -> None:
                           capture_output=True, text=True, timeout=600)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "FAIL" not in proc.stdout
+
+
+def test_bake_driver_builds_inspects_and_verifies(baked: dict[str, str]) -> None:
+    env = {k: v for k, v in baked.items() if k not in ("CLIP_MODELS", "RERANKER_MODELS")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "modelbake.cli", "bake", "runtime", "--clip", baked["CLIP_MODELS"],
+         "--reranker", baked["RERANKER_MODELS"], "--clip-int8", "--reranker-int8"],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=1800,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"image      {IMAGE}" in proc.stdout
+    assert "models     clip:tiny-rn, clip:tiny-vit, regressor:boundary_regressor, reranker:tiny-bert" in proc.stdout
+    assert "label      org.opencontainers.image.title=modelbake" in proc.stdout
+    assert "verify     passed in a container with no network" in proc.stdout

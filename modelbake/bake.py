@@ -1,0 +1,169 @@
+"""The bake driver: a model selection -> checked bake variables -> ``docker buildx bake`` -> inspection.
+
+Host side and torch-free. CLIP names are checked against OpenCLIP's model configs when open_clip is
+installed (its files are read, the package is not imported), so a typo fails before any build.
+
+Python API::
+
+    from modelbake.bake import Selection, bake
+    result = bake(Selection(clip=["ViT-B/32", "RN50"]), targets=["runtime"])
+    print(result.image_size, result.verify_output)
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import os
+import shutil
+import subprocess
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from modelbake.spec import (
+    DEFAULT_CLIP_MODELS,
+    DEFAULT_RERANKER_MODELS,
+    SpecError,
+    parse_clip_list,
+    parse_reranker_list,
+)
+
+
+class BakeError(Exception):
+    """The build cannot start or did not succeed; the message names the fix."""
+
+
+@dataclass
+class Selection:
+    """What to bake; every field maps to one variable of docker-bake.hcl."""
+
+    # Defaults as in docker-bake.hcl: the environment's CLIP_MODELS / RERANKER_MODELS, else the seed's.
+    clip: list[str] = field(default_factory=lambda: os.environ.get("CLIP_MODELS", DEFAULT_CLIP_MODELS).split(","))
+    reranker: list[str] = field(
+        default_factory=lambda: os.environ.get("RERANKER_MODELS", DEFAULT_RERANKER_MODELS).split(",")
+    )
+    clip_int8: bool = False
+    reranker_int8: bool = False
+    regressor_feature_dim: str = field(default_factory=lambda: os.environ.get("REGRESSOR_FEATURE_DIM", "auto"))
+    regressor_seed: int = field(default_factory=lambda: int(os.environ.get("REGRESSOR_SEED", "0")))
+    regressor_epochs: int = field(default_factory=lambda: int(os.environ.get("REGRESSOR_EPOCHS", "20")))
+
+    @classmethod
+    def from_file(cls, path: Path) -> Selection:
+        """A TOML file: ``clip = ["ViT-B/32"]``, ``reranker = [...]``, ``clip_int8 = true``, ``[regressor]``."""
+        try:
+            doc = tomllib.loads(path.read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise SpecError(f"{path}: cannot read the selection ({exc})") from exc
+        regressor = doc.pop("regressor", {})
+        known = {"clip", "reranker", "clip_int8", "reranker_int8"}
+        unknown = set(doc) - known | {f"regressor.{k}" for k in set(regressor) - {"feature_dim", "seed", "epochs"}}
+        if unknown:
+            raise SpecError(f"{path}: unknown keys {sorted(unknown)}; known: {sorted(known)} and [regressor]")
+        selection = cls(**doc)
+        for key in ("feature_dim", "seed", "epochs"):
+            if key in regressor:
+                setattr(selection, f"regressor_{key}", str(regressor[key]) if key == "feature_dim" else regressor[key])
+        return selection
+
+    def variables(self) -> dict[str, str]:
+        """The bake variables, after checking every spec (raises SpecError with suggestions)."""
+        clip = parse_clip_list(",".join(self.clip))
+        parse_reranker_list(",".join(self.reranker))
+        known = openclip_architectures()
+        for spec in clip:  # tags are checked by the stage itself, before any download
+            from_folder = spec.local is not None and spec.local.kind == "dir"
+            if known and not from_folder and spec.arch not in known:
+                close = difflib.get_close_matches(spec.arch, sorted(known), n=5, cutoff=0.5)
+                raise SpecError(f"{spec.text!r}: unknown OpenCLIP architecture; close names: {', '.join(close)}")
+        return {
+            "CLIP_MODELS": ",".join(s.text for s in clip),
+            "RERANKER_MODELS": ",".join(self.reranker),
+            "CLIP_INT8": "1" if self.clip_int8 else "0",
+            "RERANKER_INT8": "1" if self.reranker_int8 else "0",
+            "REGRESSOR_FEATURE_DIM": str(self.regressor_feature_dim),
+            "REGRESSOR_SEED": str(self.regressor_seed),
+            "REGRESSOR_EPOCHS": str(self.regressor_epochs),
+        }
+
+
+def openclip_architectures() -> set[str]:
+    """OpenCLIP's architecture names from its model_configs/ folder, without importing open_clip (torch)."""
+    spec = importlib.util.find_spec("open_clip")
+    if spec is None or not spec.origin:
+        return set()
+    return {p.stem for p in (Path(spec.origin).parent / "model_configs").glob("*.json")}
+
+
+def command(targets: list[str], overrides: list[str], *, print_only: bool = False, progress: str = "auto") -> list[str]:
+    cmd = ["docker", "buildx", "bake", f"--progress={progress}", *targets]
+    for item in overrides:
+        cmd += ["--set", item]
+    return [*cmd, "--print"] if print_only else cmd
+
+
+def preflight() -> Any:
+    """A Docker SDK client, or a BakeError naming what is missing and how to get it."""
+    if shutil.which("docker") is None:
+        raise BakeError("no docker client on PATH; install Docker (tests/run.sh sets one up on Debian 12)")
+    if subprocess.run(["docker", "buildx", "version"], capture_output=True).returncode != 0:
+        raise BakeError("the buildx plugin is missing; install docker-buildx (or docker/setup-engine.sh)")
+    import docker
+
+    try:
+        client = docker.from_env()
+        client.ping()
+    except Exception as exc:
+        where = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+        raise BakeError(f"no Docker engine answers at {where} ({type(exc).__name__}); start dockerd") from exc
+    return client
+
+
+@dataclass
+class BakeResult:
+    command: list[str]
+    image: str | None = None
+    image_size: int | None = None
+    labels: dict[str, str] = field(default_factory=dict)
+    manifest: dict[str, Any] | None = None
+    verify_output: str = ""
+    verify_ok: bool | None = None
+
+
+def bake(
+    selection: Selection,
+    targets: list[str] | None = None,
+    *,
+    overrides: list[str] | None = None,
+    image: str | None = None,
+    inspect: bool = True,
+) -> BakeResult:
+    """Validate, bake, then inspect ``image`` (default ``$IMAGE:$TAG``) with the Docker SDK."""
+    variables = selection.variables()
+    targets = targets or ["runtime"]
+    cmd = command(targets, overrides or [])
+    client = preflight()
+    env = {**os.environ, **variables}
+    if subprocess.run(cmd, env=env).returncode != 0:
+        raise BakeError(f"`{' '.join(cmd)}` failed (BuildKit's output above names the stage)")
+    result = BakeResult(cmd)
+    if not inspect or "runtime" not in targets:
+        return result
+    result.image = image or f"{env.get('IMAGE', 'modelbake')}:{env.get('TAG', 'latest')}"
+    built = client.images.get(result.image)
+    result.image_size = int(built.attrs["Size"])
+    result.labels = dict(built.labels)
+    import json
+
+    raw = client.containers.run(result.image, ["/models/model_manifest.json"], entrypoint="cat",
+                                network_mode="none", remove=True)  # fmt: skip
+    result.manifest = json.loads(raw)
+    container = client.containers.run(result.image, network_mode="none", detach=True)
+    try:
+        result.verify_ok = container.wait()["StatusCode"] == 0
+        result.verify_output = container.logs().decode()
+    finally:
+        container.remove(force=True)
+    return result

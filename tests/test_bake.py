@@ -1,0 +1,51 @@
+"""The bake driver without an engine: selection checks, the exact command, clear errors."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+
+def test_dry_run_prints_the_exact_command() -> None:
+    proc = run_cli("bake", "--dry-run", "--clip", "ViT-B/32,RN50", "--clip-int8", "runtime", "models",
+                   "--set", "*.platform=linux/amd64")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    line = proc.stdout.strip()
+    assert line.startswith("CLIP_MODELS=ViT-B/32,RN50 RERANKER_MODELS=cross-encoder/ms-marco-MiniLM-L-6-v2 CLIP_INT8=1")
+    assert line.endswith("docker buildx bake --progress=auto runtime models --set '*.platform=linux/amd64'")
+
+
+def test_unknown_architecture_fails_before_any_build() -> None:
+    proc = run_cli("bake", "--clip", "ViT-B/32,ViT-B/33")
+    assert proc.returncode == 2
+    assert "'ViT-B/33': unknown OpenCLIP architecture; close names: ViT-B-32" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_selection_file(tmp_path: Path) -> None:
+    config = tmp_path / "models.toml"
+    config.write_text('clip = ["RN50"]\nreranker_int8 = true\n[regressor]\nfeature_dim = 1024\nepochs = 5\n')
+    proc = run_cli("bake", "--dry-run", "--config", str(config))
+    assert proc.returncode == 0, proc.stderr
+    assert "CLIP_MODELS=RN50 " in proc.stdout and "RERANKER_INT8=1" in proc.stdout
+    assert "REGRESSOR_FEATURE_DIM=1024" in proc.stdout and "REGRESSOR_EPOCHS=5" in proc.stdout
+    config.write_text('clip = ["RN50"]\nclpi_int8 = true\n')
+    proc = run_cli("bake", "--dry-run", "--config", str(config))
+    assert proc.returncode == 2 and "unknown keys ['clpi_int8']" in proc.stderr
+
+
+def test_no_engine_is_named_with_the_fix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("DOCKER_HOST", "unix:///nonexistent/docker.sock")
+    proc = run_cli("bake", "--clip", "RN50")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    if shutil.which("docker") is None:
+        assert "no docker client on PATH; install Docker" in proc.stderr
+    elif subprocess.run(["docker", "buildx", "version"], capture_output=True).returncode != 0:
+        assert "the buildx plugin is missing" in proc.stderr
+    else:
+        assert "no Docker engine answers at unix:///nonexistent/docker.sock" in proc.stderr
+        assert "start dockerd" in proc.stderr
