@@ -6,6 +6,7 @@ CI these tests skip with the reason when no engine answers; under CI=true that i
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -16,7 +17,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, run_cli
 
 from modelbake.manifest import check_files, read_manifest
 
@@ -214,3 +215,30 @@ def test_bake_driver_builds_inspects_and_verifies(baked: dict[str, str]) -> None
     assert "models     clip:tiny-rn, clip:tiny-vit, regressor:boundary_regressor, reranker:tiny-bert" in proc.stdout
     assert "label      org.opencontainers.image.title=modelbake" in proc.stdout
     assert "verify     passed in a container with no network" in proc.stdout
+
+
+def test_host_cli_makes_the_same_tree_as_the_image_build(
+    baked: dict[str, str], tiny_sources: Path, tmp_path: Path
+) -> None:
+    host = tmp_path / "host"
+    clip = ",".join(f"{n}@dir:{tiny_sources / 'clip' / n}" for n in ("tiny-vit", "tiny-rn"))
+    run_cli("download", "--clip", clip, "--reranker", f"tiny-bert@dir:{tiny_sources / 'reranker' / 'tiny-bert'}",
+            "--int8", "--regressor-epochs", baked["REGRESSOR_EPOCHS"], "--out", str(host), check=True)  # fmt: skip
+
+    def digests(root: Path) -> dict[str, str]:
+        return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in root.rglob("*") if p.is_file() and ".manifest.d" not in p.parts}  # fmt: skip
+
+    image_tree, host_tree = digests(Path(baked["MODELS_OUT"])), digests(host)
+    assert set(image_tree) == set(host_tree)
+    # Every artifact is byte-identical; the manifest differs in source paths and time, and
+    # sentence-transformers' model card records the Python version (3.11.2 in the image here).
+    differ = {k for k in image_tree if image_tree[k] != host_tree[k]}
+    assert differ <= {"model_manifest.json", "reranker/tiny-bert/README.md"}, differ
+
+    def files(root: Path) -> dict[str, tuple[str, int]]:
+        doc = json.loads((root / "model_manifest.json").read_text())
+        return {f["path"]: (f["sha256"], f["bytes"]) for m in doc["models"] for f in m["files"]
+                if f["path"] != "reranker/tiny-bert/README.md"}  # fmt: skip
+
+    assert files(host) == files(Path(baked["MODELS_OUT"]))
