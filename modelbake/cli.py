@@ -11,12 +11,16 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from modelbake import __version__
 from modelbake.bake import BakeError
 from modelbake.manifest import ManifestError
 from modelbake.producers.common import ProducerError  # stdlib only: keeps this CLI torch-free
 from modelbake.spec import DEFAULT_CLIP_MODELS, DEFAULT_RERANKER_MODELS, SpecError, parse_clip_list, parse_reranker_list
+
+if TYPE_CHECKING:  # the producers import torch: only for the type checker here
+    from modelbake.producers.clip import ClipOptions
 
 log = logging.getLogger("modelbake")
 
@@ -29,7 +33,7 @@ def _add_out(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("models"), help="model tree root (default: models/)")
 
 
-def _clip_options(args: argparse.Namespace):  # -> ClipOptions, imported lazily (torch)
+def _clip_options(args: argparse.Namespace) -> ClipOptions:
     from modelbake.producers.clip import ClipOptions
 
     return ClipOptions(
