@@ -20,6 +20,7 @@ from modelbake.producers.common import ProducerError  # stdlib only: keeps this 
 from modelbake.spec import DEFAULT_CLIP_MODELS, DEFAULT_RERANKER_MODELS, SpecError, parse_clip_list, parse_reranker_list
 
 if TYPE_CHECKING:  # the producers import torch: only for the type checker here
+    from modelbake.bake import Selection
     from modelbake.producers.clip import ClipOptions
 
 log = logging.getLogger("modelbake")
@@ -170,10 +171,9 @@ def _cmd_verify(args: argparse.Namespace) -> int:
     return runtime_main(["verify", str(args.folder), *(["--quick"] if args.quick else [])])
 
 
-def _cmd_bake(args: argparse.Namespace) -> int:
-    import shlex
-
-    from modelbake.bake import Selection, bake, command
+def _selection(args: argparse.Namespace) -> Selection:
+    """A selection from --config, then --clip/--reranker/--*-int8 on top (bake and bundle alike)."""
+    from modelbake.bake import Selection
 
     selection = Selection.from_file(args.config) if args.config else Selection()
     if args.clip:
@@ -182,6 +182,34 @@ def _cmd_bake(args: argparse.Namespace) -> int:
         selection.reranker = args.reranker.split(",")
     selection.clip_int8 = selection.clip_int8 or args.clip_int8
     selection.reranker_int8 = selection.reranker_int8 or args.reranker_int8
+    return selection
+
+
+def _add_selection(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="a TOML selection file (clip, reranker, clip_int8, [regressor])")
+    p.add_argument("--clip", help="comma-separated CLIP specs (overrides the file)")
+    p.add_argument("--reranker", help="comma-separated reranker fallback list (overrides the file)")
+    p.add_argument("--clip-int8", action="store_true", help="also ship CLIP int8 variants")
+    p.add_argument("--reranker-int8", action="store_true", help="also ship the reranker's int8 variant")
+
+
+def _cmd_bundle(args: argparse.Namespace) -> int:
+    from modelbake.bundle import bundle
+
+    doc = bundle(args.out, _selection(args), pip_args=args.pip_arg, wheels=not args.no_wheels)
+    size = sum(f["bytes"] for f in doc["files"])
+    print(f"{args.out}: {len(doc['files'])} files, {size / 1e6:.0f} MB")
+    print(f"build it offline: WHEELHOUSE={args.out}/wheelhouse MODEL_SOURCES={args.out}/sources "
+          f"modelbake bake --config {args.out}/selection.toml")  # fmt: skip
+    return 0
+
+
+def _cmd_bake(args: argparse.Namespace) -> int:
+    import shlex
+
+    from modelbake.bake import bake, command
+
+    selection = _selection(args)
     variables = selection.variables()  # every spec checked before anything runs
     targets = args.targets or ["runtime"]
     if args.dry_run or args.print:
@@ -295,16 +323,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bake", help="check a model selection, run docker buildx bake, inspect the image")
     p.add_argument("targets", nargs="*", help="bake targets or groups (default: runtime)")
-    p.add_argument("--config", type=Path, help="a TOML selection file (clip, reranker, clip_int8, [regressor])")
-    p.add_argument("--clip", help="comma-separated CLIP specs (overrides the file)")
-    p.add_argument("--reranker", help="comma-separated reranker fallback list (overrides the file)")
-    p.add_argument("--clip-int8", action="store_true", help="also ship CLIP int8 variants")
-    p.add_argument("--reranker-int8", action="store_true", help="also ship the reranker's int8 variant")
+    _add_selection(p)
     p.add_argument("--set", action="append", default=[], metavar="TARGET.KEY=VALUE", help="passed to bake --set")
     p.add_argument("--print", action="store_true", help="show the resolved plan (bake --print)")
     p.add_argument("--dry-run", action="store_true", help="print the exact command and its variables, run nothing")
     p.add_argument("--no-inspect", action="store_true", help="skip the image inspection and verify run")
     p.set_defaults(func=_cmd_bake)
+
+    p = sub.add_parser("bundle", help="gather wheels and model sources for an offline build into one folder")
+    p.add_argument("out", type=Path, help="a new folder")
+    _add_selection(p)
+    p.add_argument("--no-wheels", action="store_true", help="model sources only")
+    p.add_argument("--pip-arg", action="append", default=[], metavar="ARG",
+                   help="passed to pip download, e.g. --pip-arg=--platform=manylinux_2_28_x86_64")  # fmt: skip
+    p.set_defaults(func=_cmd_bundle)
 
     p = sub.add_parser("verify", help="re-hash a model tree and run every model on its golden inputs")
     p.add_argument("folder", nargs="?", type=Path, default=Path(_env("MODELBAKE_MODELS", "models")))

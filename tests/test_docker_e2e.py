@@ -242,3 +242,35 @@ def test_host_cli_makes_the_same_tree_as_the_image_build(
                 if f["path"] != "reranker/tiny-bert/README.md"}  # fmt: skip
 
     assert files(host) == files(Path(baked["MODELS_OUT"]))
+
+
+def test_air_gapped_bundle_builds_with_no_index(
+    baked: dict[str, str], tiny_specs: dict[str, str], tmp_path: Path
+) -> None:
+    """`modelbake bundle` gathers wheels + sources; the build then uses nothing else (PIP_OFFLINE=1)."""
+    out = tmp_path / "bundle"
+    # pip is pointed at the test wheelhouse; on a connected machine it downloads from the index.
+    run_cli("bundle", str(out), "--clip", tiny_specs["clip"], "--reranker", tiny_specs["reranker"],
+            f"--pip-arg=--find-links={baked['WHEELHOUSE']}", "--pip-arg=--no-index", check=True)  # fmt: skip
+    selection = (out / "selection.toml").read_text()
+    assert 'clip = ["tiny-vit@dir:/sources/clip/tiny-vit", "tiny-rn@dir:/sources/clip/tiny-rn"]' in selection
+    doc = json.loads((out / "bundle_manifest.json").read_text())
+    listed = {f["path"]: f["sha256"] for f in doc["files"]}
+    assert "sources/reranker/tiny-bert/model.safetensors" in listed
+    assert any(p.startswith("wheelhouse/torch-") for p in listed)
+    assert all(
+        hashlib.sha256((out / p).read_bytes()).hexdigest() == d for p, d in listed.items() if "wheelhouse" not in p
+    )
+    env = {k: v for k, v in baked.items() if k not in ("CLIP_MODELS", "RERANKER_MODELS", "CLIP_INT8", "RERANKER_INT8")}
+    env.update({"WHEELHOUSE": str(out / "wheelhouse"), "MODEL_SOURCES": str(out / "sources"), "TAG": "bundle"})
+    proc = subprocess.run([sys.executable, "-m", "modelbake.cli", "bake", "--config", str(out / "selection.toml")],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=2400)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "verify     passed in a container with no network" in proc.stdout
+    # BuildKit prints each RUN with its args: the base stage installed from the bundle alone.
+    assert 'if [ "1" = 1 ]; then set -- --no-index' in proc.stderr
+    # Refuses to write over an existing folder.
+    again = run_cli(
+        "bundle", str(out), "--no-wheels", "--clip", tiny_specs["clip"], "--reranker", tiny_specs["reranker"]
+    )
+    assert again.returncode == 1 and "exists; give a new folder" in again.stderr

@@ -1,0 +1,111 @@
+"""Air-gapped bundles: on a machine with internet, gather everything a build needs into one folder.
+
+    bundle/
+    ├── wheelhouse/          the pinned requirement sets of the stages (pip download)
+    ├── sources/clip/<key>/  CLIP weights (local folders and files copied, hub weights downloaded)
+    ├── sources/reranker/<key>/
+    ├── selection.toml       the selection rewritten to point at /sources (the stages' mount)
+    └── bundle_manifest.json every file with its sha256 and size
+
+Build it with no network: ``WHEELHOUSE=bundle/wheelhouse MODEL_SOURCES=bundle/sources modelbake bake
+--config bundle/selection.toml``. Run from a checkout (the requirement sets live in build/).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from modelbake.bake import BakeError, Selection
+from modelbake.manifest import build_time, sha256_file
+from modelbake.spec import parse_clip_list, parse_reranker_list
+
+REQUIREMENTS = Path(__file__).resolve().parents[1] / "build" / "requirements-build.txt"
+MOUNT = "/sources"
+
+
+def _copy(src: Path, dest: Path) -> None:
+    if src.is_dir():
+        shutil.copytree(src, dest)
+    else:
+        dest.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dest / src.name)
+
+
+def _clip_sources(selection: Selection, sources: Path) -> list[str]:
+    specs = []
+    for spec in parse_clip_list(",".join(selection.clip)):
+        dest = sources / "clip" / spec.key
+        if spec.local is not None:
+            _copy(Path(spec.local.path), dest)
+            name = Path(spec.local.path).name
+            specs.append(f"{spec.key}@dir:{MOUNT}/clip/{spec.key}" if spec.local.kind == "dir"
+                         else f"{spec.arch}@file:{MOUNT}/clip/{spec.key}/{name}")  # fmt: skip
+            continue
+        import open_clip  # build extra: downloads the weights exactly as the stage would
+
+        cfg = open_clip.get_pretrained_cfg(spec.arch, spec.tag)
+        if not cfg:
+            raise BakeError(f"{spec.text!r}: OpenCLIP has no pretrained tag {spec.tag!r} for {spec.arch}")
+        path = Path(open_clip.download_pretrained(cfg, cache_dir=str(sources / ".cache")))
+        _copy(path, dest)
+        specs.append(f"{spec.arch}@file:{MOUNT}/clip/{spec.key}/{path.name}")
+    shutil.rmtree(sources / ".cache", ignore_errors=True)
+    return specs
+
+
+def _reranker_sources(selection: Selection, sources: Path) -> list[str]:
+    specs = []
+    for spec in parse_reranker_list(",".join(selection.reranker)):
+        dest = sources / "reranker" / spec.key
+        if spec.local is not None:
+            _copy(Path(spec.local.path), dest)
+        else:
+            from huggingface_hub import snapshot_download
+
+            snapshot_download(spec.repo, revision=spec.revision, local_dir=dest)
+            shutil.rmtree(dest / ".cache", ignore_errors=True)
+        specs.append(f"{spec.key}@dir:{MOUNT}/reranker/{spec.key}")
+    return specs
+
+
+def bundle(
+    out: Path, selection: Selection, *, pip_args: list[str] | None = None, wheels: bool = True
+) -> dict[str, Any]:
+    """Write the bundle to ``out`` (which must not exist yet); all or nothing."""
+    if out.exists():
+        raise BakeError(f"{out} exists; give a new folder (a bundle is written whole or not at all)")
+    selection.variables()  # every spec checked before anything is fetched
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
+    try:
+        if wheels:
+            cmd = [sys.executable, "-m", "pip", "download", "--only-binary=:all:", "-d", str(scratch / "wheelhouse"),
+                   "-r", str(REQUIREMENTS), *(pip_args or [])]  # fmt: skip
+            if subprocess.run(cmd).returncode != 0:
+                raise BakeError(f"`{' '.join(cmd)}` failed (pip's message above)")
+        sources = scratch / "sources"
+        sources.mkdir()
+        clip = _clip_sources(selection, sources)
+        reranker = _reranker_sources(selection, sources)
+        lines = [f"clip = {json.dumps(clip)}", f"reranker = {json.dumps(reranker)}",
+                 f"clip_int8 = {str(selection.clip_int8).lower()}",
+                 f"reranker_int8 = {str(selection.reranker_int8).lower()}", "", "[regressor]",
+                 f"feature_dim = {json.dumps(str(selection.regressor_feature_dim))}",
+                 f"seed = {selection.regressor_seed}", f"epochs = {selection.regressor_epochs}"]  # fmt: skip
+        (scratch / "selection.toml").write_text("\n".join(lines) + "\n")
+        files = [{"path": p.relative_to(scratch).as_posix(), "sha256": sha256_file(p), "bytes": p.stat().st_size}
+                 for p in sorted(scratch.rglob("*")) if p.is_file()]  # fmt: skip
+        doc = {"created": build_time(), "selection": {"clip": clip, "reranker": reranker}, "files": files}
+        (scratch / "bundle_manifest.json").write_text(json.dumps(doc, indent=2) + "\n")
+        os.replace(scratch, out)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    return doc
