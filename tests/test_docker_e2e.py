@@ -274,3 +274,4 @@ def test_air_gapped_bundle_builds_with_no_index(
         "bundle", str(out), "--no-wheels", "--clip", tiny_specs["clip"], "--reranker", tiny_specs["reranker"]
     )
     assert again.returncode == 1 and "exists; give a new folder" in again.stderr
+    shutil.rmtree(out)  # 3 GB of wheels: not worth keeping in pytest's temp folders
