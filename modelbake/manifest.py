@@ -174,6 +174,21 @@ def merge_fragments(root: Path) -> dict[str, Any]:
     return manifest
 
 
+def checked_model(root: Path, kind: str, name: str | None = None) -> dict[str, Any]:
+    """The first ``kind`` model (named ``name``, if given) of ``root``'s manifest, its files checked.
+
+    What every run-time loader does before it opens a file; raises LookupError naming what there is.
+    """
+    models = [m for m in read_manifest(root)["models"] if m["kind"] == kind]
+    chosen = [m for m in models if name in (None, m["name"])]
+    if not chosen:
+        names = ", ".join(m["name"] for m in models) or "none"
+        wanted = f"{kind} model {name!r}" if name else f"{kind} model"
+        raise LookupError(f"no {wanted} in {root}; it has: {names}. Build it with modelbake (see README)")
+    check_files(root, chosen[:1])
+    return chosen[0]
+
+
 def read_manifest(root: Path) -> dict[str, Any]:
     """Read and schema-check ``root/model_manifest.json`` (files are checked by :func:`check_files`)."""
     path = root / MANIFEST_NAME

@@ -134,18 +134,12 @@ class ClipEncoder:
 
         A folder without a manifest is searched as the original services did (see :func:`detect`).
         """
-        from modelbake.manifest import check_files, read_manifest
+        from modelbake.manifest import checked_model
         from modelbake.spec import MANIFEST_NAME
 
         if not (folder / MANIFEST_NAME).is_file():
             return cls(folder, detect(folder, name), **kwargs)
-        models = [m for m in read_manifest(folder)["models"] if m["kind"] == "clip"]
-        chosen = [m for m in models if name in (None, m["name"])]
-        if not chosen:
-            names = ", ".join(m["name"] for m in models) or "none"
-            raise LookupError(f"no CLIP model {name!r} in {folder}; it has: {names}")
-        check_files(folder, chosen[:1])
-        return cls(folder, chosen[0], **kwargs)
+        return cls(folder, checked_model(folder, "clip", name), **kwargs)
 
     @staticmethod
     def _normalise(x: np.ndarray, normalize: bool) -> np.ndarray:

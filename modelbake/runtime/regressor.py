@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from modelbake.manifest import ManifestError, check_files, read_manifest, resolve_inside
+from modelbake.manifest import checked_model, resolve_inside
 from modelbake.spec import MANIFEST_NAME, ONNX_DIR, REGRESSOR_LOOKUP, REGRESSOR_ONNX
 
 log = logging.getLogger("modelbake")
@@ -65,12 +65,8 @@ class BoundaryRegressorONNX:
         """Through the manifest when there is one (files checked), else ``onnx/boundary_regressor.onnx``."""
         if not (folder / MANIFEST_NAME).is_file():
             return cls(folder / ONNX_DIR / REGRESSOR_ONNX)
-        manifest = read_manifest(folder)
-        models = [m for m in manifest["models"] if m["kind"] == "regressor"]
-        if not models:
-            raise ManifestError(f"{folder}: the manifest lists no regressor; build it with the regressor-seed stage")
-        check_files(folder, models)
-        entry = next(f for f in models[0]["files"] if f["role"] == "regressor")
+        model = checked_model(folder, "regressor")
+        entry = next(f for f in model["files"] if f["role"] == "regressor")
         return cls(resolve_inside(folder, entry["path"]))
 
     def predict(self, features: np.ndarray | list) -> np.ndarray:

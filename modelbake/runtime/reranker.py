@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 
-from modelbake.manifest import check_files, read_manifest, resolve_inside
+from modelbake.manifest import checked_model, resolve_inside
 
 INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
 
@@ -41,11 +41,7 @@ class Reranker:
 
     @classmethod
     def from_folder(cls, folder: Path, **kwargs: Any) -> Reranker:
-        models = [m for m in read_manifest(folder)["models"] if m["kind"] == "reranker"]
-        if not models:
-            raise LookupError(f"no reranker in {folder}; build it with the reranker-cache stage")
-        check_files(folder, models)
-        return cls(folder, models[0], **kwargs)
+        return cls(folder, checked_model(folder, "reranker"), **kwargs)
 
     def encode(self, query: str, passages: list[str]) -> dict[str, np.ndarray]:
         if not isinstance(query, str) or isinstance(passages, str) or not all(isinstance(p, str) for p in passages):
