@@ -10,6 +10,9 @@ import logging
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -142,14 +145,21 @@ def _cmd_download(args: argparse.Namespace) -> int:
     wanted = only or ["clip", "reranker", "regressor"]
     clip_specs = parse_clip_list(args.clip) if "clip" in wanted else []
     reranker_specs = parse_reranker_list(args.reranker) if "reranker" in wanted else []
+    seconds: dict[str, float] = {}
+
+    def timed(stage: str, work: Callable[[], object]) -> None:
+        start = time.perf_counter()
+        work()
+        seconds[stage] = time.perf_counter() - start
+
     if clip_specs:
         from modelbake.producers import clip
 
-        clip.run(clip_specs, args.out, _clip_options(args))
+        timed("clip-export", lambda: clip.run(clip_specs, args.out, _clip_options(args)))
     if reranker_specs:
         from modelbake.producers import reranker
 
-        reranker.run(reranker_specs, args.out, opset=args.opset, int8=args.int8)
+        timed("reranker-cache", lambda: reranker.run(reranker_specs, args.out, opset=args.opset, int8=args.int8))
     if "regressor" in wanted:
         seed_args = argparse.Namespace(
             feature_dim=args.regressor_feature_dim,
@@ -157,12 +167,39 @@ def _cmd_download(args: argparse.Namespace) -> int:
             epochs=args.regressor_epochs,
             opset=args.opset,
         )
-        _run_regressor_seed(seed_args, args.clip, args.out)
+        timed("regressor-seed", lambda: _run_regressor_seed(seed_args, args.clip, args.out))
     from modelbake.manifest import merge_fragments
 
     manifest = merge_fragments(args.out)
+    print(summary_table(manifest, seconds))
     print(f"{len(manifest['models'])} models in {args.out}/model_manifest.json")
     return 0
+
+
+def _worst_diff(parity: object) -> float | None:
+    """The largest ``max_abs_diff`` anywhere in a model's parity record (every variant, every tower)."""
+    if isinstance(parity, dict):
+        found = [_worst_diff(v) for k, v in parity.items() if k != "max_abs_diff"]
+        found.append(parity.get("max_abs_diff"))
+        values = [v for v in found if isinstance(v, float | int)]
+        return max(values) if values else None
+    return None
+
+
+def summary_table(manifest: dict, seconds: dict[str, float]) -> str:
+    """One row per model: stage, kind, name, files, size, worst parity difference, the stage's time."""
+    rows = [("stage", "kind", "name", "files", "MB", "max |onnx-torch|", "stage s")]
+    for model in manifest["models"]:
+        diff = _worst_diff(model.get("parity"))
+        rows.append((
+            model["stage"], model["kind"], model["name"], str(len(model["files"])),
+            f"{sum(f['bytes'] for f in model['files']) / 1e6:.1f}",
+            "-" if diff is None else f"{diff:.1e}",
+            f"{seconds[model['stage']]:.1f}" if model["stage"] in seconds else "-",
+        ))  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows)
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def _cmd_verify(args: argparse.Namespace) -> int:
@@ -349,6 +386,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _bars_beside_logs() -> object:
+    """Log lines printed above the progress bars instead of through them (tqdm is a build-time package)."""
+    try:
+        from tqdm.contrib.logging import logging_redirect_tqdm
+    except ImportError:
+        return nullcontext()
+    return logging_redirect_tqdm()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     # Docker passes an unset build arg as an empty variable; libraries that honour SOURCE_DATE_EPOCH
@@ -361,7 +407,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     log.setLevel(logging.DEBUG if args.verbose else logging.INFO)
     try:
-        return args.func(args)
+        with _bars_beside_logs():
+            return args.func(args)
     except (SpecError, ManifestError, ProducerError, BakeError) as exc:
         # One line naming the problem and the fix; a traceback only with --verbose.
         log.debug("traceback", exc_info=True)

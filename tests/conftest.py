@@ -34,10 +34,10 @@ def tiny_specs(tiny_sources: Path) -> dict[str, str]:
 
 
 @pytest.fixture(scope="session")
-def built_tree(tmp_path_factory: pytest.TempPathFactory, tiny_specs: dict[str, str]) -> Path:
-    """A complete model tree made on the host by `modelbake download` with the tiny models."""
+def download_run(tmp_path_factory: pytest.TempPathFactory, tiny_specs: dict[str, str]) -> tuple[Path, str, str]:
+    """`modelbake download` of the tiny models with progress bars forced on: (tree, stdout, stderr)."""
     out = tmp_path_factory.mktemp("models")
-    run_cli(
+    proc = run_cli(
         "download",
         "--clip",
         tiny_specs["clip"],
@@ -49,16 +49,29 @@ def built_tree(tmp_path_factory: pytest.TempPathFactory, tiny_specs: dict[str, s
         "--out",
         str(out),
         check=True,
+        env={"MODELBAKE_PROGRESS": "1"},
     )
-    return out
+    return out, proc.stdout, proc.stderr
+
+
+@pytest.fixture(scope="session")
+def built_tree(download_run: tuple[Path, str, str]) -> Path:
+    """A complete model tree made on the host by `modelbake download` with the tiny models."""
+    return download_run[0]
 
 
 def run_cli(
-    *args: str, check: bool = False, cwd: Path | None = None, script: str | None = None
+    *args: str,
+    check: bool = False,
+    cwd: Path | None = None,
+    script: str | None = None,
+    env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
     """Run `modelbake ARGS` (or a build/ entrypoint script) in a fresh interpreter, as users do."""
     cmd = [sys.executable, str(REPO / "build" / script)] if script else [sys.executable, "-m", "modelbake.cli"]
-    proc = subprocess.run([*cmd, *args], capture_output=True, text=True, cwd=cwd or REPO)
+    proc = subprocess.run(
+        [*cmd, *args], capture_output=True, text=True, cwd=cwd or REPO, env={**os.environ, **(env or {})}
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"{cmd + list(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc

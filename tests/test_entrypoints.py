@@ -102,3 +102,17 @@ def test_merge_entrypoint_and_verify(built_tree: Path, tmp_path: Path) -> None:
 def test_download_rejects_two_only_flags(tmp_path: Path) -> None:
     proc = run_cli("download", "--clip-only", "--reranker-only", "--out", str(tmp_path))
     assert proc.returncode == 2 and "at most one" in proc.stderr
+
+
+def test_download_shows_progress_and_a_summary_table(download_run: tuple[Path, str, str]) -> None:
+    _, stdout, stderr = download_run
+    # one bar per model, each run to its end (int8 on: load + 2 towers x (fp32 + int8) for CLIP)
+    for bar in ("CLIP tiny-vit: 100%", "5/5", "reranker tiny-bert: 100%", "4/4", "regressor seed: 100%", "3/3"):
+        assert bar in stderr, bar
+    table = stdout.splitlines()
+    assert table[0].split()[:3] == ["stage", "kind", "name"]
+    rows = {line.split()[2]: line.split() for line in table[1:] if len(line.split()) == 7}
+    assert set(rows) == {"tiny-vit", "tiny-rn", "tiny-bert", "boundary_regressor"}
+    manifest = json.loads((download_run[0] / MANIFEST_NAME).read_text())
+    for model in manifest["models"]:
+        assert rows[model["name"]][3] == str(len(model["files"]))  # the files column is the manifest's

@@ -8,6 +8,7 @@ name -> config -> weights happens in one place (:func:`load_clip`), whatever the
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from PIL import Image
 from modelbake.manifest import file_entry, sha256_file, write_fragment
 from modelbake.producers.common import ProducerError, log, staged_output, tool_versions
 from modelbake.producers.onnx_export import DEFAULT_OPSET, OnnxExport, export_and_validate, quantize_and_validate
+from modelbake.producers.progress import steps
 from modelbake.spec import CLIP_DIR, GOLDEN_DIR, ONNX_DIR, ClipSpec, clip_onnx_name
 
 STAGE = "clip-export"
@@ -185,12 +187,19 @@ def _torch_free_inputs(root: Path, key: str, tokenizer: Any, preprocess: Any, pr
 
 def export_one(spec: ClipSpec, root: Path, options: ClipOptions) -> dict[str, Any]:
     """Export one CLIP model into ``root`` (a staging folder); returns its manifest entry."""
+    # load + tokenizer/preprocessing check, then per tower: export+gate (and int8+gate)
+    with steps(f"CLIP {spec.key}", 1 + 2 * (2 if options.int8 else 1)) as done:
+        return _export_one(spec, root, options, done)
+
+
+def _export_one(spec: ClipSpec, root: Path, options: ClipOptions, done: Callable[[str], None]) -> dict[str, Any]:
     log.info("CLIP %s: loading", spec.text)
     model, tokenizer, preprocess, source = load_clip(spec)
     pre = preprocessing(model)
     images = _probe_images(max(pre["image_size"]))
     tokenizer_path = _torch_free_inputs(root, spec.key, tokenizer, preprocess, pre, PROBE_TEXTS + EXAMPLE_TEXTS, images)
     raw_images = {f"image:{i}": np.asarray(im) for i, im in enumerate(images[1:])}
+    done("loaded, tokenizer + preprocessing checked")
     towers = {
         "text": OnnxExport(
             role="text_encoder",
@@ -224,6 +233,7 @@ def export_one(spec: ClipSpec, root: Path, options: ClipOptions) -> dict[str, An
         entry, figures = export_and_validate(export, onnx_path, golden_path, root, options.opset)
         files += [entry, file_entry(root, golden_path, role=f"{tower}_golden", fmt="npz")]
         parity[tower] = figures
+        done(f"{tower} exported, parity checked")
         if options.int8:
             int8_path = onnx_path.with_name(f"{onnx_path.stem}_int8.onnx")
             int8_golden = root / GOLDEN_DIR / f"{int8_path.stem}.npz"
@@ -233,6 +243,7 @@ def export_one(spec: ClipSpec, root: Path, options: ClipOptions) -> dict[str, An
             entry["role"] = f"{export.role}_int8"
             files += [entry, file_entry(root, int8_golden, role=f"{tower}_int8_golden", fmt="npz")]
             parity[f"{tower}_int8"] = figures
+            done(f"{tower} int8 checked")
     if options.keep_pytorch:
         from safetensors.torch import save_file
 

@@ -22,6 +22,7 @@ import torch
 from modelbake.manifest import file_entry, write_fragment
 from modelbake.producers.common import ProducerError, log, staged_output, tool_versions
 from modelbake.producers.onnx_export import DEFAULT_OPSET, OnnxExport, export_and_validate
+from modelbake.producers.progress import steps
 from modelbake.producers.regressor_data import DataError, load_dataset
 from modelbake.producers.regressor_model import OUTPUT_NAMES, BoundaryRegressor, save_weights
 from modelbake.spec import GOLDEN_DIR, ONNX_DIR, REGRESSOR_DIR, REGRESSOR_ONNX, REGRESSOR_PTH, parse_clip_list
@@ -108,6 +109,18 @@ def _log_epoch(total: int) -> Callable[[dict[str, Any]], None]:
     return report
 
 
+def _progress(done: Callable[[str], None], total: int | None = None) -> Callable[[dict[str, Any]], None]:
+    """Advance a progress bar per epoch; with ``total``, also log the epoch (training runs)."""
+    log_row = _log_epoch(total) if total else None
+
+    def report(row: dict[str, Any]) -> None:
+        done(f"val MAE {sum(row['val_mae'].values()) / len(row['val_mae']):.4f} s")
+        if log_row:
+            log_row(row)
+
+    return report
+
+
 def seed_weights(feature_dim: int, seed: int, epochs: int) -> tuple[BoundaryRegressor, dict[str, Any]]:
     """Seed weights and their figures: held-out MAE of random init and of the seed, same held-out set."""
     torch.manual_seed(seed)
@@ -115,7 +128,8 @@ def seed_weights(feature_dim: int, seed: int, epochs: int) -> tuple[BoundaryRegr
     train = synthetic_set(SEED_TRAIN, feature_dim, seed)
     heldout = synthetic_set(SEED_HELDOUT, feature_dim, seed + 1)
     random_mae = mae(model, *heldout)
-    result = fit(model, train, heldout, epochs=epochs, seed=seed)
+    with steps("regressor seed", epochs) as done:
+        result = fit(model, train, heldout, epochs=epochs, seed=seed, on_epoch=_progress(done))
     return model, {
         "heldout_mae_random_init": random_mae,
         "heldout_mae_seed": mae(model, *heldout),
@@ -224,10 +238,11 @@ def train(
     model = BoundaryRegressor(dataset.features.shape[1])
     zero = {k: float(v) for k, v in zip(OUTPUT_NAMES, np.mean(np.abs(val_set[1]), axis=0), strict=True)}
     log.info("training on %d records, validating on %d (%s)", len(train_idx), n_val, data)
-    result = fit(
-        model, train_set, val_set, epochs=epochs, seed=seed, lr=lr, batch_size=batch_size, patience=patience,
-        on_epoch=_log_epoch(epochs),
-    )  # fmt: skip
+    with steps("training", epochs) as done:  # may stop early (patience)
+        result = fit(
+            model, train_set, val_set, epochs=epochs, seed=seed, lr=lr, batch_size=batch_size, patience=patience,
+            on_epoch=_progress(done, epochs),
+        )  # fmt: skip
     metrics = {
         "val_mae": mae(model, *val_set),
         "train_mae": mae(model, *train_set),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from modelbake.producers.onnx_export import (
     quantize_and_validate,
     session,
 )
+from modelbake.producers.progress import steps
 from modelbake.spec import GOLDEN_DIR, ONNX_DIR, RERANKER_DIR, RerankerSpec
 
 STAGE = "reranker-cache"
@@ -117,9 +119,17 @@ def _score_gate(onnx_path: Path, feeds: dict[str, np.ndarray], st_scores: np.nda
 
 def cache_one(spec: RerankerSpec, root: Path, opset: int = DEFAULT_OPSET, int8: bool = False,
               int8_atol: float = 0.02) -> dict[str, Any]:  # fmt: skip
+    """Fetch, save as a plain folder, reload offline, export and gate one candidate into ``root``."""
+    with steps(f"reranker {spec.key}", 3 + int(int8)) as done:
+        return _cache_one(spec, root, opset, int8, int8_atol, done)
+
+
+def _cache_one(spec: RerankerSpec, root: Path, opset: int, int8: bool, int8_atol: float,
+               done: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
     from sentence_transformers import CrossEncoder
 
     path, source = _fetch(spec, root)
+    done("fetched")
     ce = CrossEncoder(str(path), device="cpu")
     dest = root / RERANKER_DIR / spec.key
     ce.save(str(dest))
@@ -134,6 +144,7 @@ def cache_one(spec: RerankerSpec, root: Path, opset: int = DEFAULT_OPSET, int8: 
             os.environ.pop("HF_HUB_OFFLINE")
         else:
             os.environ["HF_HUB_OFFLINE"] = previous
+    done("saved, reloaded offline")
     pairs = [(PROBE_QUERY, p) for p in PROBE_PASSAGES]
     activation = _activation(ce)
     export = OnnxExport(
@@ -153,6 +164,7 @@ def cache_one(spec: RerankerSpec, root: Path, opset: int = DEFAULT_OPSET, int8: 
     feeds = {k: v.numpy() for k, v in export.probe.items()}
     st_scores = np.asarray(ce.predict(pairs))
     parity.update(_score_gate(onnx_path, feeds, st_scores, activation, 1e-4))
+    done("exported, scores checked")
     variants = [entry, file_entry(root, golden_path, role="reranker_golden", fmt="npz")]
     parities = {"fp32": parity}
     if int8:
@@ -166,6 +178,7 @@ def cache_one(spec: RerankerSpec, root: Path, opset: int = DEFAULT_OPSET, int8: 
         int8_entry["role"] = "reranker_int8"
         variants += [int8_entry, file_entry(root, int8_golden, role="reranker_int8_golden", fmt="npz")]
         parities["int8"] = figures
+        done("int8 checked")
     files = [
         file_entry(root, p, role="hf_model_file", fmt="json" if p.suffix == ".json" else "other")
         for p in sorted(dest.rglob("*"))
