@@ -34,6 +34,9 @@ variable "TAG" { default = "latest" }
 variable "MODELS_OUT" { default = "models" }
 # Set it (e.g. to the last commit's time) for reproducible builds; empty means "now".
 variable "SOURCE_DATE_EPOCH" { default = "" }
+# sha256:... of the model_manifest.json the runtime image holds; `modelbake bake` computes it (the build
+# checks it). Left empty by plain bake and compose, and then not labelled.
+variable "MODELS_MANIFEST_DIGEST" { default = "" }
 variable "GIT_REVISION" { default = "" }
 variable "SOURCE_URL" { default = "" }
 
@@ -63,16 +66,17 @@ target "_common" {
     REGRESSOR_EPOCHS      = REGRESSOR_EPOCHS
     ONNX_OPSET            = ONNX_OPSET
     SOURCE_DATE_EPOCH     = SOURCE_DATE_EPOCH
+    MODELS_MANIFEST_DIGEST = MODELS_MANIFEST_DIGEST
   }
   # Labels live here only; every target inherits them.
-  labels = {
+  labels = merge({
     "org.opencontainers.image.title"    = "modelbake"
     "org.opencontainers.image.source"   = SOURCE_URL
     "org.opencontainers.image.revision" = GIT_REVISION
     "org.opencontainers.image.created" = notequal(SOURCE_DATE_EPOCH, "") ? formatdate("YYYY-MM-DD'T'hh:mm:ssZ", timeadd("1970-01-01T00:00:00Z", "${SOURCE_DATE_EPOCH}s")) : timestamp()
     "io.modelbake.clip-models"          = CLIP_MODELS
     "io.modelbake.reranker-models"      = RERANKER_MODELS
-  }
+  }, notequal(MODELS_MANIFEST_DIGEST, "") ? { "io.modelbake.manifest-digest" = MODELS_MANIFEST_DIGEST } : {})
 }
 
 group "default" { targets = ["runtime"] }
@@ -108,6 +112,13 @@ target "manifest" {
 target "models" {
   inherits = ["_common"]
   target   = "models"
+  output   = ["type=local,dest=${MODELS_OUT}"]
+}
+
+# model_manifest.json alone (the bake driver writes it to a temporary folder and hashes it).
+target "manifest-file" {
+  inherits = ["_common"]
+  target   = "manifest-file"
   output   = ["type=local,dest=${MODELS_OUT}"]
 }
 

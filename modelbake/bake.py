@@ -7,16 +7,19 @@ Python API::
 
     from modelbake.bake import Selection, bake
     result = bake(Selection(clip=["ViT-B/32", "RN50"]), targets=["runtime"])
-    print(result.image_size, result.verify_output)
+    print(result.image_size, result.stage_sizes, result.manifest_digest, result.verify_ok)
 """
 
 from __future__ import annotations
 
 import difflib
+import hashlib
 import importlib.util
+import json
 import os
 import shutil
 import subprocess
+import tempfile
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -121,6 +124,9 @@ def preflight() -> Any:
     return client
 
 
+MANIFEST_DIGEST_LABEL = "io.modelbake.manifest-digest"
+
+
 @dataclass
 class BakeResult:
     command: list[str]
@@ -128,8 +134,61 @@ class BakeResult:
     image_size: int | None = None
     labels: dict[str, str] = field(default_factory=dict)
     manifest: dict[str, Any] | None = None
+    manifest_digest: str | None = None
+    stage_sizes: dict[str, int] = field(default_factory=dict)
     verify_output: str = ""
     verify_ok: bool | None = None
+
+
+def _run_bake(cmd: list[str], env: dict[str, str]) -> None:
+    if subprocess.run(cmd, env=env).returncode != 0:
+        raise BakeError(f"`{' '.join(cmd)}` failed (BuildKit's output above names the stage)")
+
+
+def manifest_digest(overrides: list[str], env: dict[str, str]) -> str:
+    """Build the ``manifest-file`` target into a temporary folder; ``sha256:`` of model_manifest.json.
+
+    Shares every cached stage with the runtime build that follows, so it costs the manifest alone.
+    """
+    with tempfile.TemporaryDirectory(prefix="modelbake-manifest-") as out:
+        _run_bake(command(["manifest-file"], [*overrides, f"manifest-file.output=type=local,dest={out}"]), env)
+        return "sha256:" + hashlib.sha256((Path(out) / "model_manifest.json").read_bytes()).hexdigest()
+
+
+def stage_sizes(client: Any, image: str, manifest: dict[str, Any], base_image: str | None) -> dict[str, int]:
+    """Bytes per stage: the runtime image's layers split at the models layer, and each producing stage's
+    files as the manifest lists them (their sum is the models layer, plus the manifest itself)."""
+    history = client.images.get(image).history()  # newest layer first
+    sizes: dict[str, int] = {}
+    models_at = next((i for i, h in enumerate(history) if h["CreatedBy"].startswith("COPY / /models/")), None)
+    below = sum(h["Size"] for h in history[models_at + 1 :]) if models_at is not None else 0
+    if base_image:
+        try:
+            sizes["runtime base image"] = int(client.images.get(base_image).attrs["Size"])
+            below -= sizes["runtime base image"]
+        except Exception:  # pulled by digest or gone: report runtime-base with its base included
+            pass
+    sizes["runtime-base (python, onnxruntime)"] = below
+    for model in manifest.get("models", []):
+        sizes[model["stage"]] = sizes.get(model["stage"], 0) + sum(f["bytes"] for f in model["files"])
+    if models_at is not None:
+        sizes["models layer"] = int(history[models_at]["Size"])
+    sizes["runtime image"] = int(client.images.get(image).attrs["Size"])
+    return sizes
+
+
+def _provenance(environ: os._Environ[str] | dict[str, str]) -> dict[str, str]:
+    """GIT_REVISION and SOURCE_URL for the OCI labels, from the checkout when not given."""
+    found = {}
+    for variable, git in (("GIT_REVISION", ["rev-parse", "HEAD"]), ("SOURCE_URL", ["remote", "get-url", "origin"])):
+        if environ.get(variable):
+            continue
+        proc = subprocess.run(["git", *git], capture_output=True, text=True)
+        value = proc.stdout.strip() if proc.returncode == 0 else ""
+        # A clone of a local folder has a path as origin: not a source URL worth publishing.
+        if value and (variable == "GIT_REVISION" or value.startswith("https://")):
+            found[variable] = value
+    return found
 
 
 def bake(
@@ -140,26 +199,32 @@ def bake(
     image: str | None = None,
     inspect: bool = True,
 ) -> BakeResult:
-    """Validate, bake, then inspect ``image`` (default ``$IMAGE:$TAG``) with the Docker SDK."""
+    """Validate, bake, then inspect ``image`` (default ``$IMAGE:$TAG``) with the Docker SDK.
+
+    When ``runtime`` is among the targets, the model manifest is built first and its sha256 labelled on
+    the image (``io.modelbake.manifest-digest``; the runtime stage refuses a label that does not match).
+    """
     variables = selection.variables()
     targets = targets or ["runtime"]
-    cmd = command(targets, overrides or [])
+    overrides = overrides or []
+    cmd = command(targets, overrides)
     client = preflight()
-    env = {**os.environ, **variables}
-    if subprocess.run(cmd, env=env).returncode != 0:
-        raise BakeError(f"`{' '.join(cmd)}` failed (BuildKit's output above names the stage)")
+    env = {**os.environ, **variables, **_provenance(os.environ)}
     result = BakeResult(cmd)
+    if "runtime" in targets and not env.get("MODELS_MANIFEST_DIGEST"):
+        env["MODELS_MANIFEST_DIGEST"] = result.manifest_digest = manifest_digest(overrides, env)
+    _run_bake(cmd, env)
     if not inspect or "runtime" not in targets:
         return result
     result.image = image or f"{env.get('IMAGE', 'modelbake')}:{env.get('TAG', 'latest')}"
     built = client.images.get(result.image)
     result.image_size = int(built.attrs["Size"])
     result.labels = dict(built.labels)
-    import json
-
     raw = client.containers.run(result.image, ["/models/model_manifest.json"], entrypoint="cat",
                                 network_mode="none", remove=True)  # fmt: skip
     result.manifest = json.loads(raw)
+    base = env.get("RUNTIME_BASE_IMAGE") or env.get("BASE_IMAGE") or "python:3.11-slim-bookworm"
+    result.stage_sizes = stage_sizes(client, result.image, result.manifest, base)
     container = client.containers.run(result.image, network_mode="none", detach=True)
     try:
         result.verify_ok = container.wait()["StatusCode"] == 0

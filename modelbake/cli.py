@@ -263,6 +263,8 @@ def _cmd_bake(args: argparse.Namespace) -> int:
         print(f"models     {models}")
         for key in sorted(result.labels):
             print(f"label      {key}={result.labels[key]}")
+        for stage, size in result.stage_sizes.items():
+            print(f"size       {stage:<36} {size / 1e6:10.1f} MB")
         print(f"verify     {'passed' if result.verify_ok else 'FAILED'} in a container with no network")
         if not result.verify_ok:
             print(result.verify_output, file=sys.stderr)

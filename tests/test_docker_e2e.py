@@ -215,6 +215,45 @@ def test_bake_driver_builds_inspects_and_verifies(baked: dict[str, str]) -> None
     assert "models     clip:tiny-rn, clip:tiny-vit, regressor:boundary_regressor, reranker:tiny-bert" in proc.stdout
     assert "label      org.opencontainers.image.title=modelbake" in proc.stdout
     assert "verify     passed in a container with no network" in proc.stdout
+    # The manifest-digest label is the sha256 of the manifest the image holds.
+    in_image = _run("--entrypoint", "cat", IMAGE, "/models/model_manifest.json", check=True).stdout
+    digest = "sha256:" + hashlib.sha256(in_image.encode()).hexdigest()
+    assert f"label      io.modelbake.manifest-digest={digest}" in proc.stdout
+    assert (
+        json.loads(_docker("image", "inspect", IMAGE).stdout)[0]["Config"]["Labels"]["io.modelbake.manifest-digest"]
+        == digest
+    )
+    for stage in ("runtime base image", "runtime-base", "clip-export", "reranker-cache", "regressor-seed",
+                  "models layer", "runtime image"):  # fmt: skip
+        assert f"size       {stage}" in proc.stdout, stage
+
+
+def test_python_api_bakes_and_reports_sizes(baked: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from modelbake.bake import Selection, bake
+
+    for key, value in baked.items():
+        monkeypatch.setenv(key, value)
+    selection = Selection(clip=baked["CLIP_MODELS"].split(","), reranker=[baked["RERANKER_MODELS"]],
+                          clip_int8=True, reranker_int8=True, regressor_epochs=3)  # fmt: skip
+    result = bake(selection, ["runtime"])
+    assert result.image == IMAGE and result.verify_ok, result.verify_output
+    assert result.labels["io.modelbake.manifest-digest"] == result.manifest_digest
+    sizes = result.stage_sizes
+    produced = sum(sizes[s] for s in ("clip-export", "reranker-cache", "regressor-seed"))
+    manifest_bytes = len(json.dumps(result.manifest, indent=2, sort_keys=True).encode())
+    # The models layer holds the stages' files and the manifest, nothing else.
+    assert produced < sizes["models layer"] <= produced + 2 * manifest_bytes, sizes
+    assert sizes["runtime image"] == result.image_size
+    assert sum(sizes[s] for s in ("runtime base image", "runtime-base (python, onnxruntime)", "models layer")) <= (
+        result.image_size
+    )
+
+
+def test_a_stale_manifest_digest_fails_the_build(baked: dict[str, str]) -> None:
+    env = {**baked, "MODELS_MANIFEST_DIGEST": "sha256:" + "0" * 64, "TAG": "stale"}
+    proc = _docker("buildx", "bake", "--progress=plain", "runtime", env=env, check=False)
+    assert proc.returncode != 0
+    assert "/models/model_manifest.json: FAILED" in proc.stderr
 
 
 def test_host_cli_makes_the_same_tree_as_the_image_build(
