@@ -185,3 +185,9 @@ REGRESSOR_LOOKUP = (
     "boundary_regressor.pth",
     f"{REGRESSOR_DIR}/{REGRESSOR_PTH}",
 )
+# The same order for services without torch: the ONNX export first, then ONNX twins of the seed's paths.
+REGRESSOR_ONNX_LOOKUP = (
+    f"{ONNX_DIR}/{REGRESSOR_ONNX}",
+    REGRESSOR_ONNX,
+    *(path.removesuffix(".pth") + ".onnx" for path in REGRESSOR_LOOKUP),
+)

@@ -135,3 +135,33 @@ def test_missing_file_and_empty_folder(built_tree: Path, tmp_path: Path) -> None
         open_models(root)
     with pytest.raises(ManifestError, match="no manifest"):
         open_models(tmp_path / "empty")
+
+
+def test_open_models_without_a_manifest_finds_files_by_the_seed_names(
+    built_tree: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The seed's flat layout: ONNX files beside each other, the regressor by its look-up order."""
+    from modelbake.runtime.models import open_models
+
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for onnx in (built_tree / "onnx").glob("clip_*_encoder.onnx"):
+        shutil.copy(onnx, flat / onnx.name)
+    shutil.copytree(built_tree / "clip", flat / "clip")  # tokenizer.json per model
+    shutil.copy(built_tree / "onnx" / "boundary_regressor.onnx", flat / "boundary_regressor_pretrained.onnx")
+    with caplog.at_level("WARNING", logger="modelbake"):
+        found = open_models(flat)
+    assert sorted(found.clip) == ["tiny-rn", "tiny-vit"] and found.reranker is None
+    assert "not verified" in caplog.text
+    checked = open_models(built_tree)
+    features = checked.default_clip.encode_text(["a dog on a beach"])
+    np.testing.assert_allclose(found.clip["tiny-vit"].encode_text(["a dog on a beach"]),
+                               checked.clip["tiny-vit"].encode_text(["a dog on a beach"]), atol=1e-6)  # fmt: skip
+    feature_dim = found.regressor.feature_dim
+    probe = np.resize(features, (3, feature_dim)).astype(np.float32)
+    np.testing.assert_array_equal(found.regressor.predict(probe), checked.regressor.predict(probe))
+    # The look-up order: the ONNX export's own path wins over the seed-named twin.
+    (flat / "onnx").mkdir()
+    shutil.copy(built_tree / "onnx" / "clip_tiny-vit_image_encoder.onnx", flat / "onnx" / "boundary_regressor.onnx")
+    with pytest.raises(ValueError, match="features must have shape"):
+        open_models(flat).regressor.predict(probe)

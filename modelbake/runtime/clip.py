@@ -163,6 +163,19 @@ class ClipEncoder:
         return self._normalise(np.concatenate(out) if out else np.zeros((0, 0), np.float32), normalize)
 
 
+def detected_pairs(folder: Path) -> dict[str, dict[str, Path]]:
+    """``{model: {"text": path, "image": path}}`` for every complete pair named by the seed's convention."""
+    from modelbake.spec import CLIP_ONNX_PATTERN, ONNX_DIR
+
+    found: dict[str, dict[str, Path]] = {}
+    for directory in (folder / ONNX_DIR, folder):
+        for path in sorted(directory.glob("clip_*_encoder.onnx")):
+            match = CLIP_ONNX_PATTERN.match(path.name)
+            if match:
+                found.setdefault(match["key"], {}).setdefault(match["tower"], path)
+    return {key: towers for key, towers in sorted(found.items()) if set(towers) == {"text", "image"}}
+
+
 def detect(folder: Path, name: str | None = None) -> dict[str, Any]:
     """A model entry for ONNX files found by the original naming convention, without a manifest.
 
@@ -174,15 +187,9 @@ def detect(folder: Path, name: str | None = None) -> dict[str, Any]:
 
     import onnxruntime as ort
 
-    from modelbake.spec import CLIP_DIR, CLIP_ONNX_PATTERN, ONNX_DIR, OPENAI_MEAN, OPENAI_STD
+    from modelbake.spec import CLIP_DIR, OPENAI_MEAN, OPENAI_STD
 
-    found: dict[str, dict[str, Path]] = {}
-    for directory in (folder / ONNX_DIR, folder):
-        for path in sorted(directory.glob("clip_*_encoder.onnx")):
-            match = CLIP_ONNX_PATTERN.match(path.name)
-            if match:
-                found.setdefault(match["key"], {}).setdefault(match["tower"], path)
-    pairs = {key: towers for key, towers in found.items() if set(towers) == {"text", "image"}}
+    pairs = detected_pairs(folder)
     if name is not None:
         pairs = {key: towers for key, towers in pairs.items() if key == name}
     if not pairs:

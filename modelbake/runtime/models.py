@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from modelbake.manifest import check_files, read_manifest, resolve_inside
-from modelbake.runtime.clip import ClipEncoder
-from modelbake.runtime.regressor import BoundaryRegressorONNX
+from modelbake.manifest import ManifestError, check_files, read_manifest, resolve_inside
+from modelbake.runtime.clip import ClipEncoder, detect, detected_pairs
+from modelbake.runtime.regressor import BoundaryRegressorONNX, WeightsNotFound
 from modelbake.runtime.reranker import Reranker
+from modelbake.spec import MANIFEST_NAME, REGRESSOR_ONNX
 
 
 @dataclass
@@ -25,8 +27,14 @@ class Models:
 
 
 def open_models(folder: Path | str, *, threads: int | None = None) -> Models:
-    """Check every file of ``folder``'s manifest (size + sha256), then load each model once."""
+    """Check every file of ``folder``'s manifest (size + sha256), then load each model once.
+
+    A folder without a manifest is searched as the seed's services did: CLIP ONNX pairs by name, the
+    regressor by its look-up order; nothing is verified then (a warning says so) and there is no reranker.
+    """
     folder = Path(folder)
+    if not (folder / MANIFEST_NAME).is_file():
+        return _open_by_names(folder, threads)
     manifest = read_manifest(folder)
     check_files(folder, manifest["models"])
     models = Models()
@@ -38,4 +46,18 @@ def open_models(folder: Path | str, *, threads: int | None = None) -> Models:
         elif model["kind"] == "regressor" and models.regressor is None:
             entry = next(f for f in model["files"] if f["role"] == "regressor")
             models.regressor = BoundaryRegressorONNX(resolve_inside(folder, entry["path"]), threads=threads)
+    return models
+
+
+def _open_by_names(folder: Path, threads: int | None) -> Models:
+    models = Models()
+    for name in detected_pairs(folder):
+        models.clip[name] = ClipEncoder(folder, detect(folder, name), threads=threads)
+    with contextlib.suppress(WeightsNotFound):
+        models.regressor = BoundaryRegressorONNX.from_folder(folder, threads=threads)
+    if not models.clip and models.regressor is None:
+        raise ManifestError(
+            f"no manifest in {folder} and no model files by the original names (clip_<model>_*_encoder.onnx, "
+            f"{REGRESSOR_ONNX}); point at a folder built by modelbake"
+        )
     return models

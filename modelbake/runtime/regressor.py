@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from modelbake.manifest import checked_model, resolve_inside
-from modelbake.spec import MANIFEST_NAME, ONNX_DIR, REGRESSOR_LOOKUP, REGRESSOR_ONNX
+from modelbake.spec import MANIFEST_NAME, REGRESSOR_LOOKUP, REGRESSOR_ONNX_LOOKUP
 
 log = logging.getLogger("modelbake")
 LOOKUP_ENV = "MODELBAKE_REGRESSOR_LOOKUP"
@@ -61,13 +61,16 @@ class BoundaryRegressorONNX:
         self.feature_dim = int(self.session.get_inputs()[0].shape[1])
 
     @classmethod
-    def from_folder(cls, folder: Path) -> BoundaryRegressorONNX:
-        """Through the manifest when there is one (files checked), else ``onnx/boundary_regressor.onnx``."""
+    def from_folder(cls, folder: Path, threads: int | None = None) -> BoundaryRegressorONNX:
+        """Through the manifest when there is one (files checked), else the first file of the ONNX look-up
+        order (``spec.REGRESSOR_ONNX_LOOKUP``, unverified, with a warning)."""
         if not (folder / MANIFEST_NAME).is_file():
-            return cls(folder / ONNX_DIR / REGRESSOR_ONNX)
+            path = find_weights(folder, REGRESSOR_ONNX_LOOKUP)
+            log.warning("boundary regressor: no manifest in %s, %s is not verified", folder, path)
+            return cls(path, threads=threads)
         model = checked_model(folder, "regressor")
         entry = next(f for f in model["files"] if f["role"] == "regressor")
-        return cls(resolve_inside(folder, entry["path"]))
+        return cls(resolve_inside(folder, entry["path"]), threads=threads)
 
     def predict(self, features: np.ndarray | list) -> np.ndarray:
         x = np.asarray(features, dtype=np.float32)
