@@ -314,3 +314,71 @@ def test_air_gapped_bundle_builds_with_no_index(
     )
     assert again.returncode == 1 and "exists; give a new folder" in again.stderr
     shutil.rmtree(out)  # 3 GB of wheels: not worth keeping in pytest's temp folders
+
+
+def _wait_healthy(container: str, deadline_s: float = 180) -> str:
+    """Poll the engine's health status; a liveness timeout, not a speed threshold."""
+    import time
+
+    end = time.monotonic() + deadline_s
+    while True:
+        state = json.loads(_docker("inspect", container).stdout)[0]["State"]
+        status = state.get("Health", {}).get("Status", "none")
+        if status in ("healthy", "unhealthy") or not state["Running"] or time.monotonic() > end:
+            return status
+        time.sleep(0.5)
+
+
+def _exec_json(container: str, method: str, path: str, body: object = None) -> tuple[int, dict]:
+    """An HTTP request from inside the container (it has no network but its loopback)."""
+    script = (
+        "import json, sys, urllib.request, urllib.error\n"
+        "data = None if sys.argv[3] == 'null' else sys.argv[3].encode()\n"
+        "req = urllib.request.Request('http://127.0.0.1:8080' + sys.argv[2], data=data, method=sys.argv[1])\n"
+        "try:\n    r = urllib.request.urlopen(req, timeout=60)\n"
+        "except urllib.error.HTTPError as e:\n    r = e\n"
+        "print(r.status, r.read().decode())\n"
+    )
+    out = _docker("exec", container, "python", "-c", script, method, path, json.dumps(body)).stdout
+    status, _, doc = out.partition(" ")
+    return int(status), json.loads(doc)
+
+
+@pytest.mark.parametrize("models", ["baked-in", "mounted"])
+def test_example_service_from_compose_becomes_healthy_and_serves(baked: dict[str, str], models: str) -> None:
+    """compose.yaml's example service, FROM the runtime image; models baked in or mounted read-only."""
+    env = {**baked, "PIP_OFFLINE": "1"}
+    proc = subprocess.run(["docker", "compose", "--profile", "example", "build", "search"],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=900)  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    mount = ["-v", f"{baked['MODELS_OUT']}:/models:ro"] if models == "mounted" else []
+    if mount:  # the service user (uid 10001) must be able to read the tree; pytest made the folder 0700
+        Path(baked["MODELS_OUT"]).chmod(0o755)
+    name = f"modelbake-search-{uuid.uuid4().hex[:8]}"
+    _docker("run", "-d", "--name", name, "--network", "none", "--read-only", "--cap-drop", "ALL",
+            "--health-interval", "1s", *mount, f"modelbake-search:{TAG}")  # fmt: skip
+    try:
+        assert _wait_healthy(name) == "healthy", _docker("logs", name, check=False).stderr[-3000:]
+        status, doc = _exec_json(name, "GET", "/models")
+        assert status == 200 and doc == {"clip": {"tiny-vit": 32, "tiny-rn": 32}, "reranker": True, "regressor": True}
+        status, doc = _exec_json(name, "POST", "/rank", {"query": "a dog", "passages": ["a dog runs", "a car"]})
+        assert status == 200 and sorted(i for i, _ in doc["ranking"]) == [0, 1]
+        status, doc = _exec_json(name, "POST", "/embed/text", {"texts": ["a dog on a beach"]})
+        assert status == 200 and len(doc["embeddings"][0]) == 32
+        status, doc = _exec_json(name, "POST", "/boundaries", {"features": [[0.1] * 32]})
+        assert status == 200 and len(doc["deltas"][0]) == 2
+        status, doc = _exec_json(name, "POST", "/boundaries", {"features": [[0.1] * 5]})
+        assert status == 400 and "features must have shape (n, 32)" in doc["error"]
+    finally:
+        _docker("rm", "-f", name, check=False)
+
+
+def test_base_image_builds_with_plain_docker_build_for_debugging(baked: dict[str, str]) -> None:
+    """`docker build --target base-image` works without bake (offline here: wheelhouse as a context)."""
+    tag = f"modelbake-base:{TAG}-debug"
+    _docker("build", "-f", "Dockerfile.models", "--target", "base-image", "-t", tag,
+            "--build-context", f"wheelhouse={baked['WHEELHOUSE']}", "--build-arg", "PIP_OFFLINE=1",
+            "--build-arg", f"BASE_IMAGE={baked['BASE_IMAGE']}", ".", env=baked)  # fmt: skip
+    proc = _run("--entrypoint", "python", tag, "-c",
+                "import torch, open_clip, onnx, onnxsim, sentence_transformers; print(torch.__version__)")  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.strip().startswith("2."), proc.stderr[-2000:]

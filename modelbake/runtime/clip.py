@@ -141,6 +141,11 @@ class ClipEncoder:
             return cls(folder, detect(folder, name), **kwargs)
         return cls(folder, checked_model(folder, "clip", name), **kwargs)
 
+    @property
+    def embed_dim(self) -> int:
+        """The embedding size (the text graph's output width)."""
+        return int(self.sessions["text"].get_outputs()[0].shape[-1])
+
     @staticmethod
     def _normalise(x: np.ndarray, normalize: bool) -> np.ndarray:
         return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12) if normalize else x
