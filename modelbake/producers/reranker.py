@@ -60,14 +60,49 @@ def _fetch(spec: RerankerSpec, scratch: Path) -> tuple[Path, dict[str, Any]]:
         if not (path / "config.json").is_file():
             raise ProducerError(f"{spec.text!r}: {path} holds no config.json; point at a Hugging Face model folder")
         return path, {"type": "dir", "id": str(path)}
-    from huggingface_hub import snapshot_download
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
-    target = scratch / "download"
-    path = Path(snapshot_download(spec.repo, revision=spec.revision, local_dir=target))
-    from huggingface_hub import HfApi
+    from modelbake.spec import DEFAULT_RERANKER_MODELS
 
-    revision = HfApi().model_info(spec.repo, revision=spec.revision).sha
-    return path, {"type": "hub", "id": spec.repo, "revision": revision}
+    try:
+        # Resolve the revision once, then download exactly that commit (resumable; sizes checked).
+        commit = HfApi().model_info(spec.repo, revision=spec.revision).sha
+        path = Path(snapshot_download(spec.repo, revision=commit, local_dir=scratch / "download"))
+    except RevisionNotFoundError as exc:
+        raise ProducerError(
+            f"{spec.text!r}: revision {spec.revision!r} does not exist in {spec.repo}; give a branch, tag or commit"
+        ) from exc
+    except RepositoryNotFoundError as exc:
+        raise ProducerError(
+            f"{spec.text!r}: no repository {spec.repo!r} on the hub (a private or gated one needs the build "
+            f"secret hf_token); check the name, e.g. {DEFAULT_RERANKER_MODELS}"
+        ) from exc
+    except Exception as exc:
+        # Transport errors (httpx's, which huggingface_hub uses), HTTP errors and its size checks (OSError).
+        if not isinstance(exc, OSError | ConnectionError) and not type(exc).__module__.startswith(
+            ("httpx", "huggingface_hub")
+        ):
+            raise
+        raise ProducerError(
+            f"{spec.text!r}: download failed ({type(exc).__name__}: {exc}); check the network or proxy and build "
+            f"again (huggingface_hub resumes), or use a local copy (NAME@dir:PATH)"
+        ) from exc
+    return path, {"type": "hub", "id": spec.repo, "revision": commit}
+
+
+def _check_architecture(spec: RerankerSpec, path: Path) -> None:
+    """Refuse, before loading, a model type that has no sequence-classification form in transformers."""
+    import json
+
+    from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
+
+    model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    if model_type not in MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES:
+        raise ProducerError(
+            f"{spec.text!r}: model type {model_type!r} has no sequence-classification form, so it cannot score "
+            f"pairs; give a cross-encoder or an encoder such as BERT (e.g. cross-encoder/ms-marco-MiniLM-L-6-v2)"
+        )
 
 
 def _activation(ce: Any) -> str:
@@ -130,6 +165,10 @@ def _cache_one(spec: RerankerSpec, root: Path, opset: int, int8: bool, int8_atol
 
     path, source = _fetch(spec, root)
     done("fetched")
+    _check_architecture(spec, path)
+    # A model without a classifier head gets one here, drawn from a fixed seed (the same head every
+    # build), saved below with the model: loaders never draw a new one.
+    torch.manual_seed(0)
     ce = CrossEncoder(str(path), device="cpu")
     dest = root / RERANKER_DIR / spec.key
     ce.save(str(dest))
@@ -221,5 +260,5 @@ def run(specs: list[RerankerSpec], out_root: Path, opset: int = DEFAULT_OPSET, i
             reason = str(exc) if isinstance(exc, ProducerError) else f"{type(exc).__name__}: {exc}"
             log.warning("reranker %s failed: %s", spec.text, reason)
             log.debug("traceback", exc_info=True)
-            failures.append(f"{spec.text}: {reason}")
+            failures.append(reason if reason.startswith(repr(spec.text)) else f"{spec.text}: {reason}")
     raise ProducerError("no reranker candidate could be cached:\n  " + "\n  ".join(failures))

@@ -26,11 +26,12 @@ class Models:
         return next(iter(self.clip.values()))
 
 
-def open_models(folder: Path | str, *, threads: int | None = None) -> Models:
+def open_models(folder: Path | str, *, int8: bool = False, threads: int | None = None) -> Models:
     """Check every file of ``folder``'s manifest (size + sha256), then load each model once.
 
     A folder without a manifest is searched as the seed's services did: CLIP ONNX pairs by name, the
     regressor by its look-up order; nothing is verified then (a warning says so) and there is no reranker.
+    ``int8=True`` loads the dynamic-int8 CLIP and reranker variants (built with CLIP_INT8/RERANKER_INT8).
     """
     folder = Path(folder)
     if not (folder / MANIFEST_NAME).is_file():
@@ -40,9 +41,9 @@ def open_models(folder: Path | str, *, threads: int | None = None) -> Models:
     models = Models()
     for model in manifest["models"]:
         if model["kind"] == "clip":
-            models.clip[model["name"]] = ClipEncoder(folder, model, threads=threads)
+            models.clip[model["name"]] = ClipEncoder(folder, model, int8=int8, threads=threads)
         elif model["kind"] == "reranker" and models.reranker is None:
-            models.reranker = Reranker(folder, model, threads=threads)
+            models.reranker = Reranker(folder, model, int8=int8, threads=threads)
         elif model["kind"] == "regressor" and models.regressor is None:
             entry = next(f for f in model["files"] if f["role"] == "regressor")
             models.regressor = BoundaryRegressorONNX(resolve_inside(folder, entry["path"]), threads=threads)
