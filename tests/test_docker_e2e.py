@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import shutil
 import subprocess
 import sys
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, run_cli
 
+from modelbake.buildkit import parse_plain, ran, stage_runs
 from modelbake.manifest import check_files, read_manifest
 
 pytestmark = pytest.mark.docker
@@ -157,37 +157,17 @@ def test_compose_builds_the_runtime_image(baked: dict[str, str], command: list[s
     assert proc.returncode == 0 and "FAIL" not in proc.stdout, proc.stdout + proc.stderr
 
 
-def _stage_runs(log: str, stage: str) -> list[set[str]]:
-    """The states (CACHED, DONE) of the RUN steps of ``stage`` in BuildKit's plain progress output."""
-    pattern = re.compile(rf"^\[(?:\S+ )?{re.escape(stage)} \d+/\d+\] RUN")
-    return [states for name, states in _steps(log).items() if pattern.match(name)]
-
-
-def _steps(log: str) -> dict[str, set[str]]:
-    """BuildKit plain progress -> {step name: {"CACHED", "DONE", ...}}."""
-    names: dict[str, str] = {}
-    states: dict[str, set[str]] = {}
-    for line in log.splitlines():
-        number, _, rest = line.partition(" ")
-        if not number.startswith("#"):
-            continue
-        if rest.startswith("["):
-            names.setdefault(number, rest)
-        elif rest in ("CACHED",) or rest.startswith("DONE"):
-            states.setdefault(names.get(number, number), set()).add(rest.split()[0])
-    return states
-
-
 def test_a_reranker_change_reruns_only_its_stage(baked: dict[str, str], tmp_path: Path) -> None:
     # A new fallback candidate in front (unique, so BuildKit cannot have seen it): only reranker-cache
     # and the stages after it may run again.
     missing = f"gone-{uuid.uuid4().hex[:8]}@dir:/sources/none"
     env = {**baked, "MODELS_OUT": str(tmp_path / "out"), "RERANKER_MODELS": f"{missing},{baked['RERANKER_MODELS']}"}
-    log = _docker("buildx", "bake", "--progress=plain", "models", env=env).stderr
-    runs = {stage: _stage_runs(log, stage) for stage in ("clip-export", "reranker-cache", "regressor-seed")}
-    assert runs["clip-export"] and all(s == {"CACHED"} for s in runs["clip-export"]), runs
-    assert runs["regressor-seed"] and all(s == {"CACHED"} for s in runs["regressor-seed"]), runs
-    assert runs["reranker-cache"] and all("DONE" in s for s in runs["reranker-cache"]), runs
+    steps = parse_plain(_docker("buildx", "bake", "--progress=plain", "models", env=env).stderr)
+    runs = {stage: stage_runs(steps, stage) for stage in ("clip-export", "reranker-cache", "regressor-seed")}
+    assert all(runs.values()), runs  # each stage's RUN step is in the log
+    assert not ran(steps, "clip-export") and not ran(steps, "regressor-seed"), runs
+    assert all(step.cached for step in runs["clip-export"] + runs["regressor-seed"]), runs
+    assert ran(steps, "reranker-cache") and not any(step.cached for step in runs["reranker-cache"]), runs
     manifest = json.loads((tmp_path / "out" / "model_manifest.json").read_text())
     (reranker,) = [m for m in manifest["models"] if m["kind"] == "reranker"]
     assert any(missing in note for note in reranker["notes"])
