@@ -23,5 +23,5 @@ fi
 
 "$venv/bin/ruff" check .
 "$venv/bin/ruff" format --check .
-"$venv/bin/hadolint" Dockerfile.models examples/*/Dockerfile
+"$venv/bin/hadolint" Dockerfile.models examples/*/Dockerfile bench/naive.Dockerfile
 exec "$venv/bin/python" -m pytest -ra "$@"

@@ -1,0 +1,216 @@
+#!/usr/bin/env python3
+"""Image size, rebuild cost, reproducibility and parallel stages, against the naive single-stage image.
+
+Needs a Docker engine with buildx, the base image and the wheelhouse (``bash docker/setup-engine.sh``
+prints the variables; ``eval`` them), and runs with the tiny models the tests make, so it finishes in
+minutes on 2 cores. It works on a copy of the build files in a temporary folder (it edits a README line
+there), with SOURCE_DATE_EPOCH fixed. In one run:
+
+1. cold build (``--no-cache``) of the default target ``runtime`` (the ``models`` tree exported as an image
+   alongside, to read its layer digest); then rebuilds after changing only the reranker selection, only
+   the CLIP selection, only a regressor setting, only a README line: stages that ran (from BuildKit's
+   plain output) and wall time as a fraction of the cold build;
+2. a second cold build with the inputs of the first: every artifact's sha256, the manifest and the
+   models layer's digest compared;
+3. the naive image (bench/naive.Dockerfile: one stage with torch and the models), cold and after the same
+   reranker change; sizes side by side, with the torch part (torch, nvidia, triton, torchvision) apart;
+4. the cold build's stage times: the three producing stages' sum against the longest (critical path).
+
+    eval "$(bash docker/setup-engine.sh | grep ^export)"
+    python bench/image_build.py [--keep-images]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+import docker
+
+from modelbake.bake import stage_sizes
+from modelbake.buildkit import parse_plain, ran, stage_seconds
+
+REPO = Path(__file__).resolve().parents[1]
+STAGES = ("base-image", "clip-export", "reranker-cache", "regressor-seed", "manifest", "runtime-base", "runtime")
+PRODUCERS = ("clip-export", "reranker-cache", "regressor-seed")
+TAG = f"bench-{uuid.uuid4().hex[:6]}"
+
+
+def bake(ctx: Path, env: dict[str, str], *args: str) -> tuple[float, str]:
+    start = time.perf_counter()
+    proc = subprocess.run(["docker", "buildx", "bake", "--progress=plain", *args], cwd=ctx, env=env,
+                          capture_output=True, text=True)  # fmt: skip
+    if proc.returncode != 0:
+        sys.exit(f"bake {' '.join(args)} failed:\n{proc.stderr[-4000:]}")
+    return time.perf_counter() - start, proc.stderr
+
+
+def build_naive(ctx: Path, env: dict[str, str], image: str, *extra: str) -> tuple[float, str]:
+    args = ["docker", "buildx", "build", "--progress=plain", "-f", "bench/naive.Dockerfile", "-t", image,
+            "--build-context", f"wheelhouse={env['WHEELHOUSE']}", "--build-context",
+            f"model-sources={env['MODEL_SOURCES']}", *extra]  # fmt: skip
+    for key in ("BASE_IMAGE", "CLIP_MODELS", "RERANKER_MODELS", "CLIP_INT8", "REGRESSOR_EPOCHS",
+                "SOURCE_DATE_EPOCH"):  # fmt: skip
+        args += ["--build-arg", f"{key}={env[key]}"]
+    start = time.perf_counter()
+    proc = subprocess.run([*args, "--build-arg", "PIP_OFFLINE=1", "."], cwd=ctx, env=env, capture_output=True,
+                          text=True)  # fmt: skip
+    if proc.returncode != 0:
+        sys.exit(f"naive build failed:\n{proc.stderr[-4000:]}")
+    return time.perf_counter() - start, proc.stderr
+
+
+def manifest_of(client: docker.DockerClient, image: str) -> dict:
+    raw = client.containers.run(image, ["/models/model_manifest.json"], entrypoint="cat", remove=True)
+    return json.loads(raw)
+
+
+def du(client: docker.DockerClient, image: str, *paths: str) -> int:
+    out = client.containers.run(image, ["-c", f"du -sbc {' '.join(paths)} 2>/dev/null | tail -1"],
+                                entrypoint="sh", user="0", remove=True)  # fmt: skip
+    return int(out.split()[0])
+
+
+def layer_size(client: docker.DockerClient, image: str, marker: str) -> int:
+    return sum(h["Size"] for h in client.images.get(image).history() if marker in h["CreatedBy"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--keep-images", action="store_true")
+    args = parser.parse_args()
+    for var in ("BASE_IMAGE", "WHEELHOUSE"):
+        if not os.environ.get(var):
+            sys.exit(f'{var} is not set: eval "$(bash docker/setup-engine.sh | grep ^export)" first')
+    client = docker.from_env()
+    work = Path(tempfile.mkdtemp(prefix="modelbake-bench-"))
+    ctx = work / "ctx"
+    ctx.mkdir()
+    for name in ("Dockerfile.models", "docker-bake.hcl", ".dockerignore", "README.md"):
+        shutil.copy(REPO / name, ctx / name)
+    for folder in ("modelbake", "build", "bench"):
+        shutil.copytree(REPO / folder, ctx / folder, ignore=shutil.ignore_patterns("__pycache__"))
+    from modelbake.sources.tiny import make_tiny_sources
+
+    make_tiny_sources(work / "sources")
+    env = {
+        **os.environ,
+        "MODEL_SOURCES": str(work / "sources"),
+        "CLIP_MODELS": "tiny-vit@dir:/sources/clip/tiny-vit,tiny-rn@dir:/sources/clip/tiny-rn",
+        "RERANKER_MODELS": "tiny-bert@dir:/sources/reranker/tiny-bert",
+        "CLIP_INT8": "1",
+        "REGRESSOR_EPOCHS": "3",
+        "SOURCE_DATE_EPOCH": "1700000000",
+        "IMAGE": "modelbake-bench",
+        "TAG": TAG,
+    }
+    runtime = f"modelbake-bench:{TAG}"
+    images = [runtime]
+
+    def cold(label: str) -> tuple[float, str, str]:
+        models = f"modelbake-bench-models:{TAG}-{label}"
+        images.append(models)
+        seconds, log = bake(ctx, env, "runtime", "models", "--set", "*.no-cache=true", "--set",
+                            f"models.output=type=docker,name={models},rewrite-timestamp=true")  # fmt: skip
+        return seconds, log, models
+
+    print("cold build 1 ...", file=sys.stderr)
+    cold_s, cold_log, models_a = cold("a")
+    manifest_a = manifest_of(client, runtime)
+    cold_steps = parse_plain(cold_log)
+
+    changes = {
+        "reranker selection": {"RERANKER_MODELS": f"gone-{TAG}@dir:/sources/none,{env['RERANKER_MODELS']}"},
+        "CLIP selection": {"CLIP_MODELS": f"vit-{TAG}@dir:/sources/clip/tiny-vit,tiny-rn@dir:/sources/clip/tiny-rn"},
+        "regressor setting": {"REGRESSOR_SEED": str(int(uuid.uuid4().int % 10_000) + 1)},
+        "README line": {},
+    }
+    rebuilds = {}
+    for label, change in changes.items():
+        print(f"rebuild after a {label} change ...", file=sys.stderr)
+        if label == "README line":
+            with (ctx / "README.md").open("a") as f:
+                f.write(f"\n<!-- {TAG} -->\n")
+        seconds, log = bake(ctx, {**env, **change}, "runtime")
+        steps = parse_plain(log)
+        rebuilds[label] = (seconds, [s for s in STAGES if ran(steps, s)])
+
+    print("cold build 2 (same inputs as 1) ...", file=sys.stderr)
+    _, _, models_b = cold("b")
+    manifest_b = manifest_of(client, runtime)
+
+    print("naive image: cold, then after the reranker change ...", file=sys.stderr)
+    naive = f"modelbake-bench-naive:{TAG}"
+    images.append(naive)
+    naive_cold_s, _ = build_naive(ctx, env, naive, "--no-cache")
+    naive_size = int(client.images.get(naive).attrs["Size"])
+    naive_models = layer_size(client, naive, "modelbake.cli download")
+    site = "/opt/venv/lib/python3.11/site-packages"
+    naive_torch = du(client, naive, *(f"{site}/{p}" for p in ("torch", "nvidia", "triton", "torchvision",
+                                                               "torch-*.dist-info")))  # fmt: skip
+    naive_rerank_s, _ = build_naive(ctx, {**env, **changes["reranker selection"]}, f"{naive}-rr")
+    images.append(f"{naive}-rr")
+
+    sizes = stage_sizes(client, runtime, manifest_a, env["BASE_IMAGE"])
+    ours = sizes["runtime image"]
+    ours_models = sizes["models layer"]
+    files = sum(f["bytes"] for m in manifest_a["models"] for f in m["files"])
+    manifest_bytes = len(json.dumps(manifest_a, indent=2, sort_keys=True)) + 1
+
+    mb = 1e6
+    print("\n## Image size (tiny model set; MB)")
+    print(f"{'image':<44}{'total':>10}{'without models':>16}{'torch part':>12}")
+    print(f"{'ours: runtime':<44}{ours / mb:>10.1f}{(ours - ours_models) / mb:>16.1f}{0:>12.1f}")
+    print(f"{'naive: single stage':<44}{naive_size / mb:>10.1f}{(naive_size - naive_models) / mb:>16.1f}"
+          f"{naive_torch / mb:>12.1f}")  # fmt: skip
+    print(f"{'naive without its torch part':<44}{(naive_size - naive_torch) / mb:>10.1f}"
+          f"{(naive_size - naive_models - naive_torch) / mb:>16.1f}")  # fmt: skip
+    ratio = (ours - ours_models) / (naive_size - naive_models)
+    ratio_fair = (ours - ours_models) / (naive_size - naive_models - naive_torch)
+    print(f"ours/naive without models: {ratio:.3f} (target <= 0.25); against naive without torch: {ratio_fair:.3f}")
+    print(f"models layer {ours_models / mb:.2f} MB; the files it holds {files / mb:.2f} MB + manifest "
+          f"{manifest_bytes / 1e3:.1f} kB (ratio {ours_models / (files + manifest_bytes):.4f}); naive's models "
+          f"layer {naive_models / mb:.2f} MB")  # fmt: skip
+
+    print("\n## Rebuild cost (wall time; fraction of the cold build)")
+    print(f"cold build of runtime: {cold_s:.1f} s; naive image cold: {naive_cold_s:.1f} s")
+    print(f"{'change only':<22}{'s':>8}{'of cold':>9}  stages that ran")
+    for label, (seconds, stages) in rebuilds.items():
+        print(f"{label:<22}{seconds:>8.1f}{seconds / cold_s:>9.1%}  {', '.join(stages) or '(none)'}")
+    print(f"{'naive: reranker':<22}{naive_rerank_s:>8.1f}{naive_rerank_s / naive_cold_s:>9.1%}  "
+          f"the one download step: every model again")  # fmt: skip
+
+    print("\n## Reproducibility (two cold builds, same inputs, SOURCE_DATE_EPOCH set)")
+    digests = [{f["path"]: f["sha256"] for m in doc["models"] for f in m["files"]} for doc in (manifest_a, manifest_b)]
+    differ = sorted(p for p in digests[0] if digests[0][p] != digests[1].get(p))
+    print(f"artifacts: {len(digests[0]) - len(differ)}/{len(digests[0])} identical sha256"
+          + (f"; differ: {', '.join(differ)}" if differ else ""))  # fmt: skip
+    print(f"manifest identical: {manifest_a == manifest_b}")
+    layers = [client.images.get(m).attrs["RootFS"]["Layers"] for m in (models_a, models_b)]
+    print(f"models layer digest identical: {layers[0] == layers[1]} ({layers[0][0][:19]}... / {layers[1][0][:19]}...)")
+
+    print("\n## Parallel stages (cold build, seconds of each stage's RUN steps)")
+    for stage in STAGES:
+        print(f"{stage:<16}{stage_seconds(cold_steps, stage):>8.1f}")
+    producing = [stage_seconds(cold_steps, s) for s in PRODUCERS]
+    print(
+        f"producing stages: sum {sum(producing):.1f} s, longest {max(producing):.1f} s (the critical path); "
+        f"all steps {sum(s.seconds or 0 for s in cold_steps if not s.cached):.1f} s in a {cold_s:.1f} s build"
+    )
+
+    if not args.keep_images:
+        for image in images:
+            subprocess.run(["docker", "image", "rm", "-f", image], capture_output=True)
+    shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
