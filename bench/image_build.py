@@ -83,6 +83,26 @@ def layer_size(client: docker.DockerClient, image: str, marker: str) -> int:
     return sum(h["Size"] for h in client.images.get(image).history() if marker in h["CreatedBy"])
 
 
+def layer_differences(client: docker.DockerClient, a: str, b: str) -> list[str]:
+    """What differs between two single-layer images' tar entries: name, size, mode, owner, mtime."""
+    import io
+    import tarfile
+
+    def entries(image: str) -> dict[str, tuple]:
+        saved = io.BytesIO(b"".join(client.images.get(image).save()))
+        with tarfile.open(fileobj=saved) as outer:
+            (layer,) = json.load(outer.extractfile("manifest.json"))[0]["Layers"]
+            with tarfile.open(fileobj=outer.extractfile(layer)) as inner:
+                return {m.name: (m.size, m.mode, m.uid, m.gid, m.mtime) for m in inner.getmembers()}
+
+    ea, eb = entries(a), entries(b)
+    return [
+        f"{name}: {ea.get(name)} vs {eb.get(name)}"
+        for name in sorted(set(ea) | set(eb))
+        if ea.get(name) != eb.get(name)
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep-images", action="store_true")
@@ -196,6 +216,9 @@ def main() -> None:
     print(f"manifest identical: {manifest_a == manifest_b}")
     layers = [client.images.get(m).attrs["RootFS"]["Layers"] for m in (models_a, models_b)]
     print(f"models layer digest identical: {layers[0] == layers[1]} ({layers[0][0][:19]}... / {layers[1][0][:19]}...)")
+    if layers[0] != layers[1]:
+        for line in layer_differences(client, models_a, models_b)[:10]:
+            print(f"  differs: {line}")
 
     print("\n## Parallel stages (cold build, seconds of each stage's RUN steps)")
     for stage in STAGES:

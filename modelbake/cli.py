@@ -126,13 +126,13 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     import shutil
 
     from modelbake.manifest import merge_fragments
-    from modelbake.producers.common import normalise_tree_modes
+    from modelbake.producers.common import normalise_tree
     from modelbake.spec import FRAGMENTS_DIR
 
     manifest = merge_fragments(args.root)
     if args.drop_fragments:
         shutil.rmtree(args.root / FRAGMENTS_DIR)
-    normalise_tree_modes(args.root)
+    normalise_tree(args.root)
     print(f"merged {len(manifest['models'])} models into {args.root}/model_manifest.json")
     return 0
 

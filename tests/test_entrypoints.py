@@ -116,3 +116,18 @@ def test_download_shows_progress_and_a_summary_table(download_run: tuple[Path, s
     manifest = json.loads((download_run[0] / MANIFEST_NAME).read_text())
     for model in manifest["models"]:
         assert rows[model["name"]][3] == str(len(model["files"]))  # the files column is the manifest's
+
+
+def test_merge_sets_every_mtime_to_source_date_epoch(built_tree: Path, tmp_path: Path) -> None:
+    """File times go into the models layer: with SOURCE_DATE_EPOCH they are all that time."""
+    import shutil
+
+    root = tmp_path / "m"
+    shutil.copytree(built_tree, root)
+    (root / MANIFEST_NAME).unlink()
+    run_cli(str(root), "--drop-fragments", script="merge_manifest.py", env={"SOURCE_DATE_EPOCH": "1700000000"},
+            check=True)  # fmt: skip
+    paths = [root, *root.rglob("*")]
+    assert {int(p.stat().st_mtime) for p in paths} == {1700000000}
+    assert {oct(p.stat().st_mode & 0o777) for p in paths if p.is_file()} == {"0o644"}
+    assert json.loads((root / MANIFEST_NAME).read_text())["created"].startswith("2023-11-14T22:13:20")

@@ -48,9 +48,13 @@ def staged_output(out_root: Path) -> Iterator[Path]:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def normalise_tree_modes(root: Path) -> None:
-    """World-readable files and folders, so the runtime's non-root user can read a root-owned tree."""
-    for path in [root, *root.rglob("*")]:
-        if path.is_symlink():
-            continue
+def normalise_tree(root: Path) -> None:
+    """World-readable files and folders (the runtime's non-root user reads a root-owned tree), and with
+    SOURCE_DATE_EPOCH set, every mtime set to it: file times go into the image layer, so the models
+    layer's digest is the same for the same inputs."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "")
+    paths = [p for p in [root, *root.rglob("*")] if not p.is_symlink()]
+    for path in sorted(paths, key=lambda p: len(p.parts), reverse=True):  # children before their folder
         path.chmod(0o755 if path.is_dir() else 0o644)
+        if epoch.isdigit():
+            os.utime(path, (int(epoch), int(epoch)))
