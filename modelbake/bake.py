@@ -81,6 +81,15 @@ class Selection:
             if known and not from_folder and spec.arch not in known:
                 close = difflib.get_close_matches(spec.arch, sorted(known), n=5, cutoff=0.5)
                 raise SpecError(f"{spec.text!r}: unknown OpenCLIP architecture; close names: {', '.join(close)}")
+        dim = str(self.regressor_feature_dim).strip()
+        if dim != "auto" and not (dim.isdigit() and int(dim) > 0):
+            raise SpecError(
+                f"regressor feature dim {dim!r}: give a positive integer or 'auto' (the first CLIP model's)"
+            )
+        if self.regressor_epochs < 1 or self.regressor_seed < 0:
+            raise SpecError(
+                f"regressor epochs {self.regressor_epochs} / seed {self.regressor_seed}: give epochs >= 1, seed >= 0"
+            )
         return {
             "CLIP_MODELS": ",".join(s.text for s in clip),
             "RERANKER_MODELS": ",".join(self.reranker),

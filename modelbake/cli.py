@@ -219,6 +219,9 @@ def _selection(args: argparse.Namespace) -> Selection:
         selection.reranker = args.reranker.split(",")
     selection.clip_int8 = selection.clip_int8 or args.clip_int8
     selection.reranker_int8 = selection.reranker_int8 or args.reranker_int8
+    for key in ("feature_dim", "seed", "epochs"):
+        if getattr(args, f"regressor_{key}") is not None:
+            setattr(selection, f"regressor_{key}", getattr(args, f"regressor_{key}"))
     return selection
 
 
@@ -228,6 +231,9 @@ def _add_selection(p: argparse.ArgumentParser) -> None:
     p.add_argument("--reranker", help="comma-separated reranker fallback list (overrides the file)")
     p.add_argument("--clip-int8", action="store_true", help="also ship CLIP int8 variants")
     p.add_argument("--reranker-int8", action="store_true", help="also ship the reranker's int8 variant")
+    p.add_argument("--regressor-feature-dim", help="seed weights' input size: an integer or 'auto' (first CLIP)")
+    p.add_argument("--regressor-seed", type=int, help="seed of the regressor's synthetic set and init")
+    p.add_argument("--regressor-epochs", type=int, help="training epochs of the seed weights")
 
 
 def _cmd_bundle(args: argparse.Namespace) -> int:

@@ -49,3 +49,14 @@ def test_no_engine_is_named_with_the_fix(monkeypatch: pytest.MonkeyPatch) -> Non
     else:
         assert "no Docker engine answers at unix:///nonexistent/docker.sock" in proc.stderr
         assert "start dockerd" in proc.stderr
+
+
+def test_regressor_flags_become_bake_variables_and_are_checked() -> None:
+    proc = run_cli("bake", "--dry-run", "--clip", "RN50", "--regressor-feature-dim", "1024", "--regressor-seed", "7",
+                   "--regressor-epochs", "5")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert "REGRESSOR_FEATURE_DIM=1024 REGRESSOR_SEED=7 REGRESSOR_EPOCHS=5" in proc.stdout
+    proc = run_cli("bake", "--dry-run", "--regressor-feature-dim", "big")
+    assert proc.returncode == 2 and "regressor feature dim 'big': give a positive integer or 'auto'" in proc.stderr
+    proc = run_cli("bake", "--dry-run", "--regressor-epochs", "0")
+    assert proc.returncode == 2 and "give epochs >= 1" in proc.stderr
