@@ -103,9 +103,30 @@ def layer_differences(client: docker.DockerClient, a: str, b: str) -> list[str]:
     ]
 
 
+def bars_svg(panels: list[tuple[str, str, list[tuple[str, float]]]]) -> str:
+    """Horizontal bar charts, one panel each (title, unit, rows), as a self-contained SVG."""
+    width, label_w, bar_w, row_h = 760, 250, 400, 22
+    parts, y = [], 10
+    for title, unit, rows in panels:
+        parts.append(f'<text x="10" y="{y + 14}" font-weight="bold">{title}</text>')
+        y += 24
+        top = max(v for _, v in rows) or 1.0
+        for label, value in rows:
+            w = max(1.0, bar_w * value / top)
+            parts.append(f'<text x="{label_w - 6}" y="{y + 15}" text-anchor="end">{label}</text>')
+            parts.append(f'<rect x="{label_w}" y="{y + 3}" width="{w:.1f}" height="{row_h - 6}" fill="#4878a8"/>')
+            parts.append(f'<text x="{label_w + w + 6:.1f}" y="{y + 15}">{value:,.1f} {unit}</text>')
+            y += row_h
+        y += 12
+    body = "\n".join(parts)
+    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{y}" font-family="sans-serif" '
+            f'font-size="13">\n<rect width="100%" height="100%" fill="white"/>\n{body}\n</svg>\n')  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--keep-images", action="store_true")
+    parser.add_argument("--plot", type=Path, default=REPO / "bench" / "results" / "image_build.svg")
     args = parser.parse_args()
     for var in ("BASE_IMAGE", "WHEELHOUSE"):
         if not os.environ.get(var):
@@ -228,6 +249,20 @@ def main() -> None:
         f"producing stages: sum {sum(producing):.1f} s, longest {max(producing):.1f} s (the critical path); "
         f"all steps {sum(s.seconds or 0 for s in cold_steps if not s.cached):.1f} s in a {cold_s:.1f} s build"
     )
+
+    args.plot.parent.mkdir(parents=True, exist_ok=True)
+    args.plot.write_text(bars_svg([
+        ("Image size (tiny models)", "MB", [
+            ("ours: runtime", ours / mb), ("ours: without models", (ours - ours_models) / mb),
+            ("naive: single stage", naive_size / mb), ("naive: without models", (naive_size - naive_models) / mb),
+            ("naive: without models or torch", (naive_size - naive_models - naive_torch) / mb),
+        ]),
+        ("Rebuild after one change (% of the cold build)", "%", [
+            *((f"ours: {label}", 100 * secs / cold_s) for label, (secs, _) in rebuilds.items()),
+            ("naive: reranker selection", 100 * naive_rerank_s / naive_cold_s),
+        ]),
+    ]))  # fmt: skip
+    print(f"\nplot: {args.plot}")
 
     if not args.keep_images:
         for image in images:
