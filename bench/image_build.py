@@ -17,7 +17,10 @@ there), with SOURCE_DATE_EPOCH fixed. In one run:
 4. the cold build's stage times: the three producing stages' sum against the longest (critical path).
 
     eval "$(bash docker/setup-engine.sh | grep ^export)"
-    python bench/image_build.py [--keep-images]
+    python bench/image_build.py [--keep-images] [--plot FILE.svg]
+
+Disk: two no-cache builds and the naive image leave about 25 GB in BuildKit's cache and the image
+store while it runs (its images are removed at the end; `docker builder prune` reclaims the cache).
 """
 
 from __future__ import annotations
@@ -155,119 +158,127 @@ def main() -> None:
     }
     runtime = f"modelbake-bench:{TAG}"
     images = [runtime]
+    try:
 
-    def cold(label: str) -> tuple[float, str, str]:
-        models = f"modelbake-bench-models:{TAG}-{label}"
-        images.append(models)
-        seconds, log = bake(ctx, env, "runtime", "models", "--set", "*.no-cache=true", "--set",
-                            f"models.output=type=docker,name={models},rewrite-timestamp=true")  # fmt: skip
-        return seconds, log, models
+        def cold(label: str) -> tuple[float, str, str]:
+            models = f"modelbake-bench-models:{TAG}-{label}"
+            images.append(models)
+            seconds, log = bake(ctx, env, "runtime", "models", "--set", "*.no-cache=true", "--set",
+                                f"models.output=type=docker,name={models},rewrite-timestamp=true")  # fmt: skip
+            return seconds, log, models
 
-    print("cold build 1 ...", file=sys.stderr)
-    cold_s, cold_log, models_a = cold("a")
-    manifest_a = manifest_of(client, runtime)
-    cold_steps = parse_plain(cold_log)
+        print("cold build 1 ...", file=sys.stderr)
+        cold_s, cold_log, models_a = cold("a")
+        manifest_a = manifest_of(client, runtime)
+        cold_steps = parse_plain(cold_log)
 
-    changes = {
-        "reranker selection": {"RERANKER_MODELS": f"gone-{TAG}@dir:/sources/none,{env['RERANKER_MODELS']}"},
-        "CLIP selection": {"CLIP_MODELS": f"vit-{TAG}@dir:/sources/clip/tiny-vit,tiny-rn@dir:/sources/clip/tiny-rn"},
-        "regressor setting": {"REGRESSOR_SEED": str(int(uuid.uuid4().int % 10_000) + 1)},
-        "README line": {},
-    }
-    rebuilds = {}
-    for label, change in changes.items():
-        print(f"rebuild after a {label} change ...", file=sys.stderr)
-        if label == "README line":
-            with (ctx / "README.md").open("a") as f:
-                f.write(f"\n<!-- {TAG} -->\n")
-        seconds, log = bake(ctx, {**env, **change}, "runtime")
-        steps = parse_plain(log)
-        rebuilds[label] = (seconds, [s for s in STAGES if ran(steps, s)])
+        changes = {
+            "reranker selection": {"RERANKER_MODELS": f"gone-{TAG}@dir:/sources/none,{env['RERANKER_MODELS']}"},
+            "CLIP selection": {
+                "CLIP_MODELS": f"vit-{TAG}@dir:/sources/clip/tiny-vit,tiny-rn@dir:/sources/clip/tiny-rn"
+            },
+            "regressor setting": {"REGRESSOR_SEED": str(int(uuid.uuid4().int % 10_000) + 1)},
+            "README line": {},
+        }
+        rebuilds = {}
+        for label, change in changes.items():
+            print(f"rebuild after a {label} change ...", file=sys.stderr)
+            if label == "README line":
+                with (ctx / "README.md").open("a") as f:
+                    f.write(f"\n<!-- {TAG} -->\n")
+            seconds, log = bake(ctx, {**env, **change}, "runtime")
+            steps = parse_plain(log)
+            rebuilds[label] = (seconds, [s for s in STAGES if ran(steps, s)])
 
-    print("cold build 2 (same inputs as 1) ...", file=sys.stderr)
-    _, _, models_b = cold("b")
-    manifest_b = manifest_of(client, runtime)
+        print("cold build 2 (same inputs as 1) ...", file=sys.stderr)
+        _, _, models_b = cold("b")
+        manifest_b = manifest_of(client, runtime)
 
-    print("naive image: cold, then after the reranker change ...", file=sys.stderr)
-    naive = f"modelbake-bench-naive:{TAG}"
-    images.append(naive)
-    naive_cold_s, _ = build_naive(ctx, env, naive, "--no-cache")
-    naive_size = int(client.images.get(naive).attrs["Size"])
-    naive_models = layer_size(client, naive, "modelbake.cli download")
-    site = "/opt/venv/lib/python3.11/site-packages"
-    naive_torch = du(client, naive, *(f"{site}/{p}" for p in ("torch", "nvidia", "triton", "torchvision",
-                                                               "torch-*.dist-info")))  # fmt: skip
-    naive_rerank_s, _ = build_naive(ctx, {**env, **changes["reranker selection"]}, f"{naive}-rr")
-    images.append(f"{naive}-rr")
+        print("naive image: cold, then after the reranker change ...", file=sys.stderr)
+        naive = f"modelbake-bench-naive:{TAG}"
+        images.append(naive)
+        naive_cold_s, _ = build_naive(ctx, env, naive, "--no-cache")
+        naive_size = int(client.images.get(naive).attrs["Size"])
+        naive_models = layer_size(client, naive, "modelbake.cli download")
+        site = "/opt/venv/lib/python3.11/site-packages"
+        naive_torch = du(client, naive, *(f"{site}/{p}" for p in ("torch", "nvidia", "triton", "torchvision",
+                                                                   "torch-*.dist-info")))  # fmt: skip
+        naive_rerank_s, _ = build_naive(ctx, {**env, **changes["reranker selection"]}, f"{naive}-rr")
+        images.append(f"{naive}-rr")
 
-    sizes = stage_sizes(client, runtime, manifest_a, env["BASE_IMAGE"])
-    ours = sizes["runtime image"]
-    ours_models = sizes["models layer"]
-    files = sum(f["bytes"] for m in manifest_a["models"] for f in m["files"])
-    manifest_bytes = len(json.dumps(manifest_a, indent=2, sort_keys=True)) + 1
+        sizes = stage_sizes(client, runtime, manifest_a, env["BASE_IMAGE"])
+        ours = sizes["runtime image"]
+        ours_models = sizes["models layer"]
+        files = sum(f["bytes"] for m in manifest_a["models"] for f in m["files"])
+        manifest_bytes = len(json.dumps(manifest_a, indent=2, sort_keys=True)) + 1
 
-    mb = 1e6
-    print("\n## Image size (tiny model set; MB)")
-    print(f"{'image':<44}{'total':>10}{'without models':>16}{'torch part':>12}")
-    print(f"{'ours: runtime':<44}{ours / mb:>10.1f}{(ours - ours_models) / mb:>16.1f}{0:>12.1f}")
-    print(f"{'naive: single stage':<44}{naive_size / mb:>10.1f}{(naive_size - naive_models) / mb:>16.1f}"
-          f"{naive_torch / mb:>12.1f}")  # fmt: skip
-    print(f"{'naive without its torch part':<44}{(naive_size - naive_torch) / mb:>10.1f}"
-          f"{(naive_size - naive_models - naive_torch) / mb:>16.1f}")  # fmt: skip
-    ratio = (ours - ours_models) / (naive_size - naive_models)
-    ratio_fair = (ours - ours_models) / (naive_size - naive_models - naive_torch)
-    print(f"ours/naive without models: {ratio:.3f} (target <= 0.25); against naive without torch: {ratio_fair:.3f}")
-    print(f"models layer {ours_models / mb:.2f} MB; the files it holds {files / mb:.2f} MB + manifest "
-          f"{manifest_bytes / 1e3:.1f} kB (ratio {ours_models / (files + manifest_bytes):.4f}); naive's models "
-          f"layer {naive_models / mb:.2f} MB")  # fmt: skip
+        mb = 1e6
+        print("\n## Image size (tiny model set; MB)")
+        print(f"{'image':<44}{'total':>10}{'without models':>16}{'torch part':>12}")
+        print(f"{'ours: runtime':<44}{ours / mb:>10.1f}{(ours - ours_models) / mb:>16.1f}{0:>12.1f}")
+        print(f"{'naive: single stage':<44}{naive_size / mb:>10.1f}{(naive_size - naive_models) / mb:>16.1f}"
+              f"{naive_torch / mb:>12.1f}")  # fmt: skip
+        print(f"{'naive without its torch part':<44}{(naive_size - naive_torch) / mb:>10.1f}"
+              f"{(naive_size - naive_models - naive_torch) / mb:>16.1f}")  # fmt: skip
+        ratio = (ours - ours_models) / (naive_size - naive_models)
+        ratio_fair = (ours - ours_models) / (naive_size - naive_models - naive_torch)
+        print(f"ours/naive without models: {ratio:.3f} (target <= 0.25); against naive without torch: {ratio_fair:.3f}")
+        print(f"models layer {ours_models / mb:.2f} MB; the files it holds {files / mb:.2f} MB + manifest "
+              f"{manifest_bytes / 1e3:.1f} kB (ratio {ours_models / (files + manifest_bytes):.4f}); naive's models "
+              f"layer {naive_models / mb:.2f} MB")  # fmt: skip
 
-    print("\n## Rebuild cost (wall time; fraction of the cold build)")
-    print(f"cold build of runtime: {cold_s:.1f} s; naive image cold: {naive_cold_s:.1f} s")
-    print(f"{'change only':<22}{'s':>8}{'of cold':>9}  stages that ran")
-    for label, (seconds, stages) in rebuilds.items():
-        print(f"{label:<22}{seconds:>8.1f}{seconds / cold_s:>9.1%}  {', '.join(stages) or '(none)'}")
-    print(f"{'naive: reranker':<22}{naive_rerank_s:>8.1f}{naive_rerank_s / naive_cold_s:>9.1%}  "
-          f"the one download step: every model again")  # fmt: skip
+        print("\n## Rebuild cost (wall time; fraction of the cold build)")
+        print(f"cold build of runtime: {cold_s:.1f} s; naive image cold: {naive_cold_s:.1f} s")
+        print(f"{'change only':<22}{'s':>8}{'of cold':>9}  stages that ran")
+        for label, (seconds, stages) in rebuilds.items():
+            print(f"{label:<22}{seconds:>8.1f}{seconds / cold_s:>9.1%}  {', '.join(stages) or '(none)'}")
+        print(f"{'naive: reranker':<22}{naive_rerank_s:>8.1f}{naive_rerank_s / naive_cold_s:>9.1%}  "
+              f"the one download step: every model again")  # fmt: skip
 
-    print("\n## Reproducibility (two cold builds, same inputs, SOURCE_DATE_EPOCH set)")
-    digests = [{f["path"]: f["sha256"] for m in doc["models"] for f in m["files"]} for doc in (manifest_a, manifest_b)]
-    differ = sorted(p for p in digests[0] if digests[0][p] != digests[1].get(p))
-    print(f"artifacts: {len(digests[0]) - len(differ)}/{len(digests[0])} identical sha256"
-          + (f"; differ: {', '.join(differ)}" if differ else ""))  # fmt: skip
-    print(f"manifest identical: {manifest_a == manifest_b}")
-    layers = [client.images.get(m).attrs["RootFS"]["Layers"] for m in (models_a, models_b)]
-    print(f"models layer digest identical: {layers[0] == layers[1]} ({layers[0][0][:19]}... / {layers[1][0][:19]}...)")
-    if layers[0] != layers[1]:
-        for line in layer_differences(client, models_a, models_b)[:10]:
-            print(f"  differs: {line}")
+        print("\n## Reproducibility (two cold builds, same inputs, SOURCE_DATE_EPOCH set)")
+        digests = [
+            {f["path"]: f["sha256"] for m in doc["models"] for f in m["files"]} for doc in (manifest_a, manifest_b)
+        ]
+        differ = sorted(p for p in digests[0] if digests[0][p] != digests[1].get(p))
+        print(f"artifacts: {len(digests[0]) - len(differ)}/{len(digests[0])} identical sha256"
+              + (f"; differ: {', '.join(differ)}" if differ else ""))  # fmt: skip
+        print(f"manifest identical: {manifest_a == manifest_b}")
+        layers = [client.images.get(m).attrs["RootFS"]["Layers"] for m in (models_a, models_b)]
+        print(
+            f"models layer digest identical: {layers[0] == layers[1]} ({layers[0][0][:19]}... / {layers[1][0][:19]}...)"
+        )
+        if layers[0] != layers[1]:
+            for line in layer_differences(client, models_a, models_b)[:10]:
+                print(f"  differs: {line}")
 
-    print("\n## Parallel stages (cold build, seconds of each stage's RUN steps)")
-    for stage in STAGES:
-        print(f"{stage:<16}{stage_seconds(cold_steps, stage):>8.1f}")
-    producing = [stage_seconds(cold_steps, s) for s in PRODUCERS]
-    print(
-        f"producing stages: sum {sum(producing):.1f} s, longest {max(producing):.1f} s (the critical path); "
-        f"all steps {sum(s.seconds or 0 for s in cold_steps if not s.cached):.1f} s in a {cold_s:.1f} s build"
-    )
+        print("\n## Parallel stages (cold build, seconds of each stage's RUN steps)")
+        for stage in STAGES:
+            print(f"{stage:<16}{stage_seconds(cold_steps, stage):>8.1f}")
+        producing = [stage_seconds(cold_steps, s) for s in PRODUCERS]
+        print(
+            f"producing stages: sum {sum(producing):.1f} s, longest {max(producing):.1f} s (the critical path); "
+            f"all steps {sum(s.seconds or 0 for s in cold_steps if not s.cached):.1f} s in a {cold_s:.1f} s build"
+        )
 
-    args.plot.parent.mkdir(parents=True, exist_ok=True)
-    args.plot.write_text(bars_svg([
-        ("Image size (tiny models)", "MB", [
-            ("ours: runtime", ours / mb), ("ours: without models", (ours - ours_models) / mb),
-            ("naive: single stage", naive_size / mb), ("naive: without models", (naive_size - naive_models) / mb),
-            ("naive: without models or torch", (naive_size - naive_models - naive_torch) / mb),
-        ]),
-        ("Rebuild after one change (% of the cold build)", "%", [
-            *((f"ours: {label}", 100 * secs / cold_s) for label, (secs, _) in rebuilds.items()),
-            ("naive: reranker selection", 100 * naive_rerank_s / naive_cold_s),
-        ]),
-    ]))  # fmt: skip
-    print(f"\nplot: {args.plot}")
+        args.plot.parent.mkdir(parents=True, exist_ok=True)
+        args.plot.write_text(bars_svg([
+            ("Image size (tiny models)", "MB", [
+                ("ours: runtime", ours / mb), ("ours: without models", (ours - ours_models) / mb),
+                ("naive: single stage", naive_size / mb), ("naive: without models", (naive_size - naive_models) / mb),
+                ("naive: without models or torch", (naive_size - naive_models - naive_torch) / mb),
+            ]),
+            ("Rebuild after one change (% of the cold build)", "%", [
+                *((f"ours: {label}", 100 * secs / cold_s) for label, (secs, _) in rebuilds.items()),
+                ("naive: reranker selection", 100 * naive_rerank_s / naive_cold_s),
+            ]),
+        ]))  # fmt: skip
+        print(f"\nplot: {args.plot}")
 
-    if not args.keep_images:
-        for image in images:
-            subprocess.run(["docker", "image", "rm", "-f", image], capture_output=True)
-    shutil.rmtree(work, ignore_errors=True)
+    finally:  # a failed build leaves no multi-GB images behind
+        if not args.keep_images:
+            for image in images:
+                subprocess.run(["docker", "image", "rm", "-f", image], capture_output=True)
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
