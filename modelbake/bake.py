@@ -133,9 +133,6 @@ def preflight() -> Any:
     return client
 
 
-MANIFEST_DIGEST_LABEL = "io.modelbake.manifest-digest"
-
-
 @dataclass
 class BakeResult:
     command: list[str]
@@ -221,7 +218,8 @@ def bake(
     env = {**os.environ, **variables, **_provenance(os.environ)}
     result = BakeResult(cmd)
     if "runtime" in targets and not env.get("MODELS_MANIFEST_DIGEST"):
-        env["MODELS_MANIFEST_DIGEST"] = result.manifest_digest = manifest_digest(overrides, env)
+        env["MODELS_MANIFEST_DIGEST"] = manifest_digest(overrides, env)
+    result.manifest_digest = env.get("MODELS_MANIFEST_DIGEST") or None
     _run_bake(cmd, env)
     if not inspect or "runtime" not in targets:
         return result
