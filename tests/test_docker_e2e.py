@@ -324,6 +324,18 @@ def _exec_json(container: str, method: str, path: str, body: object = None) -> t
     return int(status), json.loads(doc)
 
 
+def test_runtime_image_becomes_healthy_under_its_own_healthcheck(baked: dict[str, str]) -> None:
+    name = f"modelbake-health-{uuid.uuid4().hex[:8]}"
+    _docker("run", "-d", "--name", name, "--network", "none", "--read-only", "--cap-drop", "ALL",
+            "--health-interval", "1s", "--entrypoint", "sleep", IMAGE, "infinity")  # fmt: skip
+    try:
+        assert _wait_healthy(name) == "healthy"
+        log = json.loads(_docker("inspect", name).stdout)[0]["State"]["Health"]["Log"][-1]
+        assert log["ExitCode"] == 0 and "checks ok" in log["Output"]
+    finally:
+        _docker("rm", "-f", name, check=False)
+
+
 @pytest.mark.parametrize("models", ["baked-in", "mounted"])
 def test_example_service_from_compose_becomes_healthy_and_serves(baked: dict[str, str], models: str) -> None:
     """compose.yaml's example service, FROM the runtime image; models baked in or mounted read-only."""
