@@ -169,8 +169,10 @@ def _cmd_download(args: argparse.Namespace) -> int:
         )
         timed("regressor-seed", lambda: _run_regressor_seed(seed_args, args.clip, args.out))
     from modelbake.manifest import merge_fragments
+    from modelbake.producers.common import normalise_tree
 
     manifest = merge_fragments(args.out)
+    normalise_tree(args.out)  # as the image's merge step: readable by a non-root service (safetensors is 0600)
     print(summary_table(manifest, seconds))
     print(f"{len(manifest['models'])} models in {args.out}/model_manifest.json")
     return 0

@@ -116,6 +116,8 @@ def test_download_shows_progress_and_a_summary_table(download_run: tuple[Path, s
     manifest = json.loads((download_run[0] / MANIFEST_NAME).read_text())
     for model in manifest["models"]:
         assert rows[model["name"]][3] == str(len(model["files"]))  # the files column is the manifest's
+    # Readable by a non-root service when mounted, as the image's tree (safetensors writes 0600).
+    assert {oct(p.stat().st_mode & 0o777) for p in download_run[0].rglob("*") if p.is_file()} == {"0o644"}
 
 
 def test_merge_sets_every_mtime_to_source_date_epoch(built_tree: Path, tmp_path: Path) -> None:

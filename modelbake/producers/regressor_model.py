@@ -51,6 +51,7 @@ def save_weights(model: BoundaryRegressor, pth_path: Path) -> tuple[Path, Path]:
     ):
         tmp = path.with_name(f".{path.name}.tmp")
         write(str(tmp))
+        tmp.chmod(0o644)  # safetensors writes 0600; weights are meant to be read by a service user
         os.replace(tmp, path)
     return pth_path, st_path
 
