@@ -25,9 +25,13 @@ def handle(path: str, body: dict) -> dict:
     if path == "/embed/text":
         return {"embeddings": MODELS.default_clip.encode_text(body["texts"]).tolist()}
     if path == "/rank":
+        if MODELS.reranker is None:
+            raise LookupError("this model folder holds no reranker")
         ranking = MODELS.reranker.rank(body["query"], body["passages"], top_k=body.get("top_k"))
         return {"ranking": [[int(i), float(s)] for i, s in ranking]}
     if path == "/boundaries":
+        if MODELS.regressor is None:
+            raise LookupError("this model folder holds no boundary regressor")
         return {"deltas": MODELS.regressor.predict(body["features"]).tolist()}
     raise KeyError(path)
 
@@ -54,6 +58,8 @@ class Handler(BaseHTTPRequestHandler):
             self._reply(200, handle(self.path, body))
         except KeyError as exc:
             self._reply(404 if str(exc).strip("'").startswith("/") else 400, {"error": f"missing {exc}"})
+        except LookupError as exc:  # a model this folder does not hold (default_clip raises it too)
+            self._reply(404, {"error": str(exc)})
         except (ValueError, TypeError) as exc:  # the loaders' input checks name the problem
             self._reply(400, {"error": str(exc)})
 
