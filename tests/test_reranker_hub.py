@@ -25,10 +25,10 @@ def hub(tiny_sources: Path, tmp_path: Path) -> Hub:
 
 def _cache(hub: Hub, tmp_path: Path, models: str) -> tuple[object, Path]:
     out = tmp_path / "out"
-    env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_TELEMETRY": "1"}
-    env.pop("HF_HUB_OFFLINE", None)
-    proc = run_cli("--models", models, "--out", str(out), script="reranker_cache.py",
-                   env={**env, "HF_HUB_OFFLINE": "0"})  # fmt: skip
+    # Online towards the loopback hub only; a fresh HF_HOME so nothing comes from an earlier run's cache.
+    env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_TELEMETRY": "1",
+           "HF_HUB_OFFLINE": "0"}  # fmt: skip
+    proc = run_cli("--models", models, "--out", str(out), script="reranker_cache.py", env=env)
     return proc, out
 
 
