@@ -115,13 +115,6 @@ target "models" {
   output   = ["type=local,dest=${MODELS_OUT}"]
 }
 
-# model_manifest.json alone (the bake driver writes it to a temporary folder and hashes it).
-target "manifest-file" {
-  inherits = ["_common"]
-  target   = "manifest-file"
-  output   = ["type=local,dest=${MODELS_OUT}"]
-}
-
 target "runtime-base" {
   inherits = ["_common"]
   target   = "runtime-base"

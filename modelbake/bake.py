@@ -19,7 +19,6 @@ import json
 import os
 import shutil
 import subprocess
-import tempfile
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,16 +150,6 @@ def _run_bake(cmd: list[str], env: dict[str, str]) -> None:
         raise BakeError(f"`{' '.join(cmd)}` failed (BuildKit's output above names the stage)")
 
 
-def manifest_digest(overrides: list[str], env: dict[str, str]) -> str:
-    """Build the ``manifest-file`` target into a temporary folder; ``sha256:`` of model_manifest.json.
-
-    Shares every cached stage with the runtime build that follows, so it costs the manifest alone.
-    """
-    with tempfile.TemporaryDirectory(prefix="modelbake-manifest-") as out:
-        _run_bake(command(["manifest-file"], [*overrides, f"manifest-file.output=type=local,dest={out}"]), env)
-        return "sha256:" + hashlib.sha256((Path(out) / "model_manifest.json").read_bytes()).hexdigest()
-
-
 def stage_sizes(client: Any, image: str, manifest: dict[str, Any], base_image: str | None) -> dict[str, int]:
     """Bytes per stage: the runtime image's layers split at the models layer, and each producing stage's
     files as the manifest lists them (their sum is the models layer, plus the manifest itself)."""
@@ -207,8 +196,9 @@ def bake(
 ) -> BakeResult:
     """Validate, bake, then inspect ``image`` (default ``$IMAGE:$TAG``) with the Docker SDK.
 
-    When ``runtime`` is among the targets, the model manifest is built first and its sha256 labelled on
-    the image (``io.modelbake.manifest-digest``; the runtime stage refuses a label that does not match).
+    When ``runtime`` is among the targets, the sha256 of the manifest in the built image is labelled on it
+    by a second, cached bake (``io.modelbake.manifest-digest``; the runtime stage refuses a label that does
+    not match its manifest).
     """
     variables = selection.variables()
     targets = targets or ["runtime"]
@@ -217,19 +207,23 @@ def bake(
     client = preflight()
     env = {**os.environ, **variables, **_provenance(os.environ)}
     result = BakeResult(cmd)
-    if "runtime" in targets and not env.get("MODELS_MANIFEST_DIGEST"):
-        env["MODELS_MANIFEST_DIGEST"] = manifest_digest(overrides, env)
-    result.manifest_digest = env.get("MODELS_MANIFEST_DIGEST") or None
     _run_bake(cmd, env)
-    if not inspect or "runtime" not in targets:
+    if "runtime" not in targets:
         return result
     result.image = image or f"{env.get('IMAGE', 'modelbake')}:{env.get('TAG', 'latest')}"
-    built = client.images.get(result.image)
-    result.image_size = int(built.attrs["Size"])
-    result.labels = dict(built.labels)
     raw = client.containers.run(result.image, ["/models/model_manifest.json"], entrypoint="cat",
                                 network_mode="none", remove=True)  # fmt: skip
     result.manifest = json.loads(raw)
+    result.manifest_digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+    if env.get("MODELS_MANIFEST_DIGEST") != result.manifest_digest:
+        # Label the image with the digest of the manifest it holds: the same build again, every stage from
+        # the cache, and the runtime stage checks the label against its manifest (a mismatch fails).
+        _run_bake(command(["runtime"], overrides), {**env, "MODELS_MANIFEST_DIGEST": result.manifest_digest})
+    if not inspect:
+        return result
+    built = client.images.get(result.image)
+    result.image_size = int(built.attrs["Size"])
+    result.labels = dict(built.labels)
     base = env.get("RUNTIME_BASE_IMAGE") or env.get("BASE_IMAGE") or "python:3.11-slim-bookworm"
     result.stage_sizes = stage_sizes(client, result.image, result.manifest, base)
     container = client.containers.run(result.image, network_mode="none", detach=True)
