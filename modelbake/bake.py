@@ -19,11 +19,13 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modelbake.buildkit import TRANSIENT_ERROR
 from modelbake.spec import (
     DEFAULT_CLIP_MODELS,
     DEFAULT_RERANKER_MODELS,
@@ -145,9 +147,18 @@ class BakeResult:
     verify_ok: bool | None = None
 
 
-def _run_bake(cmd: list[str], env: dict[str, str]) -> None:
-    if subprocess.run(cmd, env=env).returncode != 0:
-        raise BakeError(f"`{' '.join(cmd)}` failed (BuildKit's output above names the stage)")
+def _run_bake(cmd: list[str], env: dict[str, str], retries: int = 1) -> None:
+    """Run bake with its progress on our stderr; retry once on BuildKit's transient graph error."""
+    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, bufsize=1)
+    transient = False
+    for line in proc.stderr or []:
+        sys.stderr.write(line)
+        transient = transient or TRANSIENT_ERROR in line
+    if proc.wait() == 0:
+        return
+    if transient and retries > 0:
+        return _run_bake(cmd, env, retries - 1)
+    raise BakeError(f"`{' '.join(cmd)}` failed (BuildKit's output above names the stage)")
 
 
 def stage_sizes(client: Any, image: str, manifest: dict[str, Any], base_image: str | None) -> dict[str, int]:

@@ -10,6 +10,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+# An intermittent BuildKit scheduler bug when targets share steps (moby/buildkit#2303): the build fails
+# with this message and a retry resumes from the cache.
+TRANSIENT_ERROR = "inconsistent graph state"
+
 _HEADER = re.compile(r"^\[(?:(?P<target>\S+) )?(?P<stage>[\w.-]+) (?P<n>\d+)/(?P<of>\d+)\] (?P<instruction>[A-Z]+)")
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, run_cli
 
-from modelbake.buildkit import parse_plain, ran, stage_runs
+from modelbake.buildkit import TRANSIENT_ERROR, parse_plain, ran, stage_runs
 from modelbake.manifest import check_files, read_manifest
 
 pytestmark = pytest.mark.docker
@@ -37,6 +37,8 @@ def _docker(
     *args: str, check: bool = True, env: dict[str, str] | None = None, timeout: int = 1800
 ) -> subprocess.CompletedProcess:
     proc = subprocess.run(["docker", *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
+    if proc.returncode != 0 and TRANSIENT_ERROR in proc.stderr:  # BuildKit's intermittent scheduler bug: once more
+        proc = subprocess.run(["docker", *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(
             f"docker {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"
