@@ -9,7 +9,7 @@ there), with SOURCE_DATE_EPOCH fixed. In one run:
 1. cold build (``--no-cache``) of the default target ``runtime`` (the ``models`` tree exported as an image
    alongside, to read its layer digest); then rebuilds after changing only the reranker selection, only
    the CLIP selection, only a regressor setting, only a README line: stages that ran (from BuildKit's
-   plain output) and wall time as a fraction of the cold build;
+   rawjson progress) and wall time as a fraction of the cold build;
 2. a second cold build with the inputs of the first: every artifact's sha256, the manifest and the
    models layer's digest compared;
 3. the naive image (bench/naive.Dockerfile: one stage with torch and the models), cold and after the same
@@ -39,7 +39,7 @@ from pathlib import Path
 import docker
 
 from modelbake.bake import stage_sizes
-from modelbake.buildkit import parse_plain, ran, stage_seconds
+from modelbake.buildkit import parse_rawjson, ran, render, stage_seconds
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("base-image", "clip-export", "reranker-cache", "regressor-seed", "manifest", "runtime-base", "runtime")
@@ -49,10 +49,10 @@ TAG = f"bench-{uuid.uuid4().hex[:6]}"
 
 def bake(ctx: Path, env: dict[str, str], *args: str) -> tuple[float, str]:
     start = time.perf_counter()
-    proc = subprocess.run(["docker", "buildx", "bake", "--progress=plain", *args], cwd=ctx, env=env,
+    proc = subprocess.run(["docker", "buildx", "bake", "--progress=rawjson", *args], cwd=ctx, env=env,
                           capture_output=True, text=True)  # fmt: skip
     if proc.returncode != 0:
-        sys.exit(f"bake {' '.join(args)} failed:\n{proc.stderr[-4000:]}")
+        sys.exit(f"bake {' '.join(args)} failed:\n{render(proc.stderr)[-4000:]}")
     return time.perf_counter() - start, proc.stderr
 
 
@@ -170,7 +170,7 @@ def main() -> None:
         print("cold build 1 ...", file=sys.stderr)
         cold_s, cold_log, models_a = cold("a")
         manifest_a = manifest_of(client, runtime)
-        cold_steps = parse_plain(cold_log)
+        cold_steps = parse_rawjson(cold_log)
 
         changes = {
             "reranker selection": {"RERANKER_MODELS": f"gone-{TAG}@dir:/sources/none,{env['RERANKER_MODELS']}"},
@@ -187,7 +187,7 @@ def main() -> None:
                 with (ctx / "README.md").open("a") as f:
                     f.write(f"\n<!-- {TAG} -->\n")
             seconds, log = bake(ctx, {**env, **change}, "runtime")
-            steps = parse_plain(log)
+            steps = parse_rawjson(log)
             rebuilds[label] = (seconds, [s for s in STAGES if ran(steps, s)])
 
         print("cold build 2 (same inputs as 1) ...", file=sys.stderr)

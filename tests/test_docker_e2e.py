@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from conftest import REPO, run_cli
 
-from modelbake.buildkit import TRANSIENT_ERROR, parse_plain, ran, stage_runs
+from modelbake.buildkit import TRANSIENT_ERROR, parse_rawjson, ran, render, stage_runs
 from modelbake.manifest import check_files, read_manifest
 
 pytestmark = pytest.mark.docker
@@ -167,7 +167,10 @@ def test_a_reranker_change_reruns_only_its_stage(baked: dict[str, str], tmp_path
     # The baseline again first: BuildKit's garbage collector may have dropped records since the fixture
     # built them (it did once in CI); this test is about cache keys, not about the collector.
     _docker("buildx", "bake", "--progress=plain", "models", env={**baked, "MODELS_OUT": str(tmp_path / "base")})
-    steps = parse_plain(_docker("buildx", "bake", "--progress=plain", "models", env=env).stderr)
+    # BuildKit's structured progress says which steps ran; people get it rendered when the build fails.
+    proc = _docker("buildx", "bake", "--progress=rawjson", "models", env=env, check=False)
+    assert proc.returncode == 0, render(proc.stderr)[-6000:]
+    steps = parse_rawjson(proc.stderr)
     runs = {stage: stage_runs(steps, stage) for stage in ("clip-export", "reranker-cache", "regressor-seed")}
     assert all(runs.values()), runs  # each stage's RUN step is in the log
     assert not ran(steps, "clip-export") and not ran(steps, "regressor-seed"), runs
