@@ -86,8 +86,9 @@ class RawJsonReader:
 
     @property
     def steps(self) -> list[Step]:
-        """Every step so far, in the order BuildKit announced them."""
-        return [v.step for v in self._vertexes.values()]
+        """Every step BuildKit started so far, in the order it announced them. A vertex announced but never
+        started was not needed (a later step came from the cache); plain progress does not show it either."""
+        return [v.step for v in self._vertexes.values() if v.intervals]
 
     def feed(self, line: str) -> list[Step]:
         if self._buffer and not line[:1].isspace() and line.rstrip("\r\n") != "}":  # not inside a status
@@ -161,7 +162,7 @@ class RawJsonReader:
 
 
 def parse_rawjson(log: str) -> list[Step]:
-    """Every step of a rawjson progress log, in the order BuildKit announced them."""
+    """Every step BuildKit started in a rawjson progress log, in the order it announced them."""
     reader = RawJsonReader()
     for line in log.splitlines(keepends=True):
         reader.feed(line)

@@ -83,6 +83,15 @@ def test_a_step_that_ran_twice_counts_both_runs() -> None:
     assert step.instruction is None and not step.cached
 
 
+def test_a_step_announced_but_never_started_is_not_a_step() -> None:
+    # As bake announced the models target's last RUN when the step after it came from the cache: the
+    # vertex is listed (digest, inputs, name) and never started; plain progress does not show it.
+    unused = {"digest": "sha256:" + "9" * 64, "inputs": ["sha256:" + "8" * 64],
+              "name": "[models manifest 4/4] RUN python build/merge_manifest.py /models --drop-fragments"}  # fmt: skip
+    steps = parse_rawjson(json.dumps({"vertexes": [unused]}) + "\n" + CAPTURE)
+    assert steps == parse_rawjson(CAPTURE) and stage_runs(steps, "manifest") == []
+
+
 def test_output_and_trailing_text() -> None:
     steps = _by_name()
     assert steps[WORK].log_tail == "work 9777\n"
