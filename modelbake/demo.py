@@ -1,0 +1,452 @@
+"""``modelbake demo``: the whole job once, offline, on tiny real models: a first run a newcomer can follow.
+
+    python -m modelbake.demo [--port 8080]      (or: modelbake demo)
+
+1. sets up a Docker engine with buildx, a local base image and a wheelhouse (docker/setup-engine.sh, as the
+   tests do), so nothing has to be pulled from a registry or the Hugging Face hub;
+2. makes the tiny models (an OpenCLIP ViT and ResNet local-dir, a tiny BERT cross-encoder), once;
+3. bakes the runtime image with them through the bake driver (`modelbake bake`), under a demo image name;
+4. builds the example search service FROM that image and starts it on 127.0.0.1 only;
+5. calls each route of the service once and prints the answers, then how to stop it and what next.
+
+Idempotent and quick the second time: the tiny models are kept in the work folder, BuildKit caches the bake,
+and a previous demo container of the same name is replaced. Standard library only here: torch is imported
+(lazily) only to make the tiny models the first time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from modelbake.buildkit import TRANSIENT_ERROR
+from modelbake.spec import DEFAULT_CLIP_MODELS, DEFAULT_RERANKER_MODELS
+
+REPO = Path(__file__).resolve().parents[1]
+# Names of their own, so the demo never overwrites a user's `modelbake:latest` or the tests' `modelbake:e2e`.
+IMAGE = "modelbake-demo"
+TAG = "tiny"
+RUNTIME_IMAGE = f"{IMAGE}:{TAG}"
+SERVICE_IMAGE = f"{IMAGE}-search:{TAG}"
+CONTAINER = "modelbake-demo"
+# The specs point into the MODEL_SOURCES folder, which the producing stages see at /sources.
+TINY_CLIP = ("tiny-vit", "tiny-rn")
+CLIP_SPECS = ",".join(f"{name}@dir:/sources/clip/{name}" for name in TINY_CLIP)
+RERANKER_SPEC = "tiny-bert@dir:/sources/reranker/tiny-bert"
+REGRESSOR_EPOCHS = "3"  # seconds of training instead of a minute: the demo shows the plumbing, not accuracy
+STEPS = 6
+QUERY = "a dog runs on the beach"
+PASSAGES = ["a dog runs on the beach", "a red car in the rain", "a man opens a door"]
+
+
+class DemoError(Exception):
+    """A step cannot go on; the message is one line naming the fix."""
+
+
+def default_workdir() -> Path:
+    """$MODELBAKE_CACHE/demo, the cache root docker/setup-engine.sh uses too (default ~/.cache/modelbake)."""
+    root = os.environ.get("MODELBAKE_CACHE") or str(Path.home() / ".cache" / "modelbake")
+    return Path(root) / "demo"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    """The demo's options, on the `modelbake demo` subparser or on main()'s own parser."""
+    parser.add_argument("--port", type=int, default=8080, help="host port on 127.0.0.1 for the service (default 8080)")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="where the tiny models and logs are kept (default: $MODELBAKE_CACHE/demo, "
+                             "else ~/.cache/modelbake/demo)")  # fmt: skip
+    parser.add_argument("--stop", action="store_true",
+                        help="remove the service container after the requests (default: leave it running)")  # fmt: skip
+    parser.add_argument("--no-setup", action="store_true",
+                        help="skip docker/setup-engine.sh: use the running engine with BASE_IMAGE and WHEELHOUSE "
+                             "from the environment (hosts that are not Debian 12, or not root)")  # fmt: skip
+    parser.add_argument("--quiet", action="store_true",
+                        help="write the build output to the work folder instead of the terminal")  # fmt: skip
+    parser.add_argument("--timeout", type=float, default=180,
+                        help="seconds to wait for the service to answer (default 180)")  # fmt: skip
+
+
+class _Clock:
+    """Step messages on stderr with the elapsed time, so a slow step is visible as it happens."""
+
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+        self.step = 0
+
+    def elapsed(self) -> float:
+        return time.monotonic() - self.start
+
+    def next(self, text: str) -> None:
+        self.step += 1
+        self.say(f"{self.step}/{STEPS} {text}")
+
+    def say(self, text: str) -> None:
+        print(f"[demo {self.elapsed():6.1f}s] {text}", file=sys.stderr, flush=True)
+
+
+def _docker(*args: str, check: bool = True, timeout: float | None = None) -> subprocess.CompletedProcess:
+    cmd = ["docker", *args]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0 and TRANSIENT_ERROR in proc.stderr:  # BuildKit's intermittent scheduler bug: once more
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        last = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[-1]
+        raise DemoError(f"`docker {' '.join(args[:2])} ...` failed: {last}")
+    return proc
+
+
+def _engine_answers() -> bool:
+    if shutil.which("docker") is None:
+        return False
+    try:
+        return all(
+            subprocess.run(["docker", *probe], capture_output=True, timeout=30).returncode == 0
+            for probe in (["info"], ["buildx", "version"])
+        )
+    except subprocess.TimeoutExpired:
+        return False
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # As a server binds (docker-proxy does too): connections left in TIME_WAIT do not make it busy.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _a_free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _held_by_demo(port: int, name: str) -> bool:
+    """Whether the port is published by a previous demo container (which this run replaces anyway)."""
+    if shutil.which("docker") is None:
+        return False
+    try:
+        proc = subprocess.run(["docker", "port", name, "8080/tcp"], capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        return False
+    return proc.returncode == 0 and f"127.0.0.1:{port}" in proc.stdout.split()
+
+
+def check_port(port: int, name: str = CONTAINER) -> None:
+    """Fail before any build when the port is taken by anything but a previous demo container."""
+    if not 0 < port < 65536:
+        raise DemoError(f"--port {port}: give a TCP port between 1 and 65535")
+    if not _port_free(port) and not _held_by_demo(port, name):
+        raise DemoError(f"port {port} on 127.0.0.1 is in use; pick another with --port {_a_free_port()}")
+
+
+def parse_exports(text: str) -> dict[str, str]:
+    """The `export NAME=VALUE` lines docker/setup-engine.sh prints (values quoted by bash's printf %q)."""
+    found = {}
+    for line in text.splitlines():
+        match = re.fullmatch(r"export ([A-Za-z_][A-Za-z0-9_]*)=(.*)", line.strip())
+        if match:
+            words = shlex.split(match[2])
+            found[match[1]] = words[0] if words else ""
+    return found
+
+
+def check_setup_host() -> None:
+    """docker/setup-engine.sh's needs, checked before anything is written: Debian's apt, and root."""
+    if not (Path("/etc/debian_version").is_file() and shutil.which("apt-get")):
+        raise DemoError(
+            "no Debian apt here: docker/setup-engine.sh needs Debian 12; elsewhere install Docker with buildx, "
+            "set BASE_IMAGE and WHEELHOUSE (or leave WHEELHOUSE empty when online) and pass --no-setup"
+        )
+    if os.geteuid() != 0:
+        raise DemoError(
+            "docker/setup-engine.sh installs Debian packages and starts dockerd, so it needs root: run "
+            f"`sudo {sys.executable} -m modelbake.demo`, or pass --no-setup when Docker with buildx, "
+            "BASE_IMAGE and WHEELHOUSE are already set up"
+        )
+
+
+def setup_engine(clock: _Clock) -> dict[str, str]:
+    """docker/setup-engine.sh: engine + buildx, the local base image, the wheelhouse; returns its exports."""
+    # Its progress lines go straight to our stderr; only the exports are read from its stdout.
+    proc = subprocess.run(["bash", str(REPO / "docker" / "setup-engine.sh")], stdout=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise DemoError("docker/setup-engine.sh failed (its error is above); fix that and run the demo again")
+    exports = parse_exports(proc.stdout)
+    missing = {"BASE_IMAGE", "WHEELHOUSE"} - set(exports)
+    if missing:
+        raise DemoError(f"docker/setup-engine.sh printed no {', '.join(sorted(missing))}; is the checkout complete?")
+    clock.say(f"base image {exports['BASE_IMAGE']}, wheelhouse {exports['WHEELHOUSE']}")
+    return exports
+
+
+def use_running_engine(clock: _Clock) -> dict[str, str]:
+    """--no-setup: the engine as it is, with the build inputs from the environment."""
+    if not _engine_answers():
+        raise DemoError("`docker info` or `docker buildx version` does not answer: start Docker (with buildx) first")
+    base = os.environ.get("BASE_IMAGE") or "python:3.11-slim-bookworm"
+    wheelhouse = os.environ.get("WHEELHOUSE", "")
+    if wheelhouse and not Path(wheelhouse).is_dir():
+        raise DemoError(f"WHEELHOUSE={wheelhouse} is not a folder; point it at a wheel folder or unset it")
+    clock.say(f"base image {base}, " + (f"wheelhouse {wheelhouse}" if wheelhouse else "no wheelhouse (pip online)"))
+    return {"BASE_IMAGE": base, "WHEELHOUSE": wheelhouse}
+
+
+def _tiny_complete(dest: Path) -> bool:
+    wanted = [dest / "clip" / name / "open_clip_config.json" for name in TINY_CLIP]
+    return all(p.is_file() for p in [*wanted, dest / "reranker" / "tiny-bert" / "config.json"])
+
+
+def tiny_sources(workdir: Path, clock: _Clock) -> Path:
+    """The tiny real models under workdir/tiny-sources, made once (written aside, then renamed into place)."""
+    dest = workdir / "tiny-sources"
+    if _tiny_complete(dest):
+        clock.say(f"reusing the tiny models in {dest}")
+        return dest
+    missing = [m for m in ("torch", "open_clip", "transformers", "safetensors") if importlib.util.find_spec(m) is None]
+    if missing:
+        raise DemoError(
+            f"making the tiny models needs {', '.join(missing)} in this Python: pip install -e '.[build]' "
+            "(or run the demo with the venv tests/run.sh makes)"
+        )
+    from modelbake.sources.tiny import make_tiny_sources  # imports torch: only now, and only this once
+
+    partial = workdir / f".tiny-sources.{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)
+    make_tiny_sources(partial)
+    shutil.rmtree(dest, ignore_errors=True)  # an interrupted earlier attempt
+    partial.rename(dest)
+    clock.say(f"tiny models written to {dest}")
+    return dest
+
+
+def _bake_variables() -> set[str]:
+    """Every variable docker-bake.hcl reads from the environment."""
+    return set(re.findall(r'^variable "([A-Z0-9_]+)"', (REPO / "docker-bake.hcl").read_text(), re.M))
+
+
+def bake_runtime(inputs: dict[str, str], sources: Path, workdir: Path, quiet: bool) -> None:
+    """`modelbake bake runtime` with the tiny selection, run as a user would, under the demo image name."""
+    # A selection or digest left in the user's environment must not leak into the demo's build; where torch
+    # wheels come from, and the reproducibility/provenance settings, may.
+    keep = {"TORCH_INDEX_URL", "SOURCE_DATE_EPOCH", "GIT_REVISION", "SOURCE_URL"}
+    env = {k: v for k, v in os.environ.items() if k in keep or k not in _bake_variables()}
+    env.update(inputs)
+    env.update({"MODEL_SOURCES": str(sources), "IMAGE": IMAGE, "TAG": TAG})
+    cmd = [sys.executable, "-m", "modelbake.cli", "bake", "runtime", "--clip", CLIP_SPECS,
+           "--reranker", RERANKER_SPEC, "--regressor-epochs", REGRESSOR_EPOCHS]  # fmt: skip
+    log = workdir / "bake.log"
+    if quiet:
+        with log.open("w") as sink:
+            proc = subprocess.run(cmd, env=env, cwd=REPO, stdout=sink, stderr=sink)
+    else:  # the driver's report and BuildKit's progress both on stderr: stdout is for the service's answers
+        proc = subprocess.run(cmd, env=env, cwd=REPO, stdout=sys.stderr, stderr=sys.stderr)
+    if proc.returncode != 0:
+        if quiet:
+            tail = log.read_text(errors="replace").splitlines()[-30:]
+            print("\n".join(tail), file=sys.stderr)
+        where = f" (full log: {log})" if quiet else ""
+        raise DemoError(
+            f"the bake failed (BuildKit's output above names the stage){where}; fix that and run the demo again "
+            "(finished stages come from the cache)"
+        )
+
+
+def build_service(workdir: Path) -> None:
+    """examples/search_service FROM the demo runtime image."""
+    proc = _docker("build", "--progress=plain", "-t", SERVICE_IMAGE, "--build-arg", f"MODELBAKE_IMAGE={RUNTIME_IMAGE}",
+                   str(REPO / "examples" / "search_service"), check=False)  # fmt: skip
+    log = workdir / "service-build.log"
+    log.write_text(proc.stdout + proc.stderr)
+    if proc.returncode != 0:
+        print("\n".join(proc.stderr.splitlines()[-20:]), file=sys.stderr)
+        raise DemoError(f"building {SERVICE_IMAGE} failed (the end of its log is above; all of it: {log})")
+
+
+def start_service(port: int, name: str) -> str:
+    """Replace a previous demo container and start the service on loopback only; returns the container id."""
+    _docker("rm", "-f", name, check=False)
+    proc = _docker("run", "-d", "--name", name, "--label", "io.modelbake.demo=1", "-p", f"127.0.0.1:{port}:8080",
+                   "--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges", SERVICE_IMAGE,
+                   check=False)  # fmt: skip
+    if proc.returncode != 0:
+        _docker("rm", "-f", name, check=False)  # docker leaves a created container behind on a bind failure
+        if "address already in use" in proc.stderr or "port is already allocated" in proc.stderr:
+            raise DemoError(f"port {port} on 127.0.0.1 is in use; pick another with --port {_a_free_port()}")
+        raise DemoError(f"`docker run {SERVICE_IMAGE}` failed: {proc.stderr.strip().splitlines()[-1]}")
+    return proc.stdout.strip()
+
+
+def call(port: int, method: str, path: str, body: object = None, timeout: float = 30) -> tuple[int, Any]:
+    """One HTTP request to the service: (status, decoded JSON body, or the raw text if not JSON)."""
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method,
+                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, raw = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        status, raw = exc.code, exc.read()
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw.decode(errors="replace")
+
+
+def wait_until_answering(port: int, name: str, timeout: float) -> None:
+    """Poll GET /models until it answers 200; a container that stops on the way fails at once, with its log."""
+    end = time.monotonic() + timeout
+    while True:
+        try:
+            if call(port, "GET", "/models", timeout=5)[0] == 200:
+                return
+        except (OSError, urllib.error.URLError):
+            pass  # not listening yet: the models are checked and loaded first
+        state = _docker("inspect", "-f", "{{.State.Running}}", name, check=False).stdout.strip()
+        if state != "true" or time.monotonic() > end:
+            log = _docker("logs", "--tail", "20", name, check=False)
+            print((log.stdout + log.stderr).rstrip(), file=sys.stderr)
+            why = "stopped" if state != "true" else f"did not answer within {timeout:.0f} s (--timeout)"
+            raise DemoError(f"the service container {name} {why}; its log is above (docker logs {name})")
+        time.sleep(0.5)
+
+
+def _feature_dim(name: str, models: Any) -> int:
+    """The regressor's input size, from the manifest in the container, else the default CLIP's size."""
+    proc = _docker("exec", name, "cat", "/models/model_manifest.json", check=False)
+    try:
+        for model in json.loads(proc.stdout)["models"]:
+            if model["kind"] == "regressor":
+                return int(model["details"]["feature_dim"])
+    except (ValueError, KeyError, TypeError):
+        pass
+    return int(next(iter(models["clip"].values())))
+
+
+def _fmt(values: list[float], n: int = 4) -> str:
+    shown = ", ".join(f"{v:+.4f}" for v in values[:n])
+    return f"[{shown}{', ...' if len(values) > n else ''}]"
+
+
+def exercise(port: int, name: str) -> list[str]:
+    """One request to each documented route; returns the lines to print. Any route not answering 200 fails."""
+    lines = []
+
+    def ask(method: str, path: str, body: object = None) -> Any:
+        status, doc = call(port, method, path, body)
+        if status != 200:
+            raise DemoError(f"{method} {path} answered {status}: {str(doc)[:200]}")
+        return doc
+
+    models = ask("GET", "/models")
+    clip = models.get("clip", {})
+    names = ", ".join(f"{n} ({d}-d{', default' if i == 0 else ''})" for i, (n, d) in enumerate(clip.items()))
+    lines.append(f"GET  /models      200  clip {names}; reranker {models.get('reranker')}; "
+                 f"regressor {models.get('regressor')}")  # fmt: skip
+
+    texts = [QUERY]
+    embeddings = ask("POST", "/embed/text", {"texts": texts})["embeddings"]
+    lines.append(f"POST /embed/text  200  {len(embeddings)} x {len(embeddings[0])} for {texts[0]!r}: "
+                 f"{_fmt(embeddings[0])}")  # fmt: skip
+
+    ranking = ask("POST", "/rank", {"query": QUERY, "passages": PASSAGES})["ranking"]
+    lines.append(f"POST /rank        200  query {QUERY!r}:")
+    lines += [f"                       {place}. {score:+.4f}  {PASSAGES[index]!r}"
+              for place, (index, score) in enumerate(ranking, 1)]  # fmt: skip
+
+    dim = _feature_dim(name, models)
+    # The text embedding stands in for a clip's CLIP features when the sizes agree, as they do by default.
+    features = embeddings[0] if len(embeddings[0]) == dim else [0.1] * dim
+    deltas = ask("POST", "/boundaries", {"features": [features]})["deltas"]
+    lines.append(f"POST /boundaries  200  features of {dim} values -> deltas [start, end] {_fmt(deltas[0])} s")
+    return lines
+
+
+def run(args: argparse.Namespace) -> int:
+    """The demo with parsed options (`modelbake demo` calls this too); 0 on success, 1 with one error line."""
+    clock = _Clock()
+    name = CONTAINER
+    workdir = (args.workdir or default_workdir()).expanduser().resolve()
+    try:
+        if not (REPO / "docker-bake.hcl").is_file() or not (REPO / "examples" / "search_service").is_dir():
+            raise DemoError("the demo builds from a modelbake checkout: run it from a git clone (pip install -e .)")
+        if importlib.util.find_spec("docker") is None:
+            raise DemoError("the bake driver needs the Docker SDK for Python: pip install -e '.[bake]'")
+        check_port(args.port, name)  # before minutes of building
+        if not args.no_setup:
+            check_setup_host()
+        try:
+            workdir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise DemoError(
+                f"cannot create the work folder {workdir} ({exc.strerror}); give another with --workdir"
+            ) from exc
+
+        clock.next("Docker engine, base image and wheelhouse")
+        inputs = use_running_engine(clock) if args.no_setup else setup_engine(clock)
+
+        clock.next("tiny models (OpenCLIP ViT + ResNet, BERT cross-encoder)")
+        sources = tiny_sources(workdir, clock)
+
+        clock.next(f"bake the runtime image {RUNTIME_IMAGE} (a few minutes cold, seconds when cached)")
+        bake_runtime(inputs, sources, workdir, args.quiet)
+
+        clock.next(f"build the example service {SERVICE_IMAGE}")
+        build_service(workdir)
+
+        clock.next(f"start container {name} on 127.0.0.1:{args.port}")
+        start_service(args.port, name)
+        wait_until_answering(args.port, name, args.timeout)
+
+        clock.next("one request to each route")
+        lines = exercise(args.port, name)
+    except DemoError as exc:
+        print(f"modelbake demo: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("modelbake demo: interrupted", file=sys.stderr)
+        return 130
+
+    url = f"http://127.0.0.1:{args.port}"
+    print(f"service    {url}  (container {name}, image {SERVICE_IMAGE}; tiny random weights: "
+          "the scores mean nothing, the plumbing is real)")  # fmt: skip
+    print("\n".join(lines))
+    if args.stop:
+        _docker("rm", "-f", name, check=False)
+        print(f"stopped    container {name} removed (--stop)")
+    else:
+        print(f"try        curl -s {url}/models; curl -s {url}/rank -d '{{\"query\": \"a dog\", "
+              f"\"passages\": [\"a dog runs\", \"a car\"]}}'")  # fmt: skip
+        print(f"stop       docker rm -f {name}")
+    print(f"next       the real selection ({DEFAULT_CLIP_MODELS} + {DEFAULT_RERANKER_MODELS}): `modelbake bake`")
+    print("           (needs the Hugging Face hub and PyTorch's wheel index; offline: README 'Air-gapped builds')")
+    print(f"total      {clock.elapsed():.1f} s")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="modelbake demo", description="Bake tiny real models into the runtime image, offline, and serve them."
+    )
+    configure(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
