@@ -9,8 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Iterable
+from enum import StrEnum
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path, PurePosixPath
@@ -19,8 +21,31 @@ from typing import Any
 from modelbake import __version__
 from modelbake.spec import FRAGMENTS_DIR, MANIFEST_NAME
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 _CHUNK = 1 << 20
+
+
+class Role(StrEnum):
+    """What a listed file is for: written by the producers, read by the loaders (the schema's enum)."""
+
+    TEXT_ENCODER = "text_encoder"
+    IMAGE_ENCODER = "image_encoder"
+    RERANKER = "reranker"
+    REGRESSOR = "regressor"
+    MODEL = "model"  # the one graph of a kind that has a single ONNX file
+    GOLDEN = "golden"  # probe inputs and outputs an ONNX entry's ``golden`` names
+    TOKENIZER = "tokenizer"
+    WEIGHTS = "weights"
+    WEIGHTS_STATE_DICT = "weights_state_dict"
+    PYTORCH_WEIGHTS = "pytorch_weights"
+    HF_MODEL_FILE = "hf_model_file"
+
+
+class Variant(StrEnum):
+    """Variants of one ONNX role; each passed its own gate at build time."""
+
+    FP32 = "fp32"
+    INT8 = "int8"
 
 
 class ManifestError(Exception):
@@ -214,6 +239,43 @@ def merge_fragments(root: Path) -> dict[str, Any]:
     _validate(manifest, None, MANIFEST_NAME)
     _dump(manifest, root / MANIFEST_NAME)
     return manifest
+
+
+def finalize(root: Path, *, drop_fragments: bool = False) -> dict[str, Any]:
+    """The manifest stage: merge the fragments, optionally drop them, and normalise what the build made."""
+    manifest = merge_fragments(root)
+    if drop_fragments:
+        shutil.rmtree(root / FRAGMENTS_DIR)
+    normalise(root, manifest)
+    return manifest
+
+
+def normalise(root: Path, manifest: dict[str, Any]) -> None:
+    """World-readable listed files and their folders (the runtime's non-root user reads a root-owned tree),
+    and with SOURCE_DATE_EPOCH every such mtime set to it (file times go into the image layer). Files the
+    manifest does not list, such as a user's own beside the tree, are left as they are."""
+    epoch = os.environ.get("SOURCE_DATE_EPOCH", "")
+    files = [root / MANIFEST_NAME, *(root / e["path"] for m in manifest["models"] for e in m["files"])]
+    folders = {parent for f in files for parent in f.relative_to(root).parents}
+    # Deepest first, so a folder's time is set after everything inside it.
+    for path in [*files, *sorted((root / f for f in folders), key=lambda p: -len(p.parts))]:
+        if path.is_symlink():
+            continue
+        path.chmod(0o755 if path.is_dir() else 0o644)
+        if epoch.isdigit():
+            os.utime(path, (int(epoch), int(epoch)))
+
+
+def onnx_entry(model: dict[str, Any], role: str, variant: str = Variant.FP32) -> dict[str, Any]:
+    """The ONNX file of ``model`` with ``role`` and ``variant``; LookupError names what there is."""
+    for entry in model["files"]:
+        if entry["role"] == role and entry.get("variant", Variant.FP32) == variant:
+            return entry
+    have = sorted({f"{e['role']}/{e['variant']}" for e in model["files"] if "variant" in e})
+    raise LookupError(
+        f"{model['kind']} {model['name']}: no {role} ({variant}) in the manifest; it has {', '.join(have) or 'none'}"
+        + (" (build with the stage's int8 setting)" if variant == Variant.INT8 else "")
+    )
 
 
 def checked_model(root: Path, kind: str, name: str | None = None) -> dict[str, Any]:

@@ -161,6 +161,20 @@ def clip_onnx_name(key: str, tower: str) -> str:
     return f"clip_{key}_{tower}_encoder.onnx"
 
 
+def reranker_onnx_name(key: str) -> str:
+    return f"reranker_{key}.onnx"
+
+
+def variant_name(onnx_name: str, variant: str) -> str:
+    """``x.onnx`` for fp32, ``x_int8.onnx`` for int8: variants sit beside their fp32 graph."""
+    return onnx_name if variant == "fp32" else onnx_name.removesuffix(".onnx") + f"_{variant}.onnx"
+
+
+def golden_path(onnx_name: str) -> str:
+    """Where the golden probe file of an ONNX graph lives, relative to the models root."""
+    return f"{GOLDEN_DIR}/{PurePosixPath(onnx_name).stem}.npz"
+
+
 # OpenAI CLIP's image normalisation: what the original system's services assumed without a manifest.
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)

@@ -8,10 +8,15 @@ from __future__ import annotations
 
 import html
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 from PIL import Image
+
+from modelbake.manifest import Role, Variant, onnx_entry, resolve_inside
+from modelbake.runtime.registry import Loader, register_loader
+from modelbake.runtime.sessions import session
+from modelbake.spec import MANIFEST_NAME
 
 ImageInput = Image.Image | str | Path | np.ndarray
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
@@ -94,33 +99,24 @@ def _center_crop(img: Image.Image, height: int, width: int) -> Image.Image:
     return img.crop((left, top, left + width, top + height))
 
 
-class ClipEncoder:
+@register_loader
+class ClipEncoder(Loader):
     """A CLIP model of a model tree: ``encode_text(texts)`` and ``encode_image(images)`` -> (n, embed_dim).
 
     Embeddings are L2-normalised unless ``normalize=False`` (the ONNX graphs return raw projections).
     """
 
-    def __init__(self, folder: Path, model: dict[str, Any], *, int8: bool = False, threads: int | None = None) -> None:
-        import onnxruntime as ort
+    kind = "clip"
+    variants = (Variant.FP32, Variant.INT8)
+    ROLES: ClassVar[dict[str, Role]] = {"text": Role.TEXT_ENCODER, "image": Role.IMAGE_ENCODER}
 
-        from modelbake.manifest import resolve_inside
-
-        self.name = model["name"]
+    def __init__(self, folder: Path, model: dict[str, Any], **kwargs: Any) -> None:
+        super().__init__(folder, model, **kwargs)
         self.preprocessing = model["preprocessing"]
-        roles = {f["role"]: f for f in model["files"]}
-        suffix = "_int8" if int8 else ""
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        self.sessions = {}
-        for tower in ("text", "image"):
-            entry = roles.get(f"{tower}_encoder{suffix}")
-            if entry is None:
-                raise FileNotFoundError(
-                    f"CLIP {self.name}: no {tower} encoder{' (int8)' if int8 else ''} in the manifest"
-                )
-            path = resolve_inside(folder, entry["path"])
-            self.sessions[tower] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.sessions = {
+            tower: session(resolve_inside(folder, onnx_entry(model, role, self.variant)["path"]), kwargs.get("threads"))
+            for tower, role in self.ROLES.items()
+        }
         tokenizer = self.preprocessing.get("tokenizer")
         self.tokenizer = (
             ClipTokenizer(resolve_inside(folder, tokenizer), self.preprocessing["context_length"])
@@ -129,17 +125,33 @@ class ClipEncoder:
         )
 
     @classmethod
-    def from_folder(cls, folder: Path, name: str | None = None, **kwargs: Any) -> ClipEncoder:
+    def from_folder(cls, folder: Path | str, name: str | None = None, **kwargs: Any) -> ClipEncoder:
         """The CLIP model ``name`` (default: the first listed) of the tree at ``folder``, files checked.
 
         A folder without a manifest is searched as the original services did (see :func:`detect`).
         """
-        from modelbake.manifest import checked_model
-        from modelbake.spec import MANIFEST_NAME
-
+        folder = Path(folder)
         if not (folder / MANIFEST_NAME).is_file():
             return cls(folder, detect(folder, name), **kwargs)
-        return cls(folder, checked_model(folder, "clip", name), **kwargs)
+        return super().from_folder(folder, name, **kwargs)
+
+    @classmethod
+    def replay(
+        cls, root: Path, model: dict[str, Any], entry: dict[str, Any], golden: dict[str, np.ndarray]
+    ) -> tuple[bool, str] | None:
+        """The tokenizer on the probe texts, or the preprocessing on the probe images, against the golden inputs."""
+        pre = model.get("preprocessing", {})
+        if "raw:text" in golden and pre.get("tokenizer"):
+            tokenizer = ClipTokenizer(resolve_inside(root, pre["tokenizer"]), pre["context_length"])
+            ids = tokenizer(list(golden["raw:text"]))
+            same = np.array_equal(ids, golden["input:input_ids"])
+            return same, f"tokenizer ids {'identical' if same else 'DIFFER'} on {len(ids)} probe texts"
+        images = [golden[k] for k in sorted(golden) if k.startswith("raw:image:")]
+        if not images:
+            return None
+        pixels = np.stack([preprocess_image(im, pre) for im in images])
+        worst = float(np.max(np.abs(pixels - golden["input:pixel_values"])))
+        return worst <= 1e-5, f"preprocessing of {len(images)} probe images, max|diff| {worst:.1e}"
 
     @property
     def embed_dim(self) -> int:
@@ -190,8 +202,6 @@ def detect(folder: Path, name: str | None = None) -> dict[str, Any]:
     """
     import logging
 
-    import onnxruntime as ort
-
     from modelbake.spec import CLIP_DIR, OPENAI_MEAN, OPENAI_STD
 
     pairs = detected_pairs(folder)
@@ -204,13 +214,17 @@ def detect(folder: Path, name: str | None = None) -> dict[str, Any]:
             + "; build the models with modelbake or point at the folder holding them"
         )
     key, towers = next(iter(sorted(pairs.items())))
-    sessions = {t: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]) for t, p in towers.items()}
+    sessions = {t: session(p) for t, p in towers.items()}
     height, width = sessions["image"].get_inputs()[0].shape[2:]
     tokenizer = folder / CLIP_DIR / key / "tokenizer.json"
     logging.getLogger("modelbake").warning("CLIP %s: no manifest in %s, files are not verified", key, folder)
     return {
         "name": key,
-        "files": [{"role": f"{t}_encoder", "path": p.relative_to(folder).as_posix()} for t, p in towers.items()],
+        "kind": ClipEncoder.kind,
+        "files": [
+            {"role": ClipEncoder.ROLES[t], "variant": Variant.FP32, "path": p.relative_to(folder).as_posix()}
+            for t, p in towers.items()
+        ],
         "preprocessing": {
             "image_size": [int(height), int(width)],
             "mean": list(OPENAI_MEAN),

@@ -5,9 +5,11 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from modelbake.manifest import ManifestError, check_files, read_manifest, resolve_inside
+from modelbake.manifest import ManifestError, Variant, check_files, read_manifest
 from modelbake.runtime.clip import ClipEncoder, detect, detected_pairs
+from modelbake.runtime.registry import loader_for
 from modelbake.runtime.regressor import BoundaryRegressorONNX, WeightsNotFound
 from modelbake.runtime.reranker import Reranker
 from modelbake.spec import MANIFEST_NAME, REGRESSOR_ONNX
@@ -15,9 +17,27 @@ from modelbake.spec import MANIFEST_NAME, REGRESSOR_ONNX
 
 @dataclass
 class Models:
-    clip: dict[str, ClipEncoder] = field(default_factory=dict)  # by name; the first is the default
-    reranker: Reranker | None = None
-    regressor: BoundaryRegressorONNX | None = None
+    """Every model of a tree by kind and name, in manifest order; the first of a kind is its default."""
+
+    by_kind: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def add(self, kind: str, model: Any) -> None:
+        self.by_kind.setdefault(kind, {})[model.name] = model
+
+    def first(self, kind: str) -> Any | None:
+        return next(iter(self.by_kind.get(kind, {}).values()), None)
+
+    @property
+    def clip(self) -> dict[str, ClipEncoder]:
+        return self.by_kind.get(ClipEncoder.kind, {})
+
+    @property
+    def reranker(self) -> Reranker | None:
+        return self.first(Reranker.kind)
+
+    @property
+    def regressor(self) -> BoundaryRegressorONNX | None:
+        return self.first(BoundaryRegressorONNX.kind)
 
     @property
     def default_clip(self) -> ClipEncoder:
@@ -27,11 +47,12 @@ class Models:
 
 
 def open_models(folder: Path | str, *, int8: bool = False, threads: int | None = None) -> Models:
-    """Check every file of ``folder``'s manifest (size + sha256), then load each model once.
+    """Check every file of ``folder``'s manifest (size + sha256), then load each model once with the
+    loader registered for its kind (:mod:`modelbake.runtime.registry`).
 
     A folder without a manifest is searched as the seed's services did: CLIP ONNX pairs by name, the
     regressor by its look-up order; nothing is verified then (a warning says so) and there is no reranker.
-    ``int8=True`` loads the dynamic-int8 CLIP and reranker variants (built with CLIP_INT8/RERANKER_INT8).
+    ``int8=True`` loads the int8 variants (built with CLIP_INT8 / RERANKER_INT8) where a kind has them.
     """
     folder = Path(folder)
     if not (folder / MANIFEST_NAME).is_file():
@@ -40,22 +61,18 @@ def open_models(folder: Path | str, *, int8: bool = False, threads: int | None =
     check_files(folder, manifest["models"])
     models = Models()
     for model in manifest["models"]:
-        if model["kind"] == "clip":
-            models.clip[model["name"]] = ClipEncoder(folder, model, int8=int8, threads=threads)
-        elif model["kind"] == "reranker" and models.reranker is None:
-            models.reranker = Reranker(folder, model, int8=int8, threads=threads)
-        elif model["kind"] == "regressor" and models.regressor is None:
-            entry = next(f for f in model["files"] if f["role"] == "regressor")
-            models.regressor = BoundaryRegressorONNX(resolve_inside(folder, entry["path"]), threads=threads)
+        loader = loader_for(model["kind"])
+        int8_here = int8 and Variant.INT8 in loader.variants
+        models.add(model["kind"], loader(folder, model, int8=int8_here, threads=threads))
     return models
 
 
 def _open_by_names(folder: Path, threads: int | None) -> Models:
     models = Models()
     for name in detected_pairs(folder):
-        models.clip[name] = ClipEncoder(folder, detect(folder, name), threads=threads)
+        models.add(ClipEncoder.kind, ClipEncoder(folder, detect(folder, name), threads=threads))
     with contextlib.suppress(WeightsNotFound):
-        models.regressor = BoundaryRegressorONNX.from_folder(folder, threads=threads)
+        models.add(BoundaryRegressorONNX.kind, BoundaryRegressorONNX.from_folder(folder, threads=threads))
     if not models.clip and models.regressor is None:
         raise ManifestError(
             f"no manifest in {folder} and no model files by the original names (clip_<model>_*_encoder.onnx, "

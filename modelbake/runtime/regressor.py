@@ -10,10 +10,13 @@ from __future__ import annotations
 import logging
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from modelbake.manifest import checked_model, resolve_inside
+from modelbake.manifest import Role, onnx_entry, resolve_inside
+from modelbake.runtime.registry import Loader, register_loader
+from modelbake.runtime.sessions import session
 from modelbake.spec import MANIFEST_NAME, REGRESSOR_LOOKUP, REGRESSOR_ONNX_LOOKUP
 
 log = logging.getLogger("modelbake")
@@ -46,31 +49,36 @@ def find_weights(folder: Path, order: tuple[str, ...] | None = None) -> Path:
     )
 
 
-class BoundaryRegressorONNX:
+@register_loader
+class BoundaryRegressorONNX(Loader):
     """``predict(features) -> (n, 2)`` seconds (start_delta, end_delta) with onnxruntime."""
 
-    def __init__(self, onnx_path: Path, threads: int | None = None) -> None:
-        import onnxruntime as ort
+    kind = "regressor"
 
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
-        self.session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
+    def __init__(self, folder: Path, model: dict[str, Any], **kwargs: Any) -> None:
+        super().__init__(folder, model, **kwargs)
+        entry = onnx_entry(model, Role.REGRESSOR, self.variant)
+        self.session = session(resolve_inside(folder, entry["path"]), kwargs.get("threads"))
         self.input_name = self.session.get_inputs()[0].name
         self.feature_dim = int(self.session.get_inputs()[0].shape[1])
 
     @classmethod
-    def from_folder(cls, folder: Path, threads: int | None = None) -> BoundaryRegressorONNX:
+    def from_file(cls, onnx_path: Path, threads: int | None = None) -> BoundaryRegressorONNX:
+        """An ONNX file outside any manifest: nothing is verified."""
+        path = Path(onnx_path)
+        model = {"name": path.stem, "kind": cls.kind, "files": [{"role": Role.REGRESSOR, "path": path.name}]}
+        return cls(path.parent, model, threads=threads)
+
+    @classmethod
+    def from_folder(cls, folder: Path | str, name: str | None = None, **kwargs: Any) -> BoundaryRegressorONNX:
         """Through the manifest when there is one (files checked), else the first file of the ONNX look-up
         order (``spec.REGRESSOR_ONNX_LOOKUP``, unverified, with a warning)."""
+        folder = Path(folder)
         if not (folder / MANIFEST_NAME).is_file():
             path = find_weights(folder, REGRESSOR_ONNX_LOOKUP)
             log.warning("boundary regressor: no manifest in %s, %s is not verified", folder, path)
-            return cls(path, threads=threads)
-        model = checked_model(folder, "regressor")
-        entry = next(f for f in model["files"] if f["role"] == "regressor")
-        return cls(resolve_inside(folder, entry["path"]), threads=threads)
+            return cls.from_file(path, threads=kwargs.get("threads"))
+        return super().from_folder(folder, name, **kwargs)
 
     def predict(self, features: np.ndarray | list) -> np.ndarray:
         x = np.asarray(features, dtype=np.float32)

@@ -7,51 +7,58 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tokenizers import Tokenizer
 
-from modelbake.manifest import checked_model, resolve_inside
+from modelbake.manifest import Role, Variant, onnx_entry, resolve_inside
+from modelbake.runtime.registry import Loader, register_loader
+from modelbake.runtime.sessions import session
 
-INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+
+def pair_tokenizer(folder: Path, contract: dict[str, Any]) -> Tokenizer:
+    """The model's tokenizer.json with the recorded truncation (both texts, longest first, to max_length)."""
+    tokenizer = Tokenizer.from_file(str(resolve_inside(folder, contract["tokenizer"])))
+    tokenizer.enable_truncation(contract["max_length"], direction=contract.get("truncation_side", "right"))
+    tokenizer.enable_padding(pad_id=tokenizer.token_to_id("[PAD]") or 0)
+    return tokenizer
 
 
-class Reranker:
-    def __init__(self, folder: Path, model: dict[str, Any], *, int8: bool = False, threads: int | None = None) -> None:
-        import onnxruntime as ort
-        from tokenizers import Tokenizer
+def encode_pairs(tokenizer: Tokenizer, query: str, passages: list[str]) -> dict[str, np.ndarray]:
+    if not isinstance(query, str) or isinstance(passages, str) or not all(isinstance(p, str) for p in passages):
+        raise TypeError("score(query: str, passages: list[str])")
+    encodings = tokenizer.encode_batch([(query, p) for p in passages])
+    return {
+        "input_ids": np.asarray([e.ids for e in encodings], dtype=np.int64),
+        "attention_mask": np.asarray([e.attention_mask for e in encodings], dtype=np.int64),
+        "token_type_ids": np.asarray([e.type_ids for e in encodings], dtype=np.int64),
+    }
 
-        self.name = model["name"]
+
+@register_loader
+class Reranker(Loader):
+    kind = "reranker"
+    variants = (Variant.FP32, Variant.INT8)
+
+    def __init__(self, folder: Path, model: dict[str, Any], **kwargs: Any) -> None:
+        super().__init__(folder, model, **kwargs)
         self.contract = {**model["preprocessing"], **model["details"]}
-        role = "reranker_int8" if int8 else "reranker"
-        entry = next((f for f in model["files"] if f["role"] == role), None)
-        if entry is None:
-            raise FileNotFoundError(
-                f"reranker {self.name}: no {role} file in the manifest (build with RERANKER_INT8=1)"
-            )
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        self.session = ort.InferenceSession(
-            str(resolve_inside(folder, entry["path"])), options, providers=["CPUExecutionProvider"]
-        )
-        self.tokenizer = Tokenizer.from_file(str(resolve_inside(folder, self.contract["tokenizer"])))
-        # Truncation as the training tokenizer did it: both texts, longest first, to max_length.
-        self.tokenizer.enable_truncation(
-            self.contract["max_length"], direction=self.contract.get("truncation_side", "right")
-        )
-        self.tokenizer.enable_padding(pad_id=self.tokenizer.token_to_id("[PAD]") or 0)
+        entry = onnx_entry(model, Role.RERANKER, self.variant)
+        self.session = session(resolve_inside(folder, entry["path"]), kwargs.get("threads"))
+        self.tokenizer = pair_tokenizer(folder, self.contract)
 
     @classmethod
-    def from_folder(cls, folder: Path, **kwargs: Any) -> Reranker:
-        return cls(folder, checked_model(folder, "reranker"), **kwargs)
+    def replay(
+        cls, root: Path, model: dict[str, Any], entry: dict[str, Any], golden: dict[str, np.ndarray]
+    ) -> tuple[bool, str] | None:
+        """The pair encoding of the probe query and passages against the golden inputs."""
+        if "raw:passages" not in golden:
+            return None
+        tokenizer = pair_tokenizer(root, {**model["preprocessing"], **model["details"]})
+        feeds = encode_pairs(tokenizer, str(golden["raw:query"][0]), list(golden["raw:passages"]))
+        same = all(np.array_equal(feeds[k], golden[f"input:{k}"]) for k in feeds)
+        return same, f"pair encoding {'identical' if same else 'DIFFERS'} on {len(feeds['input_ids'])} pairs"
 
     def encode(self, query: str, passages: list[str]) -> dict[str, np.ndarray]:
-        if not isinstance(query, str) or isinstance(passages, str) or not all(isinstance(p, str) for p in passages):
-            raise TypeError("score(query: str, passages: list[str])")
-        encodings = self.tokenizer.encode_batch([(query, p) for p in passages])
-        return {
-            "input_ids": np.asarray([e.ids for e in encodings], dtype=np.int64),
-            "attention_mask": np.asarray([e.attention_mask for e in encodings], dtype=np.int64),
-            "token_type_ids": np.asarray([e.type_ids for e in encodings], dtype=np.int64),
-        }
+        return encode_pairs(self.tokenizer, query, passages)
 
     def score(self, query: str, passages: list[str]) -> np.ndarray:
         """One relevance score per passage, after the recorded activation (sigmoid for one label)."""

@@ -11,6 +11,8 @@ from typing import Any, TextIO
 import numpy as np
 
 from modelbake.manifest import ManifestError, check_files, read_manifest, resolve_inside
+from modelbake.runtime.registry import loader_for
+from modelbake.runtime.sessions import session
 
 
 @dataclass
@@ -29,41 +31,23 @@ def _load_npz(path: Path) -> dict[str, np.ndarray]:
 def replay_inputs(
     root: Path, model: dict[str, Any], entry: dict[str, Any], golden: dict[str, np.ndarray]
 ) -> Check | None:
-    """The run-time tokenizer / preprocessing on the raw probe inputs must give the golden model inputs."""
-    from modelbake.runtime.clip import ClipTokenizer, preprocess_image
-
-    pre = model.get("preprocessing", {})
-    name = f"inputs {Path(entry['path']).name}"
-    if "raw:text" in golden and pre.get("tokenizer"):
-        ids = ClipTokenizer(resolve_inside(root, pre["tokenizer"]), pre["context_length"])(list(golden["raw:text"]))
-        same = np.array_equal(ids, golden["input:input_ids"])
-        return Check("", name, same, f"tokenizer ids {'identical' if same else 'DIFFER'} on {len(ids)} probe texts")
-    if "raw:passages" in golden:
-        from modelbake.runtime.reranker import Reranker
-
-        feeds = Reranker(root, model).encode(str(golden["raw:query"][0]), list(golden["raw:passages"]))
-        same = all(np.array_equal(feeds[k], golden[f"input:{k}"]) for k in feeds)
-        return Check(
-            "", name, same, f"pair encoding {'identical' if same else 'DIFFERS'} on {len(feeds['input_ids'])} pairs"
-        )
-    images = [golden[k] for k in sorted(golden) if k.startswith("raw:image:")]
-    if images:
-        pixels = np.stack([preprocess_image(im, pre) for im in images])
-        worst = float(np.max(np.abs(pixels - golden["input:pixel_values"])))
-        return Check("", name, worst <= 1e-5, f"preprocessing of {len(images)} probe images, max|diff| {worst:.1e}")
-    return None
+    """The kind's own run-time input pipeline on the raw probe inputs must give the golden model inputs."""
+    found = loader_for(model["kind"]).replay(root, model, entry, golden)
+    if found is None:
+        return None
+    same, detail = found
+    return Check("", f"inputs {Path(entry['path']).name}", same, detail)
 
 
 def run_golden(root: Path, entry: dict[str, Any], golden: dict[str, np.ndarray]) -> Check:
-    import onnxruntime as ort
-
     feeds = {k.removeprefix("input:"): v for k, v in golden.items() if k.startswith("input:")}
     expected = {k.removeprefix("output:"): v for k, v in golden.items() if k.startswith("output:")}
-    sess = ort.InferenceSession(str(resolve_inside(root, entry["path"])), providers=["CPUExecutionProvider"])
     names = list(expected)
-    outputs = sess.run(names, feeds)
+    outputs = session(resolve_inside(root, entry["path"])).run(names, feeds)
     atol = entry["tolerance"]["atol"]
-    worst = max(float(np.max(np.abs(out - expected[n]))) for n, out in zip(names, outputs, strict=True))
+    # NaN compares false both ways: a non-finite difference is a failure, never a pass.
+    diffs = [np.abs(out - expected[n]) for n, out in zip(names, outputs, strict=True)]
+    worst = max(float(np.max(d)) if np.isfinite(d).all() else float("inf") for d in diffs)
     batch = next(iter(feeds.values())).shape[0]
     return Check(
         "",

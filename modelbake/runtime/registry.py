@@ -1,0 +1,80 @@
+"""Run-time loaders by model kind: ``open_models`` and ``verify`` find each manifest model's loader here.
+
+A kind is one class: built from its manifest entry (``Loader(folder, model, variant=..., threads=...)``)
+and owning the replay of its own input pipeline (tokenizer, image preprocessing) on the raw probe inputs
+``verify`` reads from the golden files. The built-in kinds register themselves on import; a new kind
+registers with :func:`register_loader` and needs nothing else at run time.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any, ClassVar, Self, TypeVar
+
+import numpy as np
+
+from modelbake.manifest import Variant, checked_model
+
+BUILTIN = ("modelbake.runtime.clip", "modelbake.runtime.reranker", "modelbake.runtime.regressor")
+LOADERS: dict[str, type[Loader]] = {}
+
+
+class Loader:
+    """Base of the run-time model classes; ``kind`` names the manifest models it reads."""
+
+    kind: ClassVar[str]
+    variants: ClassVar[tuple[Variant, ...]] = (Variant.FP32,)  # what the kind's stage can build
+
+    def __init__(
+        self,
+        folder: Path,
+        model: dict[str, Any],
+        *,
+        variant: str | None = None,
+        int8: bool = False,
+        threads: int | None = None,
+    ) -> None:
+        self.name = model["name"]
+        self.variant = variant_of(variant, int8)
+
+    @classmethod
+    def from_folder(cls, folder: Path | str, name: str | None = None, **kwargs: Any) -> Self:
+        """The ``kind`` model ``name`` (default: the first listed) of the tree at ``folder``, files checked."""
+        folder = Path(folder)
+        return cls(folder, checked_model(folder, cls.kind, name), **kwargs)
+
+    @classmethod
+    def replay(
+        cls, root: Path, model: dict[str, Any], entry: dict[str, Any], golden: dict[str, np.ndarray]
+    ) -> tuple[bool, str] | None:
+        """Run this kind's input pipeline on the golden file's raw inputs and compare with the recorded
+        model inputs: (same, what was compared), or None when the kind has no such pipeline."""
+        return None
+
+
+L = TypeVar("L", bound=type[Loader])
+
+
+def register_loader(cls: L) -> L:
+    """Class decorator: ``cls`` loads the manifest models of ``cls.kind``."""
+    if LOADERS.get(cls.kind, cls) is not cls:
+        raise ValueError(f"kind {cls.kind!r} already has a loader ({LOADERS[cls.kind].__name__})")
+    LOADERS[cls.kind] = cls
+    return cls
+
+
+def loader_for(kind: str) -> type[Loader]:
+    for module in BUILTIN:
+        importlib.import_module(module)
+    if kind not in LOADERS:
+        raise LookupError(
+            f"no run-time loader for model kind {kind!r} (this modelbake knows {', '.join(sorted(LOADERS))}); "
+            "use the modelbake release that built the tree"
+        )
+    return LOADERS[kind]
+
+
+def variant_of(variant: str | None, int8: bool) -> Variant:
+    """``int8=True`` is the shorthand for ``variant="int8"``."""
+    return Variant(variant or (Variant.INT8 if int8 else Variant.FP32))
