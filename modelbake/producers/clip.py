@@ -8,7 +8,6 @@ name -> config -> weights happens in one place (:func:`load_clip`), whatever the
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,14 +16,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from modelbake.manifest import file_entry, sha256_file, write_fragment
-from modelbake.producers.common import ProducerError, log, staged_output, tool_versions
-from modelbake.producers.onnx_export import DEFAULT_OPSET, OnnxExport, export_and_validate, quantize_and_validate
+from modelbake.manifest import Role, file_entry, sha256_file, write_fragment
+from modelbake.producers import Values
+from modelbake.producers.common import ProducerError, log, model_record, staged_output
+from modelbake.producers.onnx_export import DEFAULT_OPSET, OnnxExport, export_variants
 from modelbake.producers.progress import steps
-from modelbake.spec import CLIP_DIR, GOLDEN_DIR, ONNX_DIR, ClipSpec, clip_onnx_name
+from modelbake.spec import CLIP_DIR, ClipSpec, clip_onnx_name, parse_clip_list
 
 STAGE = "clip-export"
-TOOLS = ("torch", "open_clip_torch", "onnx", "onnxruntime", "onnxsim", "modelbake")
+TOOLS = ("torch", "open_clip_torch", "onnx", "onnxruntime", "onnxsim")
 
 # Texts and images of very different shapes: the probe set of the parity gate.
 PROBE_TEXTS = ["", "dog", "a person walking a dog along a beach at sunset " * 12, "café naïve 東京 🚀"]
@@ -151,7 +151,7 @@ def preprocessing(model: torch.nn.Module) -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class ClipOptions:
-    """Build args of the clip-export stage."""
+    """The clip-export stage's parameters (modelbake.params), typed."""
 
     opset: int = DEFAULT_OPSET
     keep_pytorch: bool = False
@@ -160,9 +160,21 @@ class ClipOptions:
     min_cosine: float = 0.999
     int8_min_cosine: float = 0.99
 
+    @classmethod
+    def from_values(cls, values: Values) -> ClipOptions:
+        return cls(
+            opset=values["ONNX_OPSET"],
+            keep_pytorch=values["CLIP_KEEP_PYTORCH"],
+            int8=values["CLIP_INT8"],
+            atol=values["CLIP_PARITY_ATOL"],
+            min_cosine=values["CLIP_PARITY_MIN_COSINE"],
+            int8_min_cosine=values["CLIP_INT8_MIN_COSINE"],
+        )
 
-def _torch_free_inputs(root: Path, key: str, tokenizer: Any, preprocess: Any, pre: dict[str, Any],
-                       texts: list[str], images: list[Image.Image]) -> str | None:  # fmt: skip
+
+def _torch_free_inputs(
+    root: Path, key: str, tokenizer: Any, preprocess: Any, pre: dict[str, Any], images: list[Image.Image]
+) -> str | None:
     """Write the runtime tokenizer and prove it and the runtime preprocessing match open_clip's."""
     from open_clip.tokenizer import SimpleTokenizer
 
@@ -175,6 +187,7 @@ def _torch_free_inputs(root: Path, key: str, tokenizer: Any, preprocess: Any, pr
     if not isinstance(tokenizer, SimpleTokenizer):
         log.warning("CLIP %s: tokenizer %s has no torch-free export yet", key, type(tokenizer).__name__)
         return None
+    texts = PROBE_TEXTS + EXAMPLE_TEXTS
     path = root / CLIP_DIR / key / "tokenizer.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(tokenizer_json(tokenizer, pre["context_length"]))
@@ -185,94 +198,85 @@ def _torch_free_inputs(root: Path, key: str, tokenizer: Any, preprocess: Any, pr
     return path.relative_to(root).as_posix()
 
 
-def export_one(spec: ClipSpec, root: Path, options: ClipOptions) -> dict[str, Any]:
-    """Export one CLIP model into ``root`` (a staging folder); returns its manifest entry."""
-    # load + tokenizer/preprocessing check, then per tower: export+gate (and int8+gate)
-    with steps(f"CLIP {spec.key}", 1 + 2 * (2 if options.int8 else 1)) as done:
-        return _export_one(spec, root, options, done)
-
-
-def _export_one(spec: ClipSpec, root: Path, options: ClipOptions, done: Callable[[str], None]) -> dict[str, Any]:
-    log.info("CLIP %s: loading", spec.text)
-    model, tokenizer, preprocess, source = load_clip(spec)
-    pre = preprocessing(model)
-    images = _probe_images(max(pre["image_size"]))
-    tokenizer_path = _torch_free_inputs(root, spec.key, tokenizer, preprocess, pre, PROBE_TEXTS + EXAMPLE_TEXTS, images)
-    raw_images = {f"image:{i}": np.asarray(im) for i, im in enumerate(images[1:])}
-    done("loaded, tokenizer + preprocessing checked")
-    towers = {
+def _towers(
+    model: torch.nn.Module, tokenizer: Any, preprocess: Any, images: list[Image.Image], options: ClipOptions
+) -> dict[str, OnnxExport]:
+    """The two encoders, described for the generic export loop (example batch 2, probe batch 4 / 3)."""
+    gates = {"atol": options.atol, "min_cosine": options.min_cosine}
+    return {
         "text": OnnxExport(
-            role="text_encoder",
+            role=Role.TEXT_ENCODER,
             module=_TextTower(model),
             example={"input_ids": tokenizer(EXAMPLE_TEXTS)},
             probe={"input_ids": tokenizer(PROBE_TEXTS)},
             output_names=["text_embeds"],
             dynamic_axes={"input_ids": {0: "batch"}, "text_embeds": {0: "batch"}},
-            atol=options.atol,
-            min_cosine=options.min_cosine,
             raw_golden={"text": np.asarray(PROBE_TEXTS)},
+            **gates,
         ),
         "image": OnnxExport(
-            role="image_encoder",
+            role=Role.IMAGE_ENCODER,
             module=_ImageTower(model),
             example={"pixel_values": torch.stack([preprocess(im) for im in images[:2]])},
             probe={"pixel_values": torch.stack([preprocess(im) for im in images[1:]])},
             output_names=["image_embeds"],
             dynamic_axes={"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}},
-            atol=options.atol,
-            min_cosine=options.min_cosine,
-            raw_golden=raw_images,
+            raw_golden={f"image:{i}": np.asarray(im) for i, im in enumerate(images[1:])},
+            **gates,
         ),
     }
-    files, parity = [], {}
-    if tokenizer_path:
-        files.append(file_entry(root, root / tokenizer_path, role="tokenizer", fmt="json"))
-    for tower, export in towers.items():
-        onnx_path = root / ONNX_DIR / clip_onnx_name(spec.key, tower)
-        golden_path = root / GOLDEN_DIR / f"{onnx_path.stem}.npz"
-        entry, figures = export_and_validate(export, onnx_path, golden_path, root, options.opset)
-        files += [entry, file_entry(root, golden_path, role=f"{tower}_golden", fmt="npz")]
-        parity[tower] = figures
-        done(f"{tower} exported, parity checked")
-        if options.int8:
-            int8_path = onnx_path.with_name(f"{onnx_path.stem}_int8.onnx")
-            int8_golden = root / GOLDEN_DIR / f"{int8_path.stem}.npz"
-            entry, figures = quantize_and_validate(
-                export, onnx_path, int8_path, int8_golden, root, min_cosine=options.int8_min_cosine, opset=options.opset
+
+
+def export_one(spec: ClipSpec, root: Path, options: ClipOptions) -> dict[str, Any]:
+    """Export one CLIP model into ``root`` (a staging folder); returns its manifest entry."""
+    # load + tokenizer/preprocessing check, then per tower: export+gate (and int8+gate)
+    with steps(f"CLIP {spec.key}", 1 + 2 * (2 if options.int8 else 1)) as done:
+        log.info("CLIP %s: loading", spec.text)
+        model, tokenizer, preprocess, source = load_clip(spec)
+        pre = preprocessing(model)
+        images = _probe_images(max(pre["image_size"]))
+        tokenizer_path = _torch_free_inputs(root, spec.key, tokenizer, preprocess, pre, images)
+        done("loaded, tokenizer + preprocessing checked")
+        files = [file_entry(root, root / tokenizer_path, role=Role.TOKENIZER, fmt="json")] if tokenizer_path else []
+        for tower, export in _towers(model, tokenizer, preprocess, images, options).items():
+            files += export_variants(
+                export,
+                clip_onnx_name(spec.key, tower),
+                root,
+                opset=options.opset,
+                int8=options.int8,
+                int8_min_cosine=options.int8_min_cosine,
+                done=done,
             )
-            entry["role"] = f"{export.role}_int8"
-            files += [entry, file_entry(root, int8_golden, role=f"{tower}_int8_golden", fmt="npz")]
-            parity[f"{tower}_int8"] = figures
-            done(f"{tower} int8 checked")
-    if options.keep_pytorch:
-        from safetensors.torch import save_file
-
-        weights = root / CLIP_DIR / spec.key / "open_clip_model.safetensors"
-        weights.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
-        files.append(file_entry(root, weights, role="pytorch_weights", fmt="safetensors"))
-    embed = next(f for f in files if f["role"] == "text_encoder")["outputs"][0]["shape"][-1]
-    return {
-        "name": spec.key,
-        "kind": "clip",
-        "stage": STAGE,
-        "spec": spec.text,
-        "source": source,
-        "tools": tool_versions(*TOOLS),
-        "files": files,
-        "preprocessing": {
-            **pre,
-            "tokenizer": tokenizer_path,
-            "text_cleaning": "ftfy.fix_text, html.unescape x2, strip",
-        },
-        "parity": parity,
-        "details": {"embed_dim": int(embed), "normalized": False, "architecture": spec.arch},
-    }
+        if options.keep_pytorch:
+            files.append(_save_pytorch(model, root, spec.key))
+    embed = next(f for f in files if f["role"] == Role.TEXT_ENCODER)["outputs"][0]["shape"][-1]
+    return model_record(
+        STAGE,
+        "clip",
+        spec.key,
+        spec=spec.text,
+        source=source,
+        tools=TOOLS,
+        files=files,
+        preprocessing={**pre, "tokenizer": tokenizer_path, "text_cleaning": "ftfy.fix_text, html.unescape x2, strip"},
+        details={"embed_dim": int(embed), "normalized": False, "architecture": spec.arch},
+    )
 
 
-def run(specs: list[ClipSpec], out_root: Path, options: ClipOptions | None = None) -> list[dict[str, Any]]:
+def _save_pytorch(model: torch.nn.Module, root: Path, key: str) -> dict[str, Any]:
+    from safetensors.torch import save_file
+
+    weights = root / CLIP_DIR / key / "open_clip_model.safetensors"
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, weights)
+    return file_entry(root, weights, role=Role.PYTORCH_WEIGHTS, fmt="safetensors")
+
+
+def run(out_root: Path, values: Values) -> list[dict[str, Any]]:
     """The clip-export stage: every selected model, all or nothing, plus the stage's manifest fragment."""
-    options = options or ClipOptions()
+    specs = parse_clip_list(values["CLIP_MODELS"])
+    options = ClipOptions.from_values(values)
     for spec in specs:
         validate(spec)  # all names are checked before the first (slow) export
     with staged_output(out_root) as staging:

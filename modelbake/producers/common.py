@@ -1,4 +1,5 @@
-"""What every producer shares: staged output (nothing half-written), tool versions, logging."""
+"""What every producer shares: staged output (nothing half-written), the model record, an offline hub
+switch, tool versions, logging."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 log = logging.getLogger("modelbake")
 
@@ -48,12 +50,33 @@ def staged_output(out_root: Path) -> Iterator[Path]:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
-def normalise_tree(root: Path) -> None:
-    """World-readable files and folders (the runtime's non-root user reads a root-owned tree), and with
-    SOURCE_DATE_EPOCH set, every mtime set to it: file times go into the image layer, so the models
-    layer's digest is the same for the same inputs."""
-    epoch = os.environ.get("SOURCE_DATE_EPOCH", "")
-    for path in [p for p in [root, *root.rglob("*")] if not p.is_symlink()]:
-        path.chmod(0o755 if path.is_dir() else 0o644)
-        if epoch.isdigit():
-            os.utime(path, (int(epoch), int(epoch)))
+def model_record(
+    stage: str,
+    kind: str,
+    name: str,
+    *,
+    spec: str,
+    source: dict[str, Any],
+    tools: tuple[str, ...],
+    files: list[dict[str, Any]],
+    **sections: Any,
+) -> dict[str, Any]:
+    """One manifest model entry, the same shape for every kind (``sections``: preprocessing, details, notes)."""
+    record = {"name": name, "kind": kind, "stage": stage, "spec": spec, "source": source}
+    return {**record, "tools": tool_versions(*tools, "modelbake"), "files": files, **sections}
+
+
+@contextmanager
+def hub_offline() -> Iterator[None]:
+    """The Hugging Face libraries with no hub at all inside the block (proves a saved folder is complete)."""
+    names = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
+    previous = {name: os.environ.get(name) for name in names}
+    os.environ.update(dict.fromkeys(names, "1"))
+    try:
+        yield
+    finally:
+        for name, value in previous.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -19,16 +19,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from modelbake.manifest import file_entry, write_fragment
-from modelbake.producers.common import ProducerError, log, staged_output, tool_versions
-from modelbake.producers.onnx_export import DEFAULT_OPSET, OnnxExport, export_and_validate
+from modelbake.manifest import Role, file_entry, write_fragment
+from modelbake.producers import Values
+from modelbake.producers.common import ProducerError, log, model_record, staged_output
+from modelbake.producers.onnx_export import OnnxExport, export_variants
 from modelbake.producers.progress import steps
 from modelbake.producers.regressor_data import DataError, load_dataset
 from modelbake.producers.regressor_model import OUTPUT_NAMES, BoundaryRegressor, save_weights
-from modelbake.spec import GOLDEN_DIR, ONNX_DIR, REGRESSOR_DIR, REGRESSOR_ONNX, REGRESSOR_PTH, parse_clip_list
+from modelbake.spec import REGRESSOR_DIR, REGRESSOR_ONNX, REGRESSOR_PTH, parse_clip_list
 
 STAGE = "regressor-seed"
-TOOLS = ("torch", "safetensors", "onnx", "onnxruntime", "modelbake")
+TOOLS = ("torch", "safetensors", "onnx", "onnxruntime")
 MAX_DELTA = 2.0
 NOISE = 0.05
 SEED_TRAIN, SEED_HELDOUT = 4096, 1024
@@ -154,22 +155,16 @@ def resolve_feature_dim(value: str, clip_models: str) -> tuple[int, str]:
     return embed_dim(spec), f"CLIP {spec.text}"
 
 
-def run(
-    out_root: Path,
-    *,
-    feature_dim: int = 512,
-    feature_dim_from: str = "REGRESSOR_FEATURE_DIM",
-    seed: int = 0,
-    epochs: int = 20,
-    opset: int = DEFAULT_OPSET,
-) -> list[dict[str, Any]]:
+def run(out_root: Path, values: Values) -> list[dict[str, Any]]:
     """The regressor-seed stage: seed weights in three formats, checked, plus the stage's fragment."""
+    feature_dim, feature_dim_from = resolve_feature_dim(values["REGRESSOR_FEATURE_DIM"], values["CLIP_MODELS"])
+    seed, epochs = values["REGRESSOR_SEED"], values["REGRESSOR_EPOCHS"]
     model, metrics = seed_weights(feature_dim, seed, epochs)
     log.info("seed held-out MAE %s (random init %s)", metrics["heldout_mae_seed"], metrics["heldout_mae_random_init"])
     with staged_output(out_root) as root:
         pth, safetensors = save_weights(model, root / REGRESSOR_DIR / REGRESSOR_PTH)
         export = OnnxExport(
-            role="regressor",
+            role=Role.REGRESSOR,
             module=model,
             example={"features": torch.from_numpy(synthetic_set(2, feature_dim, seed + 2)[0])},
             probe={"features": torch.from_numpy(synthetic_set(5, feature_dim, seed + 3)[0])},
@@ -177,35 +172,48 @@ def run(
             dynamic_axes={"features": {0: "batch"}, "deltas": {0: "batch"}},
             atol=1e-4,
         )
-        onnx_path = root / ONNX_DIR / REGRESSOR_ONNX
-        golden_path = root / GOLDEN_DIR / f"{onnx_path.stem}.npz"
-        entry, parity = export_and_validate(export, onnx_path, golden_path, root, opset)
         files = [
-            file_entry(root, safetensors, role="weights", fmt="safetensors"),
-            file_entry(root, pth, role="weights_state_dict", fmt="pth"),
-            entry,
-            file_entry(root, golden_path, role="regressor_golden", fmt="npz"),
+            file_entry(root, safetensors, role=Role.WEIGHTS, fmt="safetensors"),
+            file_entry(root, pth, role=Role.WEIGHTS_STATE_DICT, fmt="pth"),
+            *export_variants(export, REGRESSOR_ONNX, root, opset=values["ONNX_OPSET"]),
         ]
+        details = {
+            "feature_dim": feature_dim,
+            "feature_dim_from": feature_dim_from,
+            "outputs": list(OUTPUT_NAMES),
+            "metrics": metrics,
+        }
         models = [
-            {
-                "name": "boundary_regressor",
-                "kind": "regressor",
-                "stage": STAGE,
-                "spec": f"seed={seed},feature_dim={feature_dim},epochs={epochs}",
-                "source": {"type": "generated", "id": "synthetic seed training"},
-                "tools": tool_versions(*TOOLS),
-                "files": files,
-                "parity": parity,
-                "details": {
-                    "feature_dim": feature_dim,
-                    "feature_dim_from": feature_dim_from,
-                    "outputs": list(OUTPUT_NAMES),
-                    "metrics": metrics,
-                },
-            }
+            model_record(
+                STAGE,
+                "regressor",
+                "boundary_regressor",
+                spec=f"seed={seed},feature_dim={feature_dim},epochs={epochs}",
+                source={"type": "generated", "id": "synthetic seed training"},
+                tools=TOOLS,
+                files=files,
+                details=details,
+            )
         ]
         write_fragment(root, STAGE, models)
     return models
+
+
+Split = tuple[np.ndarray, np.ndarray]
+
+
+def _split(dataset: Any, val_fraction: float, seed: int, data: Path) -> tuple[Split, Split]:
+    """(train, validation) sets, a seeded permutation of the records."""
+    n = len(dataset.features)
+    n_val = max(1, round(n * val_fraction))
+    if n - n_val < 1:
+        raise DataError(f"{data}: {n} record(s) cannot be split into training and validation; give at least 2")
+    order = np.random.default_rng(seed).permutation(n)
+    val_idx, train_idx = order[:n_val], order[n_val:]
+    return (dataset.features[train_idx], dataset.deltas[train_idx]), (
+        dataset.features[val_idx],
+        dataset.deltas[val_idx],
+    )
 
 
 def train(
@@ -226,18 +234,11 @@ def train(
     if not 0 < val_fraction < 1:
         raise DataError(f"--val-fraction {val_fraction}: give a fraction between 0 and 1")
     dataset = load_dataset(data, feature_dim)
-    n = len(dataset.features)
-    n_val = max(1, round(n * val_fraction))
-    if n - n_val < 1:
-        raise DataError(f"{data}: {n} record(s) cannot be split into training and validation; give at least 2")
-    order = np.random.default_rng(seed).permutation(n)
-    val_idx, train_idx = order[:n_val], order[n_val:]
-    train_set = (dataset.features[train_idx], dataset.deltas[train_idx])
-    val_set = (dataset.features[val_idx], dataset.deltas[val_idx])
+    train_set, val_set = _split(dataset, val_fraction, seed, data)
     torch.manual_seed(seed)
     model = BoundaryRegressor(dataset.features.shape[1])
     zero = {k: float(v) for k, v in zip(OUTPUT_NAMES, np.mean(np.abs(val_set[1]), axis=0), strict=True)}
-    log.info("training on %d records, validating on %d (%s)", len(train_idx), n_val, data)
+    log.info("training on %d records, validating on %d (%s)", len(train_set[0]), len(val_set[0]), data)
     with steps("training", epochs) as done:  # may stop early (patience)
         result = fit(
             model, train_set, val_set, epochs=epochs, seed=seed, lr=lr, batch_size=batch_size, patience=patience,
@@ -247,8 +248,8 @@ def train(
         "val_mae": mae(model, *val_set),
         "train_mae": mae(model, *train_set),
         "val_mae_predicting_zero": zero,
-        "train_records": len(train_idx),
-        "val_records": n_val,
+        "train_records": len(train_set[0]),
+        "val_records": len(val_set[0]),
         "feature_dim": int(dataset.features.shape[1]),
         "seed": seed,
         "data": str(data),

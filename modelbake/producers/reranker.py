@@ -4,7 +4,6 @@ offline use and exported to ONNX with its score contract (activation, labels, ma
 
 from __future__ import annotations
 
-import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -13,20 +12,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from modelbake.manifest import file_entry, write_fragment
-from modelbake.producers.common import ProducerError, log, staged_output, tool_versions
-from modelbake.producers.onnx_export import (
-    DEFAULT_OPSET,
-    OnnxExport,
-    export_and_validate,
-    quantize_and_validate,
-    session,
-)
+from modelbake.manifest import Role, Variant, file_entry, write_fragment
+from modelbake.producers import Values
+from modelbake.producers.common import ProducerError, hub_offline, log, model_record, staged_output
+from modelbake.producers.onnx_export import OnnxExport, export_variants
 from modelbake.producers.progress import steps
-from modelbake.spec import GOLDEN_DIR, ONNX_DIR, RERANKER_DIR, RerankerSpec
+from modelbake.runtime.sessions import session
+from modelbake.spec import RERANKER_DIR, RerankerSpec, parse_reranker_list, reranker_onnx_name
 
 STAGE = "reranker-cache"
-TOOLS = ("torch", "transformers", "sentence-transformers", "huggingface-hub", "onnx", "onnxruntime", "modelbake")
+TOOLS = ("torch", "transformers", "sentence-transformers", "huggingface-hub", "onnx", "onnxruntime")
 
 PROBE_QUERY = "person walking a dog"
 PROBE_PASSAGES = [
@@ -126,15 +121,18 @@ def _tokenize(ce: Any, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
     return {k: enc[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
 
 
-def _score_gate(onnx_path: Path, feeds: dict[str, np.ndarray], st_scores: np.ndarray, activation: str,
-                atol: float) -> dict[str, Any]:  # fmt: skip
+def _score_gate(
+    data: bytes, feeds: dict[str, np.ndarray], st_scores: np.ndarray, activation: str, atol: float
+) -> dict[str, Any]:
     """The score contract: sentence-transformers' predict, reproduced from the ONNX logits.
 
     Scores must agree within ``atol``, and every two passages whose reference scores differ by more
     than ``2 * atol`` must keep their order (passages the model itself cannot tell apart may swap).
     """
-    logits = session(onnx_path).run(["logits"], feeds)[0]
+    logits = session(data).run(["logits"], feeds)[0]
     scores = (1 / (1 + np.exp(-logits)) if activation == "sigmoid" else logits).reshape(st_scores.shape)
+    if not np.isfinite(scores).all():
+        raise ProducerError("the ONNX scores hold NaN or inf on the probe pairs; nothing was written")
     gap = st_scores[:, None] - st_scores[None, :]
     flipped = (gap > 2 * atol) & (scores[:, None] - scores[None, :] <= 0)
     ranks = [np.argsort(np.argsort(-s, kind="stable")) for s in (scores, st_scores)]
@@ -146,48 +144,30 @@ def _score_gate(onnx_path: Path, feeds: dict[str, np.ndarray], st_scores: np.nda
         "order_violations": int(flipped.sum()),
     }
     if figures["score_max_abs_diff"] > atol or figures["order_violations"]:
-        raise ProducerError(
-            f"{onnx_path.name}: ONNX scores differ from sentence-transformers beyond {atol:g}: {figures}"
-        )
+        raise ProducerError(f"ONNX scores differ from sentence-transformers beyond {atol:g}: {figures}")
     return figures
 
 
-def cache_one(spec: RerankerSpec, root: Path, opset: int = DEFAULT_OPSET, int8: bool = False,
-              int8_atol: float = 0.02) -> dict[str, Any]:  # fmt: skip
-    """Fetch, save as a plain folder, reload offline, export and gate one candidate into ``root``."""
-    with steps(f"reranker {spec.key}", 3 + int(int8)) as done:
-        return _cache_one(spec, root, opset, int8, int8_atol, done)
-
-
-def _cache_one(spec: RerankerSpec, root: Path, opset: int, int8: bool, int8_atol: float,
-               done: Callable[[str], None]) -> dict[str, Any]:  # fmt: skip
+def _load_saved(spec: RerankerSpec, path: Path, root: Path) -> tuple[Any, Path]:
+    """The CrossEncoder saved as a plain folder under ``root`` and reloaded from it with no hub at all."""
     from sentence_transformers import CrossEncoder
 
-    path, source = _fetch(spec, root)
-    done("fetched")
     _check_architecture(spec, path)
     # A model without a classifier head gets one here, drawn from a fixed seed (the same head every
     # build), saved below with the model: loaders never draw a new one.
     torch.manual_seed(0)
-    ce = CrossEncoder(str(path), device="cpu")
     dest = root / RERANKER_DIR / spec.key
-    ce.save(str(dest))
+    CrossEncoder(str(path), device="cpu").save(str(dest))
     shutil.rmtree(root / "download", ignore_errors=True)
-    # Prove the saved folder loads with no hub at all, and gives the same scores.
-    previous = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    try:
-        ce = CrossEncoder(str(dest), device="cpu")
-    finally:
-        if previous is None:
-            os.environ.pop("HF_HUB_OFFLINE")
-        else:
-            os.environ["HF_HUB_OFFLINE"] = previous
-    done("saved, reloaded offline")
+    with hub_offline():  # proves the saved folder is complete
+        return CrossEncoder(str(dest), device="cpu"), dest
+
+
+def _export(ce: Any, key: str, root: Path, values: Values, done: Callable[[str], None]) -> list[dict[str, Any]]:
+    """The fp32 graph (and the int8 one), each gated on parity with PyTorch and on the score contract."""
     pairs = [(PROBE_QUERY, p) for p in PROBE_PASSAGES]
-    activation = _activation(ce)
     export = OnnxExport(
-        role="reranker",
+        role=Role.RERANKER,
         module=_Logits(ce.model),
         example=_tokenize(ce, EXAMPLE_PAIRS),
         probe=_tokenize(ce, pairs),
@@ -197,60 +177,64 @@ def _cache_one(spec: RerankerSpec, root: Path, opset: int, int8: bool, int8_atol
         atol=1e-4,
         raw_golden={"query": np.asarray([PROBE_QUERY]), "passages": np.asarray(PROBE_PASSAGES)},
     )
-    onnx_path = root / ONNX_DIR / f"reranker_{spec.key}.onnx"
-    golden_path = root / GOLDEN_DIR / f"{onnx_path.stem}.npz"
-    entry, parity = export_and_validate(export, onnx_path, golden_path, root, opset)
     feeds = {k: v.numpy() for k, v in export.probe.items()}
-    st_scores = np.asarray(ce.predict(pairs))
-    parity.update(_score_gate(onnx_path, feeds, st_scores, activation, 1e-4))
-    done("exported, scores checked")
-    variants = [entry, file_entry(root, golden_path, role="reranker_golden", fmt="npz")]
-    parities = {"fp32": parity}
-    if int8:
-        int8_path = onnx_path.with_name(f"{onnx_path.stem}_int8.onnx")
-        int8_golden = root / GOLDEN_DIR / f"{int8_path.stem}.npz"
-        # Logits are (n, 1): cosine says nothing there, the score gate below is the int8 gate.
-        int8_entry, figures = quantize_and_validate(
-            export, onnx_path, int8_path, int8_golden, root, min_cosine=-1.0, opset=opset
-        )
-        figures.update(_score_gate(int8_path, feeds, st_scores, activation, int8_atol))
-        int8_entry["role"] = "reranker_int8"
-        variants += [int8_entry, file_entry(root, int8_golden, role="reranker_int8_golden", fmt="npz")]
-        parities["int8"] = figures
-        done("int8 checked")
+    st_scores, activation = np.asarray(ce.predict(pairs)), _activation(ce)
+    atol = {Variant.FP32: 1e-4, Variant.INT8: values["RERANKER_INT8_ATOL"]}
+
+    def scores_gate(data: bytes, variant: Variant) -> dict[str, Any]:
+        return _score_gate(data, feeds, st_scores, activation, atol[variant])
+
+    # Logits are (n, 1): cosine says nothing there, the score gate is the int8 gate.
+    return export_variants(
+        export,
+        reranker_onnx_name(key),
+        root,
+        opset=values["ONNX_OPSET"],
+        int8=values["RERANKER_INT8"],
+        int8_min_cosine=-1.0,
+        extra_gate=scores_gate,
+        done=done,
+    )
+
+
+def cache_one(spec: RerankerSpec, root: Path, values: Values) -> dict[str, Any]:
+    """Fetch, save as a plain folder, reload offline, export and gate one candidate into ``root``."""
+    with steps(f"reranker {spec.key}", 3 + int(values["RERANKER_INT8"])) as done:
+        path, source = _fetch(spec, root)
+        done("fetched")
+        ce, dest = _load_saved(spec, path, root)
+        done("saved, reloaded offline")
+        onnx_files = _export(ce, spec.key, root, values, done)
     files = [
-        file_entry(root, p, role="hf_model_file", fmt="json" if p.suffix == ".json" else "other")
+        file_entry(root, p, role=Role.HF_MODEL_FILE, fmt="json" if p.suffix == ".json" else "other")
         for p in sorted(dest.rglob("*"))
         if p.is_file()
     ]
-    files += variants
-    return {
-        "name": spec.key,
-        "kind": "reranker",
-        "stage": STAGE,
-        "spec": spec.text,
-        "source": source,
-        "tools": tool_versions(*TOOLS),
-        "files": files,
-        "preprocessing": {
+    return model_record(
+        STAGE,
+        "reranker",
+        spec.key,
+        spec=spec.text,
+        source=source,
+        tools=TOOLS,
+        files=files + onnx_files,
+        preprocessing={
             "tokenizer": f"{RERANKER_DIR}/{spec.key}/tokenizer.json",
             "max_length": int(ce.max_seq_length),
             "pair_order": ["query", "passage"],
             "truncation_side": ce.tokenizer.truncation_side,
         },
-        "parity": parities,
-        "details": {"activation": activation, "num_labels": int(ce.num_labels)},
-    }
+        details={"activation": _activation(ce), "num_labels": int(ce.num_labels)},
+    )
 
 
-def run(specs: list[RerankerSpec], out_root: Path, opset: int = DEFAULT_OPSET, int8: bool = False,
-        int8_atol: float = 0.02) -> list[dict[str, Any]]:  # fmt: skip
+def run(out_root: Path, values: Values) -> list[dict[str, Any]]:
     """The reranker-cache stage: the first candidate that works wins; the manifest says why others failed."""
     failures: list[str] = []
-    for spec in specs:
+    for spec in parse_reranker_list(values["RERANKER_MODELS"]):
         try:
             with staged_output(out_root) as staging:
-                model = cache_one(spec, staging, opset, int8, int8_atol)
+                model = cache_one(spec, staging, values)
                 if failures:
                     model["notes"] = [f"fallback: {f}" for f in failures]
                 write_fragment(staging, STAGE, [model])
