@@ -26,80 +26,62 @@ from pathlib import Path
 from typing import Any
 
 from modelbake.buildkit import TRANSIENT_ERROR
-from modelbake.spec import (
-    DEFAULT_CLIP_MODELS,
-    DEFAULT_RERANKER_MODELS,
-    SpecError,
-    parse_clip_list,
-    parse_reranker_list,
-)
+from modelbake.params import SELECTION
+from modelbake.spec import SpecError, parse_clip_list, parse_reranker_list
 
 
 class BakeError(Exception):
     """The build cannot start or did not succeed; the message names the fix."""
 
 
-@dataclass
 class Selection:
-    """What to bake; every field maps to one variable of docker-bake.hcl."""
+    """What to bake: a value per parameter of :data:`modelbake.params.SELECTION`, set by field name
+    (``Selection(clip=["ViT-B/32"], clip_int8=True)``); unset ones come from the environment, else the table."""
 
-    # Defaults as in docker-bake.hcl: the environment's CLIP_MODELS / RERANKER_MODELS, else the seed's.
-    clip: list[str] = field(default_factory=lambda: os.environ.get("CLIP_MODELS", DEFAULT_CLIP_MODELS).split(","))
-    reranker: list[str] = field(
-        default_factory=lambda: os.environ.get("RERANKER_MODELS", DEFAULT_RERANKER_MODELS).split(",")
-    )
-    clip_int8: bool = False
-    reranker_int8: bool = False
-    regressor_feature_dim: str = field(default_factory=lambda: os.environ.get("REGRESSOR_FEATURE_DIM", "auto"))
-    regressor_seed: int = field(default_factory=lambda: int(os.environ.get("REGRESSOR_SEED", "0")))
-    regressor_epochs: int = field(default_factory=lambda: int(os.environ.get("REGRESSOR_EPOCHS", "20")))
+    def __init__(self, **fields: Any) -> None:
+        object.__setattr__(self, "values", {})
+        for key, value in fields.items():
+            setattr(self, key, value)
+
+    def __getattr__(self, key: str) -> Any:
+        param = _FIELDS.get(key)
+        if param is None:
+            raise AttributeError(key)
+        return self.values[param.name] if param.name in self.values else param.from_env()
+
+    def __setattr__(self, key: str, value: Any) -> None:
+        if key not in _FIELDS:
+            raise SpecError(f"unknown selection field {key!r}; known: {', '.join(_FIELDS)}")
+        self.values[_FIELDS[key].name] = _FIELDS[key].value(value)
 
     @classmethod
     def from_file(cls, path: Path) -> Selection:
-        """A TOML file: ``clip = ["ViT-B/32"]``, ``reranker = [...]``, ``clip_int8 = true``, ``[regressor]``."""
+        """A TOML file of fields (``clip = ["ViT-B/32"]``, ``clip_int8 = true``); ``[regressor]`` holds the
+        ``regressor_*`` fields without their prefix (``epochs = 5``)."""
         try:
             doc = tomllib.loads(path.read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise SpecError(f"{path}: cannot read the selection ({exc})") from exc
-        regressor = doc.pop("regressor", {})
-        known = {"clip", "reranker", "clip_int8", "reranker_int8"}
-        unknown = set(doc) - known | {f"regressor.{k}" for k in set(regressor) - {"feature_dim", "seed", "epochs"}}
+        fields = {f"regressor_{k}": v for k, v in doc.pop("regressor", {}).items()} | doc
+        unknown = sorted(set(fields) - set(_FIELDS))
         if unknown:
-            raise SpecError(f"{path}: unknown keys {sorted(unknown)}; known: {sorted(known)} and [regressor]")
-        selection = cls(**doc)
-        for key in ("feature_dim", "seed", "epochs"):
-            if key in regressor:
-                setattr(selection, f"regressor_{key}", str(regressor[key]) if key == "feature_dim" else regressor[key])
-        return selection
+            raise SpecError(f"{path}: unknown keys {unknown}; known: {sorted(_FIELDS)}")
+        return cls(**fields)
 
     def variables(self) -> dict[str, str]:
         """The bake variables, after checking every spec (raises SpecError with suggestions)."""
-        clip = parse_clip_list(",".join(self.clip))
-        parse_reranker_list(",".join(self.reranker))
+        variables = {p.name: p.as_arg(getattr(self, p.field)) for p in SELECTION}
         known = openclip_architectures()
-        for spec in clip:  # tags are checked by the stage itself, before any download
+        for spec in parse_clip_list(variables["CLIP_MODELS"]):  # tags are checked by the stage, before downloads
             from_folder = spec.local is not None and spec.local.kind == "dir"
             if known and not from_folder and spec.arch not in known:
                 close = difflib.get_close_matches(spec.arch, sorted(known), n=5, cutoff=0.5)
                 raise SpecError(f"{spec.text!r}: unknown OpenCLIP architecture; close names: {', '.join(close)}")
-        dim = str(self.regressor_feature_dim).strip()
-        if dim != "auto" and not (dim.isdigit() and int(dim) > 0):
-            raise SpecError(
-                f"regressor feature dim {dim!r}: give a positive integer or 'auto' (the first CLIP model's)"
-            )
-        if self.regressor_epochs < 1 or self.regressor_seed < 0:
-            raise SpecError(
-                f"regressor epochs {self.regressor_epochs} / seed {self.regressor_seed}: give epochs >= 1, seed >= 0"
-            )
-        return {
-            "CLIP_MODELS": ",".join(s.text for s in clip),
-            "RERANKER_MODELS": ",".join(self.reranker),
-            "CLIP_INT8": "1" if self.clip_int8 else "0",
-            "RERANKER_INT8": "1" if self.reranker_int8 else "0",
-            "REGRESSOR_FEATURE_DIM": str(self.regressor_feature_dim),
-            "REGRESSOR_SEED": str(self.regressor_seed),
-            "REGRESSOR_EPOCHS": str(self.regressor_epochs),
-        }
+        parse_reranker_list(variables["RERANKER_MODELS"])
+        return variables
+
+
+_FIELDS = {p.field: p for p in SELECTION}
 
 
 def openclip_architectures() -> set[str]:

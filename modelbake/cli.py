@@ -1,6 +1,8 @@
 """``modelbake``: the host CLI. The Docker stages' entrypoints in build/ call the same subcommands.
 
-Build-time subcommands import torch lazily, so ``modelbake verify`` works with the run-time extra alone.
+The stage subcommands and ``download`` are built from the stage registry (modelbake.producers) and the
+parameter table (modelbake.params). Build-time subcommands import torch lazily, so ``modelbake verify``
+works with the run-time extra alone.
 """
 
 from __future__ import annotations
@@ -11,94 +13,73 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from modelbake import __version__
 from modelbake.bake import BakeError
-from modelbake.manifest import ManifestError
+from modelbake.manifest import ManifestError, finalize
+from modelbake.params import SELECTION, add_flags, bare_bool_flags, resolve
+from modelbake.producers import STAGES, Stage
 from modelbake.producers.common import ProducerError  # stdlib only: keeps this CLI torch-free
-from modelbake.spec import DEFAULT_CLIP_MODELS, DEFAULT_RERANKER_MODELS, SpecError, parse_clip_list, parse_reranker_list
+from modelbake.spec import SpecError
 
-if TYPE_CHECKING:  # the producers import torch: only for the type checker here
+if TYPE_CHECKING:
     from modelbake.bake import Selection
-    from modelbake.producers.clip import ClipOptions
 
 log = logging.getLogger("modelbake")
-
-
-def _env(name: str, default: str) -> str:
-    return os.environ.get(name) or default
 
 
 def _add_out(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", type=Path, default=Path("models"), help="model tree root (default: models/)")
 
 
-def _clip_options(args: argparse.Namespace) -> ClipOptions:
-    from modelbake.producers.clip import ClipOptions
-
-    return ClipOptions(
-        opset=args.opset, keep_pytorch=args.keep_pytorch, int8=args.int8, atol=args.parity_atol,
-        min_cosine=args.parity_min_cosine, int8_min_cosine=args.int8_min_cosine,
-    )  # fmt: skip
-
-
-def _add_clip_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--keep-pytorch",
-        action="store_true",
-        default=_env("CLIP_KEEP_PYTORCH", "0") == "1",
-        help="also keep the PyTorch weights in models/clip/ (not needed at run time)",
-    )
-    p.add_argument(
-        "--int8",
-        action="store_true",
-        default=_env("CLIP_INT8", "0") == "1",
-        help="also write dynamic-int8 variants (*_int8.onnx), each gated on its own parity (download: reranker too)",
-    )
-    p.add_argument(
-        "--parity-atol",
-        type=float,
-        default=float(_env("CLIP_PARITY_ATOL", "1e-3")),
-        help="max abs difference allowed between onnxruntime and PyTorch (default 1e-3)",
-    )
-    p.add_argument(
-        "--parity-min-cosine",
-        type=float,
-        default=float(_env("CLIP_PARITY_MIN_COSINE", "0.999")),
-        help="min cosine similarity between onnxruntime and PyTorch outputs (default 0.999)",
-    )
-    p.add_argument("--int8-min-cosine", type=float, default=float(_env("CLIP_INT8_MIN_COSINE", "0.99")),
-                   help="min cosine of the int8 variants against PyTorch (default 0.99)")  # fmt: skip
-
-
-def _cmd_clip(args: argparse.Namespace) -> int:
-    from modelbake.producers import clip
-
-    clip.run(parse_clip_list(args.models), args.out, _clip_options(args))
+def _cmd_stage(args: argparse.Namespace) -> int:
+    stage: Stage = args.stage
+    stage.run(args.out, resolve(args, stage.params))
     return 0
 
 
-def _cmd_reranker(args: argparse.Namespace) -> int:
-    from modelbake.producers import reranker
-
-    reranker.run(parse_reranker_list(args.models), args.out, opset=args.opset, int8=args.int8, int8_atol=args.int8_atol)
+def _cmd_merge(args: argparse.Namespace) -> int:
+    manifest = finalize(args.root, drop_fragments=args.drop_fragments)
+    print(f"merged {len(manifest['models'])} models into {args.root}/model_manifest.json")
     return 0
 
 
-def _run_regressor_seed(args: argparse.Namespace, clip_models: str, out: Path) -> None:
-    from modelbake.producers import regressor
-
-    dim, dim_from = regressor.resolve_feature_dim(args.feature_dim, clip_models)
-    regressor.run(out, feature_dim=dim, feature_dim_from=dim_from, seed=args.seed, epochs=args.epochs, opset=args.opset)
-
-
-def _cmd_regressor(args: argparse.Namespace) -> int:
-    _run_regressor_seed(args, args.clip_models, args.out)
+def _cmd_download(args: argparse.Namespace) -> int:
+    """The seed's download_models.py: every stage on the host, into one tree, then the manifest."""
+    only = [stage for stage in STAGES.values() if getattr(args, f"{stage.short}_only")]
+    if len(only) > 1:
+        raise SpecError("give at most one of " + ", ".join(f"--{s.short}-only" for s in STAGES.values()))
+    values = resolve(args, SELECTION)
+    if args.int8:
+        values |= {"CLIP_INT8": True, "RERANKER_INT8": True}
+    seconds: dict[str, float] = {}
+    for stage in only or STAGES.values():
+        start = time.perf_counter()
+        stage.run(args.out, values)
+        seconds[stage.name] = time.perf_counter() - start
+    manifest = finalize(args.out)  # as the image's merge step: readable by a non-root service
+    print(summary_table(manifest, seconds))
+    print(f"{len(manifest['models'])} models in {args.out}/model_manifest.json")
     return 0
+
+
+def summary_table(manifest: dict, seconds: dict[str, float]) -> str:
+    """One row per model: stage, kind, name, files, size, worst parity difference, the stage's time."""
+    rows = [("stage", "kind", "name", "files", "MB", "max |onnx-torch|", "stage s")]
+    for model in manifest["models"]:
+        diffs = [f["parity"]["max_abs_diff"] for f in model["files"] if "parity" in f]
+        rows.append((
+            model["stage"], model["kind"], model["name"], str(len(model["files"])),
+            f"{sum(f['bytes'] for f in model['files']) / 1e6:.1f}",
+            f"{max(diffs):.1e}" if diffs else "-",
+            f"{seconds[model['stage']]:.1f}" if model["stage"] in seconds else "-",
+        ))  # fmt: skip
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows)
+    return "\n".join(line.rstrip() for line in lines)
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -122,88 +103,6 @@ def _cmd_validate_data(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_merge(args: argparse.Namespace) -> int:
-    import shutil
-
-    from modelbake.manifest import merge_fragments
-    from modelbake.producers.common import normalise_tree
-    from modelbake.spec import FRAGMENTS_DIR
-
-    manifest = merge_fragments(args.root)
-    if args.drop_fragments:
-        shutil.rmtree(args.root / FRAGMENTS_DIR)
-    normalise_tree(args.root)
-    print(f"merged {len(manifest['models'])} models into {args.root}/model_manifest.json")
-    return 0
-
-
-def _cmd_download(args: argparse.Namespace) -> int:
-    """The seed's download_models.py: every stage on the host, into one tree, then the manifest."""
-    only = [name for name in ("clip", "reranker", "regressor") if getattr(args, f"{name}_only")]
-    if len(only) > 1:
-        raise SpecError("give at most one of --clip-only, --reranker-only, --regressor-only")
-    wanted = only or ["clip", "reranker", "regressor"]
-    clip_specs = parse_clip_list(args.clip) if "clip" in wanted else []
-    reranker_specs = parse_reranker_list(args.reranker) if "reranker" in wanted else []
-    seconds: dict[str, float] = {}
-
-    def timed(stage: str, work: Callable[[], object]) -> None:
-        start = time.perf_counter()
-        work()
-        seconds[stage] = time.perf_counter() - start
-
-    if clip_specs:
-        from modelbake.producers import clip
-
-        timed("clip-export", lambda: clip.run(clip_specs, args.out, _clip_options(args)))
-    if reranker_specs:
-        from modelbake.producers import reranker
-
-        timed("reranker-cache", lambda: reranker.run(reranker_specs, args.out, opset=args.opset, int8=args.int8))
-    if "regressor" in wanted:
-        seed_args = argparse.Namespace(
-            feature_dim=args.regressor_feature_dim,
-            seed=args.regressor_seed,
-            epochs=args.regressor_epochs,
-            opset=args.opset,
-        )
-        timed("regressor-seed", lambda: _run_regressor_seed(seed_args, args.clip, args.out))
-    from modelbake.manifest import merge_fragments
-    from modelbake.producers.common import normalise_tree
-
-    manifest = merge_fragments(args.out)
-    normalise_tree(args.out)  # as the image's merge step: readable by a non-root service (safetensors is 0600)
-    print(summary_table(manifest, seconds))
-    print(f"{len(manifest['models'])} models in {args.out}/model_manifest.json")
-    return 0
-
-
-def _worst_diff(parity: object) -> float | None:
-    """The largest ``max_abs_diff`` anywhere in a model's parity record (every variant, every tower)."""
-    if isinstance(parity, dict):
-        found = [_worst_diff(v) for k, v in parity.items() if k != "max_abs_diff"]
-        found.append(parity.get("max_abs_diff"))
-        values = [v for v in found if isinstance(v, float | int)]
-        return max(values) if values else None
-    return None
-
-
-def summary_table(manifest: dict, seconds: dict[str, float]) -> str:
-    """One row per model: stage, kind, name, files, size, worst parity difference, the stage's time."""
-    rows = [("stage", "kind", "name", "files", "MB", "max |onnx-torch|", "stage s")]
-    for model in manifest["models"]:
-        diff = _worst_diff(model.get("parity"))
-        rows.append((
-            model["stage"], model["kind"], model["name"], str(len(model["files"])),
-            f"{sum(f['bytes'] for f in model['files']) / 1e6:.1f}",
-            "-" if diff is None else f"{diff:.1e}",
-            f"{seconds[model['stage']]:.1f}" if model["stage"] in seconds else "-",
-        ))  # fmt: skip
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-    lines = ("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows)
-    return "\n".join(line.rstrip() for line in lines)
-
-
 def _cmd_verify(args: argparse.Namespace) -> int:
     from modelbake.runtime.__main__ import main as runtime_main
 
@@ -211,31 +110,19 @@ def _cmd_verify(args: argparse.Namespace) -> int:
 
 
 def _selection(args: argparse.Namespace) -> Selection:
-    """A selection from --config, then --clip/--reranker/--*-int8 on top (bake and bundle alike)."""
+    """A selection from --config, then the parameter flags on top (bake and bundle alike)."""
     from modelbake.bake import Selection
 
     selection = Selection.from_file(args.config) if args.config else Selection()
-    if args.clip:
-        selection.clip = args.clip.split(",")
-    if args.reranker:
-        selection.reranker = args.reranker.split(",")
-    selection.clip_int8 = selection.clip_int8 or args.clip_int8
-    selection.reranker_int8 = selection.reranker_int8 or args.reranker_int8
-    for key in ("feature_dim", "seed", "epochs"):
-        if getattr(args, f"regressor_{key}") is not None:
-            setattr(selection, f"regressor_{key}", getattr(args, f"regressor_{key}"))
+    for param in SELECTION:
+        if getattr(args, param.name) is not None:
+            setattr(selection, param.field, getattr(args, param.name))
     return selection
 
 
 def _add_selection(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", type=Path, help="a TOML selection file (clip, reranker, clip_int8, [regressor])")
-    p.add_argument("--clip", help="comma-separated CLIP specs (overrides the file)")
-    p.add_argument("--reranker", help="comma-separated reranker fallback list (overrides the file)")
-    p.add_argument("--clip-int8", action="store_true", help="also ship CLIP int8 variants")
-    p.add_argument("--reranker-int8", action="store_true", help="also ship the reranker's int8 variant")
-    p.add_argument("--regressor-feature-dim", help="seed weights' input size: an integer or 'auto' (first CLIP)")
-    p.add_argument("--regressor-seed", type=int, help="seed of the regressor's synthetic set and init")
-    p.add_argument("--regressor-epochs", type=int, help="training epochs of the seed weights")
+    p.add_argument("--config", type=Path, help="a TOML selection file (clip, reranker, clip_int8, [regressor], ...)")
+    add_flags(p, SELECTION)
 
 
 def _cmd_bundle(args: argparse.Namespace) -> int:
@@ -288,49 +175,28 @@ def _cmd_tiny(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="modelbake", description=__doc__.splitlines()[0])
-    parser.add_argument("--version", action="version", version=f"modelbake {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+def _add_stage_commands(sub: argparse._SubParsersAction) -> None:
+    for stage in STAGES.values():
+        p = sub.add_parser(stage.name, help=f"the {stage.name} stage: {stage.help}")
+        add_flags(p, stage.params)
+        _add_out(p)
+        p.set_defaults(func=_cmd_stage, stage=stage)
 
-    def opset(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--opset", type=int, default=int(_env("ONNX_OPSET", "17")), help="ONNX opset (default 17)")
+    p = sub.add_parser("merge-manifest", help="merge the stages' fragments into model_manifest.json")
+    p.add_argument("root", type=Path)
+    p.add_argument("--drop-fragments", action="store_true", help="remove .manifest.d/ after merging")
+    p.set_defaults(func=_cmd_merge)
 
-    p = sub.add_parser("clip-export", help="the clip-export stage: CLIP models -> ONNX text/image encoders")
-    p.add_argument("--models", default=_env("CLIP_MODELS", DEFAULT_CLIP_MODELS), help="comma-separated CLIP specs")
-    _add_clip_options(p)
+    p = sub.add_parser("download", help="every stage on the host, without Docker (the seed's download_models.py)")
+    add_flags(p, SELECTION)
+    for stage in STAGES.values():
+        p.add_argument(f"--{stage.short}-only", action="store_true", help=f"only the {stage.name} stage")
+    p.add_argument("--int8", action="store_true", help="shorthand for --clip-int8 --reranker-int8")
     _add_out(p)
-    opset(p)
-    p.set_defaults(func=_cmd_clip)
+    p.set_defaults(func=_cmd_download)
 
-    p = sub.add_parser("reranker-cache", help="the reranker-cache stage: first loadable cross-encoder -> folder + ONNX")
-    p.add_argument("--models", default=_env("RERANKER_MODELS", DEFAULT_RERANKER_MODELS), help="ordered fallback list")
-    p.add_argument(
-        "--int8",
-        action="store_true",
-        default=_env("RERANKER_INT8", "0") == "1",
-        help="also write a dynamic-int8 variant, gated on its scores and ranking",
-    )
-    p.add_argument("--int8-atol", type=float, default=float(_env("RERANKER_INT8_ATOL", "0.02")),
-                   help="max score difference of int8 against sentence-transformers (default 0.02)")  # fmt: skip
-    _add_out(p)
-    opset(p)
-    p.set_defaults(func=_cmd_reranker)
 
-    p = sub.add_parser("regressor-seed", help="the regressor-seed stage: deterministic seed weights")
-    p.add_argument(
-        "--feature-dim",
-        default=_env("REGRESSOR_FEATURE_DIM", "auto"),
-        help="input size, or 'auto': the embedding size of the first model of --clip-models (default auto)",
-    )
-    p.add_argument("--clip-models", default=_env("CLIP_MODELS", DEFAULT_CLIP_MODELS), help="for --feature-dim auto")
-    p.add_argument("--seed", type=int, default=int(_env("REGRESSOR_SEED", "0")))
-    p.add_argument("--epochs", type=int, default=int(_env("REGRESSOR_EPOCHS", "20")))
-    _add_out(p)
-    opset(p)
-    p.set_defaults(func=_cmd_regressor)
-
+def _add_regressor_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-regressor", help="train the boundary regressor on your data (JSON or JSON Lines)")
     p.add_argument("data", type=Path, help="training records: see models/regressor/README.md")
     p.add_argument("out", type=Path, help="OUT.pth; OUT.safetensors and OUT.metrics.json are written beside it")
@@ -345,29 +211,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate-data", help="check regressor training data; names the first bad record")
     p.add_argument("data", type=Path)
-    p.add_argument(
-        "--feature-dim", type=int, default=None, help="expected feature length (default: the first record's)"
-    )
+    p.add_argument("--feature-dim", type=int, default=None, help="expected feature length (default: the first's)")
     p.set_defaults(func=_cmd_validate_data)
 
-    p = sub.add_parser("merge-manifest", help="merge the stages' fragments into model_manifest.json")
-    p.add_argument("root", type=Path)
-    p.add_argument("--drop-fragments", action="store_true", help="remove .manifest.d/ after merging")
-    p.set_defaults(func=_cmd_merge)
 
-    p = sub.add_parser("download", help="every stage on the host, without Docker (the seed's download_models.py)")
-    p.add_argument("--clip", default=_env("CLIP_MODELS", DEFAULT_CLIP_MODELS), help="comma-separated CLIP specs")
-    p.add_argument("--reranker", default=_env("RERANKER_MODELS", DEFAULT_RERANKER_MODELS), help="ordered fallback list")
-    p.add_argument("--regressor-feature-dim", default="auto", help="integer, or auto (from the first --clip model)")
-    p.add_argument("--regressor-seed", type=int, default=0)
-    p.add_argument("--regressor-epochs", type=int, default=20)
-    for name in ("clip", "reranker", "regressor"):
-        p.add_argument(f"--{name}-only", action="store_true", help=f"only the {name} stage")
-    _add_clip_options(p)
-    _add_out(p)
-    opset(p)
-    p.set_defaults(func=_cmd_download)
-
+def _add_image_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bake", help="check a model selection, run docker buildx bake, inspect the image")
     p.add_argument("targets", nargs="*", help="bake targets or groups (default: runtime)")
     _add_selection(p)
@@ -386,13 +234,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_bundle)
 
     p = sub.add_parser("verify", help="re-hash a model tree and run every model on its golden inputs")
-    p.add_argument("folder", nargs="?", type=Path, default=Path(_env("MODELBAKE_MODELS", "models")))
+    p.add_argument("folder", nargs="?", type=Path, default=Path(os.environ.get("MODELBAKE_MODELS") or "models"))
     p.add_argument("--quick", action="store_true", help="sizes only: the cheap health check")
     p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser("tiny-sources", help="write tiny real models (OpenCLIP local-dir, BERT cross-encoder) for tests")
     p.add_argument("dest", type=Path)
     p.set_defaults(func=_cmd_tiny)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="modelbake", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"modelbake {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_stage_commands(sub)
+    _add_regressor_commands(sub)
+    _add_image_commands(sub)
     return parser
 
 
@@ -406,7 +264,7 @@ def _bars_beside_logs() -> object:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(bare_bool_flags(sys.argv[1:] if argv is None else argv))
     # Docker passes an unset build arg as an empty variable; libraries that honour SOURCE_DATE_EPOCH
     # then crash on int(""). Empty means unset.
     if os.environ.get("SOURCE_DATE_EPOCH") == "":

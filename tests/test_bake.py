@@ -15,7 +15,9 @@ def test_dry_run_prints_the_exact_command() -> None:
                    "--set", "*.platform=linux/amd64")  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     line = proc.stdout.strip()
-    assert line.startswith("CLIP_MODELS=ViT-B/32,RN50 RERANKER_MODELS=cross-encoder/ms-marco-MiniLM-L-6-v2 CLIP_INT8=1")
+    # Every selection parameter of the table, explicit, in the table's order.
+    assert line.startswith("CLIP_MODELS=ViT-B/32,RN50 CLIP_INT8=1 CLIP_KEEP_PYTORCH=0 CLIP_PARITY_ATOL=0.001 ")
+    assert " RERANKER_MODELS=cross-encoder/ms-marco-MiniLM-L-6-v2 RERANKER_INT8=0 " in line and " ONNX_OPSET=17 " in line
     assert line.endswith("docker buildx bake --progress=auto runtime models --set '*.platform=linux/amd64'")
 
 
@@ -57,6 +59,7 @@ def test_regressor_flags_become_bake_variables_and_are_checked() -> None:
     assert proc.returncode == 0, proc.stderr
     assert "REGRESSOR_FEATURE_DIM=1024 REGRESSOR_SEED=7 REGRESSOR_EPOCHS=5" in proc.stdout
     proc = run_cli("bake", "--dry-run", "--regressor-feature-dim", "big")
-    assert proc.returncode == 2 and "regressor feature dim 'big': give a positive integer or 'auto'" in proc.stderr
+    assert proc.returncode == 2
+    assert "REGRESSOR_FEATURE_DIM (--regressor-feature-dim) 'big': give a positive integer or 'auto'" in proc.stderr
     proc = run_cli("bake", "--dry-run", "--regressor-epochs", "0")
-    assert proc.returncode == 2 and "give epochs >= 1" in proc.stderr
+    assert proc.returncode == 2 and "REGRESSOR_EPOCHS (--regressor-epochs) '0' is below the minimum 1" in proc.stderr

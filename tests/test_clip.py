@@ -89,18 +89,23 @@ def test_runtime_encoder_matches_open_clip(built_tree: Path, tiny_sources: Path,
 def test_manifest_records_what_a_loader_needs(built_tree: Path) -> None:
     manifest = json.loads((built_tree / "model_manifest.json").read_text())
     (vit,) = [m for m in manifest["models"] if m["name"] == "tiny-vit"]
-    files = {f["role"]: f for f in vit["files"]}
-    assert {"tokenizer", "text_encoder", "image_encoder", "text_encoder_int8", "image_encoder_int8"} <= set(files)
-    for role in ("text_encoder", "image_encoder", "text_encoder_int8"):
-        assert files[role]["inputs"][0]["shape"][0] == "batch"  # symbolic batch in the written graph
-        assert files[role]["opset"] == 17
-    assert files["text_encoder"]["inputs"][0] == {"name": "input_ids", "shape": ["batch", 77], "dtype": "int64"}
-    assert files["image_encoder"]["outputs"][0] == {"name": "image_embeds", "shape": ["batch", 32], "dtype": "float32"}
+    files = {(f["role"], f.get("variant")): f for f in vit["files"]}
+    towers = [(role, variant) for role in ("text_encoder", "image_encoder") for variant in ("fp32", "int8")]
+    assert {("tokenizer", None), *towers} <= set(files)
+    assert sum(f["role"] == "golden" for f in vit["files"]) == 4  # one per graph
+    for key in towers:
+        assert files[key]["inputs"][0]["shape"][0] == "batch"  # symbolic batch in the written graph
+        assert files[key]["opset"] == 17
+        assert files[key]["golden"] == f"golden/{Path(files[key]['path']).stem}.npz"
+    text, image = files["text_encoder", "fp32"], files["image_encoder", "fp32"]
+    assert text["inputs"][0] == {"name": "input_ids", "shape": ["batch", 77], "dtype": "int64"}
+    assert image["outputs"][0] == {"name": "image_embeds", "shape": ["batch", 32], "dtype": "float32"}
+    assert files["image_encoder", "int8"]["path"] == "onnx/clip_tiny-vit_image_encoder_int8.onnx"
     pre = vit["preprocessing"]
     assert pre["image_size"] == [32, 32] and pre["context_length"] == 77 and pre["interpolation"] == "bicubic"
     assert vit["details"] == {"embed_dim": 32, "normalized": False, "architecture": "tiny-vit"}
-    assert vit["parity"]["text"]["min_cosine"] > 0.999 and vit["parity"]["image"]["simplified"] is True
-    assert vit["parity"]["image_int8"]["min_cosine"] > 0.99
+    assert text["parity"]["min_cosine"] > 0.999 and image["parity"]["simplified"] is True
+    assert files["image_encoder", "int8"]["parity"]["min_cosine"] > 0.99
     assert set(vit["source"]["files"]) == {"open_clip_config.json", "open_clip_model.safetensors"}
     assert {"torch", "open_clip_torch", "onnx", "onnxruntime", "onnxsim"} <= set(vit["tools"])
 
@@ -110,7 +115,7 @@ def test_parity_gate_fails_the_stage_with_figures_and_writes_nothing(
 ) -> None:
     out = tmp_path / "out"
     spec = tiny_specs["clip"].split(",")[0]
-    proc = run_cli("--models", spec, "--parity-atol", "1e-12", "--out", str(out), script="clip_export.py")
+    proc = run_cli("--clip", spec, "--clip-parity-atol", "1e-12", "--out", str(out), script="clip_export.py")
     assert proc.returncode == 1
     assert "onnxruntime differs from PyTorch: max abs diff" in proc.stderr and "allowed 1e-12" in proc.stderr
     assert list(out.rglob("*")) == []
@@ -118,7 +123,7 @@ def test_parity_gate_fails_the_stage_with_figures_and_writes_nothing(
 
 def test_checkpoint_of_another_architecture_is_refused(tiny_sources: Path, tmp_path: Path) -> None:
     ckpt = tiny_sources / "clip" / "tiny-vit" / "open_clip_model.safetensors"
-    proc = run_cli("--models", f"ViT-B-32@file:{ckpt}", "--out", str(tmp_path / "out"), script="clip_export.py")
+    proc = run_cli("--clip", f"ViT-B-32@file:{ckpt}", "--out", str(tmp_path / "out"), script="clip_export.py")
     assert proc.returncode == 1
     assert "OpenCLIP could not load it" in proc.stderr and "belongs to this architecture" in proc.stderr
     assert "Traceback" not in proc.stderr
@@ -139,7 +144,8 @@ def test_real_size_vit_b_32_exports_and_verifies(tmp_path: Path) -> None:
     manifest = json.loads((out / "model_manifest.json").read_text())
     (entry,) = manifest["models"]
     assert entry["name"] == "ViT-B_32" and (out / "onnx" / "clip_ViT-B_32_image_encoder.onnx").is_file()
-    assert entry["parity"]["image"]["nodes"] < entry["parity"]["image"]["nodes_before"]
+    (image,) = [f for f in entry["files"] if f["role"] == "image_encoder"]
+    assert image["parity"]["nodes"] < image["parity"]["nodes_before"]
     assert entry["source"]["sha256"]
     proc = run_cli("verify", str(out))
     assert proc.returncode == 0, proc.stdout
@@ -147,9 +153,9 @@ def test_real_size_vit_b_32_exports_and_verifies(tmp_path: Path) -> None:
 
 def test_pytorch_weights_are_kept_only_when_asked(tiny_specs: dict[str, str], tmp_path: Path) -> None:
     spec = tiny_specs["clip"].split(",")[0]
-    run_cli("--models", spec, "--out", str(tmp_path / "plain"), script="clip_export.py", check=True)
+    run_cli("--clip", spec, "--out", str(tmp_path / "plain"), script="clip_export.py", check=True)
     assert not (tmp_path / "plain" / "clip" / "tiny-vit" / "open_clip_model.safetensors").exists()
-    run_cli("--models", spec, "--keep-pytorch", "--out", str(tmp_path / "kept"), script="clip_export.py", check=True)
+    run_cli("--clip", spec, "--clip-keep-pytorch", "--out", str(tmp_path / "kept"), script="clip_export.py", check=True)
     weights = tmp_path / "kept" / "clip" / "tiny-vit" / "open_clip_model.safetensors"
     fragment = json.loads((tmp_path / "kept" / ".manifest.d" / "clip-export.json").read_text())
     assert weights.is_file() and "clip/tiny-vit/open_clip_model.safetensors" in {

@@ -19,7 +19,7 @@ def test_entrypoints_have_help(script: str) -> None:
 
 
 def test_clip_entrypoint_rejects_unknown_architecture_before_anything(tmp_path: Path) -> None:
-    proc = run_cli("--models", "ViT-B/33", "--out", str(tmp_path / "out"), script="clip_export.py")
+    proc = run_cli("--clip", "ViT-B/33", "--out", str(tmp_path / "out"), script="clip_export.py")
     assert proc.returncode == 1
     assert (
         "unknown OpenCLIP architecture 'ViT-B/33'" in proc.stderr
@@ -31,20 +31,20 @@ def test_clip_entrypoint_rejects_unknown_architecture_before_anything(tmp_path: 
 
 
 def test_clip_entrypoint_rejects_unknown_tag(tmp_path: Path) -> None:
-    proc = run_cli("--models", "ViT-B-32:nope", "--out", str(tmp_path), script="clip_export.py")
+    proc = run_cli("--clip", "ViT-B-32:nope", "--out", str(tmp_path), script="clip_export.py")
     assert proc.returncode == 1
     assert "no pretrained tag 'nope'" in proc.stderr and "openai" in proc.stderr
 
 
 def test_bad_spec_grammar_exits_2(tmp_path: Path) -> None:
-    proc = run_cli("--models", "tiny@dir:", "--out", str(tmp_path), script="clip_export.py")
+    proc = run_cli("--clip", "tiny@dir:", "--out", str(tmp_path), script="clip_export.py")
     assert proc.returncode == 2
     assert "empty path" in proc.stderr
 
 
 def test_missing_local_source_leaves_nothing(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    proc = run_cli("--models", f"tiny@dir:{tmp_path / 'absent'}", "--out", str(out), script="clip_export.py")
+    proc = run_cli("--clip", f"tiny@dir:{tmp_path / 'absent'}", "--out", str(out), script="clip_export.py")
     assert proc.returncode == 1
     assert "does not exist" in proc.stderr
     assert list(out.rglob("*")) == []
@@ -54,7 +54,7 @@ def test_reranker_falls_back_and_records_why(tmp_path: Path, tiny_specs: dict[st
     out = tmp_path / "out"
     missing = f"gone@dir:{tmp_path / 'gone'}"
     run_cli(
-        "--models", f"{missing},{tiny_specs['reranker']}", "--out", str(out), script="reranker_cache.py", check=True
+        "--reranker", f"{missing},{tiny_specs['reranker']}", "--out", str(out), script="reranker_cache.py", check=True
     )
     fragment = json.loads((out / FRAGMENTS_DIR / "reranker-cache.json").read_text())
     (model,) = fragment["models"]
@@ -67,7 +67,7 @@ def test_reranker_falls_back_and_records_why(tmp_path: Path, tiny_specs: dict[st
 def test_reranker_with_no_working_candidate_fails_and_writes_nothing(tmp_path: Path) -> None:
     out = tmp_path / "out"
     proc = run_cli(
-        "--models", f"a@dir:{tmp_path / 'a'},b@dir:{tmp_path / 'b'}", "--out", str(out), script="reranker_cache.py"
+        "--reranker", f"a@dir:{tmp_path / 'a'},b@dir:{tmp_path / 'b'}", "--out", str(out), script="reranker_cache.py"
     )
     assert proc.returncode == 1
     assert "no reranker candidate" in proc.stderr and "a@dir" in proc.stderr and "b@dir" in proc.stderr

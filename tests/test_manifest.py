@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from modelbake.manifest import (
+    SCHEMA_VERSION,
     ManifestError,
     check_files,
     merge_fragments,
@@ -77,7 +78,7 @@ def test_merge_without_fragments_and_with_a_broken_one(tmp_path: Path) -> None:
     with pytest.raises(ManifestError, match="not valid JSON"):
         merge_fragments(tmp_path)
     (tmp_path / FRAGMENTS_DIR / "x.json").write_text(
-        json.dumps({"schema_version": 1, "stage": "x", "models": [{"name": "n"}]})
+        json.dumps({"schema_version": SCHEMA_VERSION, "stage": "x", "models": [{"name": "n"}]})
     )
     with pytest.raises(ManifestError, match="invalid at models/0"):
         merge_fragments(tmp_path)
@@ -89,7 +90,7 @@ def test_fragment_paths_must_stay_inside_the_tree(tmp_path: Path) -> None:
         "kind": "clip",
         "stage": "s",
         "source": {"type": "dir", "id": "x"},
-        "files": [{"path": "../etc/passwd", "sha256": "0" * 64, "bytes": 1, "format": "other", "role": "r"}],
+        "files": [{"path": "../etc/passwd", "sha256": "0" * 64, "bytes": 1, "format": "other", "role": "model"}],
     }
     with pytest.raises(ManifestError, match=r"invalid at models/0/files/0/path"):
         write_fragment(tmp_path, "s", [model])

@@ -28,7 +28,7 @@ def _cache(hub: Hub, tmp_path: Path, models: str) -> tuple[object, Path]:
     # Online towards the loopback hub only; a fresh HF_HOME so nothing comes from an earlier run's cache.
     env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_TELEMETRY": "1",
            "HF_HUB_OFFLINE": "0"}  # fmt: skip
-    proc = run_cli("--models", models, "--out", str(out), script="reranker_cache.py", env=env)
+    proc = run_cli("--reranker", models, "--out", str(out), script="reranker_cache.py", env=env)
     return proc, out
 
 
@@ -91,14 +91,15 @@ def test_a_model_without_a_classifier_head_gets_one_saved_once(tiny_sources: Pat
     outs = []
     for run in ("a", "b"):
         out = tmp_path / run
-        proc = run_cli("--models", f"bare@dir:{bare}", "--out", str(out), script="reranker_cache.py")
+        proc = run_cli("--reranker", f"bare@dir:{bare}", "--out", str(out), script="reranker_cache.py")
         assert proc.returncode == 0, proc.stderr[-3000:]
         outs.append(out)
     # The head is saved with the model (the stage's offline reload and its score gate use the saved one),
     # and it is drawn from a fixed seed: two builds give the same weights, byte for byte.
     saved = json.loads((outs[0] / "reranker" / "bare" / "config.json").read_text())
     assert saved["architectures"] == ["BertForSequenceClassification"]
-    assert _model(outs[0])["parity"]["fp32"]["same_ranking"] is True
+    (graph,) = [f for f in _model(outs[0])["files"] if f["role"] == "reranker"]
+    assert graph["variant"] == "fp32" and graph["parity"]["same_ranking"] is True
     weights = [(out / "reranker" / "bare" / "model.safetensors").read_bytes() for out in outs]
     assert weights[0] == weights[1]
     files = [{f["path"]: f["sha256"] for f in _model(out)["files"]} for out in outs]
@@ -109,7 +110,7 @@ def test_not_a_sequence_classification_model_is_a_clear_error(tmp_path: Path) ->
     folder = tmp_path / "clip-like"
     folder.mkdir()
     (folder / "config.json").write_text(json.dumps({"model_type": "clip_vision_model", "hidden_size": 8}))
-    proc = run_cli("--models", f"clip-like@dir:{folder}", "--out", str(tmp_path / "out"), script="reranker_cache.py")
+    proc = run_cli("--reranker", f"clip-like@dir:{folder}", "--out", str(tmp_path / "out"), script="reranker_cache.py")
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "clip-like" in proc.stderr and "sequence-classification" in proc.stderr
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").rglob("*")) == []

@@ -1,0 +1,213 @@
+"""The build parameters: one table, read by the CLI, the bake driver's Selection, and checked against
+Dockerfile.models, docker-bake.hcl and compose.yaml by tests/test_params.py.
+
+Each parameter has one upper-case name (build arg, bake variable and environment variable alike), at most one
+CLI flag (the same in every subcommand that reads it), one default written as a build arg would be, a type,
+and the stages that read it. Torch-free: the bake driver and the runtime image may import it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from modelbake.spec import DEFAULT_CLIP_MODELS, DEFAULT_RERANKER_MODELS, SpecError, parse_clip_list, parse_reranker_list
+
+# Where a parameter is declared: a Dockerfile ARG, a docker-bake.hcl variable, a compose build arg.
+ARG, BAKE, COMPOSE = "arg", "bake", "compose"
+EVERYWHERE = frozenset({ARG, BAKE, COMPOSE})
+BAKE_ONLY = frozenset({BAKE})
+PRODUCING_STAGES = ("clip-export", "reranker-cache", "regressor-seed")
+
+
+def parse_bool(text: str | bool) -> bool:
+    """``1``/``0`` as build args write them (``true``/``false``/``yes``/``no`` too)."""
+    if isinstance(text, bool):
+        return text
+    value = str(text).strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off", ""):
+        return False
+    raise SpecError(f"{text!r} is not a yes/no value; give 1 or 0")
+
+
+def parse_feature_dim(text: str | int) -> str:
+    """A positive integer or ``auto`` (the embedding size of the first CLIP model), kept as text."""
+    value = str(text).strip()
+    if value == "auto" or (value.isdigit() and int(value) > 0):
+        return value
+    raise SpecError(f"{text!r}: give a positive integer or 'auto' (the first CLIP model's)")
+
+
+def _number(kind: type, minimum: float | None = None) -> Callable[[str], Any]:
+    def parse(text: str | int | float) -> Any:
+        try:
+            value = kind(text)
+        except (TypeError, ValueError) as exc:
+            raise SpecError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from exc
+        if minimum is not None and value < minimum:
+            raise SpecError(f"{text!r} is below the minimum {minimum}")
+        return value
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _models(text: str | list[str]) -> str:
+    """A comma-separated list (a Python list is joined)."""
+    return ",".join(text) if isinstance(text, list | tuple) else str(text)
+
+
+def _clip_models(text: str | list[str]) -> str:
+    """Checked against the spec grammar at once (architectures and tags are checked by the stage)."""
+    parse_clip_list(_models(text))
+    return _models(text)
+
+
+def _reranker_models(text: str | list[str]) -> str:
+    parse_reranker_list(_models(text))
+    return _models(text)
+
+
+@dataclass(frozen=True)
+class Param:
+    name: str
+    default: str  # as a build arg writes it
+    help: str
+    parse: Callable[[Any], Any] = str
+    stages: tuple[str, ...] = ()
+    flag: str | None = None  # the CLI flag; None: not a CLI option (infrastructure)
+    where: frozenset[str] = EVERYWHERE
+    bake_default: str | None = None  # docker-bake.hcl's default when it is an expression
+
+    @property
+    def field(self) -> str:
+        """The attribute of :class:`modelbake.bake.Selection` and the key of a selection file."""
+        return self.name.lower().removesuffix("_models")
+
+    def value(self, text: Any) -> Any:
+        try:
+            return self.parse(text)
+        except SpecError as exc:
+            raise SpecError(f"{self.name} ({self.flag or 'build arg'}) {exc}") from exc
+
+    def from_env(self) -> Any:
+        """The environment's value when set (an empty build arg means unset), else the default."""
+        return self.value(os.environ.get(self.name) or self.default)
+
+    def as_arg(self, value: Any) -> str:
+        """A typed value written back as a build arg."""
+        if isinstance(value, bool):
+            return "1" if value else "0"
+        return _models(value) if isinstance(value, list | tuple) else str(value)
+
+
+_CLIP = ("clip-export",)
+_RERANKER = ("reranker-cache",)
+_REGRESSOR = ("regressor-seed",)
+_BOOL = parse_bool
+
+# One row a line reads best as a table; the formatter would spread each over five.
+# fmt: off
+TABLE: tuple[Param, ...] = (
+    # --- model selection and stage settings: CLI flags, Selection fields, build args ---------------------
+    Param("CLIP_MODELS", DEFAULT_CLIP_MODELS, "comma-separated CLIP specs (README: model specs)",
+          _clip_models, (*_CLIP, *_REGRESSOR), "--clip"),
+    Param("CLIP_INT8", "0", "also ship dynamic-int8 variants (*_int8.onnx), each gated on its own parity",
+          _BOOL, _CLIP, "--clip-int8"),
+    Param("CLIP_KEEP_PYTORCH", "0", "also keep the PyTorch weights in models/clip/ (not needed at run time)",
+          _BOOL, _CLIP, "--clip-keep-pytorch"),
+    Param("CLIP_PARITY_ATOL", "1e-3", "max abs difference allowed between onnxruntime and PyTorch",
+          _number(float, 0), _CLIP, "--clip-parity-atol"),
+    Param("CLIP_PARITY_MIN_COSINE", "0.999", "min cosine similarity between onnxruntime and PyTorch outputs",
+          _number(float, -1), _CLIP, "--clip-parity-min-cosine"),
+    Param("CLIP_INT8_MIN_COSINE", "0.99", "min cosine of the int8 variants against PyTorch",
+          _number(float, -1), _CLIP, "--clip-int8-min-cosine"),
+    Param("RERANKER_MODELS", DEFAULT_RERANKER_MODELS, "ordered fallback list of cross-encoders",
+          _reranker_models, _RERANKER, "--reranker"),
+    Param("RERANKER_INT8", "0", "also ship a dynamic-int8 variant, gated on its scores and ranking",
+          _BOOL, _RERANKER, "--reranker-int8"),
+    Param("RERANKER_INT8_ATOL", "0.02", "max score difference of int8 against sentence-transformers",
+          _number(float, 0), _RERANKER, "--reranker-int8-atol"),
+    Param("REGRESSOR_FEATURE_DIM", "auto", "seed weights' input size: an integer, or auto (the first CLIP model's)",
+          parse_feature_dim, _REGRESSOR, "--regressor-feature-dim"),
+    Param("REGRESSOR_SEED", "0", "seed of the regressor's synthetic set and init",
+          _number(int, 0), _REGRESSOR, "--regressor-seed"),
+    Param("REGRESSOR_EPOCHS", "20", "training epochs of the seed weights",
+          _number(int, 1), _REGRESSOR, "--regressor-epochs"),
+    Param("ONNX_OPSET", "17", "ONNX opset of every exported graph",
+          _number(int, 7), PRODUCING_STAGES, "--opset"),
+    # --- the image build: build args without a CLI flag ------------------------------------------------
+    Param("BASE_IMAGE", "python:3.11-slim-bookworm", "build-time base image (Debian 12 with python3)",
+          stages=("base-image",)),
+    Param("RUNTIME_BASE_IMAGE", "${BASE_IMAGE}", "run-time base image", stages=("runtime-base",),
+          bake_default="BASE_IMAGE"),
+    Param("TORCH_INDEX_URL", "https://download.pytorch.org/whl/cpu", "extra pip index for CPU torch",
+          stages=("base-image",)),
+    Param("PIP_OFFLINE", "0", "1 = install from the wheelhouse alone (on when WHEELHOUSE is given)", _BOOL,
+          ("base-image", "runtime-base"), bake_default='notequal(WHEELHOUSE, "") ? "1" : "0"'),
+    Param("RUNTIME_UID", "10001", "uid/gid of the non-root service user", _number(int, 1),
+          ("runtime-base", "runtime"), where=frozenset({ARG})),
+    Param("SOURCE_DATE_EPOCH", "", "reproducible builds: every time in the tree and manifest (empty: now)",
+          stages=(*PRODUCING_STAGES, "manifest")),
+    Param("MODELS_MANIFEST_DIGEST", "", "sha256 of the runtime image's manifest; `modelbake bake` sets it",
+          stages=("runtime",), where=frozenset({ARG, BAKE})),
+    # --- bake only: inputs, names and labels ----------------------------------------------------------
+    Param("WHEELHOUSE", "", "a wheel folder for offline pip (named context)", where=BAKE_ONLY),
+    Param("MODEL_SOURCES", "", "a folder of local model sources, mounted at /sources", where=BAKE_ONLY),
+    Param("IMAGE", "modelbake", "image name", where=BAKE_ONLY),
+    Param("TAG", "latest", "image tag", where=BAKE_ONLY),
+    Param("MODELS_OUT", "models", "where the `models` target writes the tree on the host", where=BAKE_ONLY),
+    Param("GIT_REVISION", "", "org.opencontainers.image.revision label", where=BAKE_ONLY),
+    Param("SOURCE_URL", "", "org.opencontainers.image.source label", where=BAKE_ONLY),
+)
+# fmt: on
+BY_NAME = {p.name: p for p in TABLE}
+SELECTION = tuple(p for p in TABLE if p.flag)  # what a model selection sets (bake driver, bundle, CLI)
+
+
+def for_stage(stage: str) -> tuple[Param, ...]:
+    """The CLI parameters ``stage`` reads, in table order."""
+    return tuple(p for p in SELECTION if stage in p.stages)
+
+
+def resolve(args: Any, params: Iterable[Param]) -> dict[str, Any]:
+    """Typed values for ``params``: the flag when given, else the environment, else the table."""
+    return {p.name: p.from_env() if getattr(args, p.name, None) is None else getattr(args, p.name) for p in params}
+
+
+_BOOL_WORDS = ("0", "1", "true", "false", "yes", "no", "on", "off")
+
+
+def bare_bool_flags(argv: list[str]) -> list[str]:
+    """``--clip-int8`` not followed by a yes/no word becomes ``--clip-int8=1``, so a positional after it
+    (``bake --clip-int8 runtime``) is not taken for the flag's value; ``--clip-int8 0`` keeps its value."""
+    flags = {p.flag for p in SELECTION if p.parse is parse_bool}
+    out = []
+    for i, arg in enumerate(argv):
+        following = argv[i + 1].lower() if i + 1 < len(argv) else None
+        out.append(f"{arg}=1" if arg in flags and following not in _BOOL_WORDS else arg)
+    return out
+
+
+def add_flags(parser: Any, params: Iterable[Param]) -> None:
+    """One argparse option per parameter (dest = its name). An unset flag stays None: :func:`resolve` (or a
+    selection file) fills it, so a bad environment value only matters to the commands that read it."""
+    import argparse
+
+    for p in params:
+
+        def check(text: str, p: Param = p) -> Any:
+            try:
+                return p.value(text)
+            except SpecError as exc:
+                raise argparse.ArgumentTypeError(str(exc)) from exc
+
+        extra = {"nargs": "?", "const": True, "metavar": "0|1"} if p.parse is parse_bool else {}
+        # A bare `--clip-int8` means 1; the Dockerfile's RUN lines pass the build arg's value (`--clip-int8 0`).
+        parser.add_argument(
+            p.flag, dest=p.name, type=check, help=f"{p.help} (env {p.name}, default {p.default})", **extra
+        )
