@@ -84,7 +84,9 @@ def test_seed_weights_are_deterministic_across_processes(tmp_path: Path) -> None
     runs = []
     for name in ("a", "b"):
         out = tmp_path / name
-        run_cli("regressor-seed", "--regressor-feature-dim", "64", "--regressor-epochs", "2", "--out", str(out), check=True)
+        run_cli(
+            "regressor-seed", "--regressor-feature-dim", "64", "--regressor-epochs", "2", "--out", str(out), check=True
+        )
         runs.append(_sha256s(out))
     assert set(runs[0]) == {"regressor/boundary_regressor_pretrained.safetensors",
                             "regressor/boundary_regressor_pretrained.pth",
@@ -112,7 +114,16 @@ def test_training_on_learnable_data_goes_well_below_the_seed(tmp_path: Path) -> 
     ]
     data.write_text("".join(json.dumps(row) + "\n" for row in rows))
     seed_dir = tmp_path / "seed"
-    run_cli("regressor-seed", "--regressor-feature-dim", "64", "--regressor-epochs", "20", "--out", str(seed_dir), check=True)
+    run_cli(
+        "regressor-seed",
+        "--regressor-feature-dim",
+        "64",
+        "--regressor-epochs",
+        "20",
+        "--out",
+        str(seed_dir),
+        check=True,
+    )
     seed_mae = mae(load_weights(seed_dir / "regressor" / "boundary_regressor_pretrained.safetensors"), x, y)
     out = tmp_path / "trained" / "mine.pth"
     proc = run_cli("train-regressor", str(data), str(out), "--epochs", "60", "--seed", "1", check=True)
