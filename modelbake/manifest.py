@@ -234,7 +234,9 @@ def merge_fragments(root: Path) -> dict[str, Any]:
         "schema_version": SCHEMA_VERSION,
         "modelbake_version": __version__,
         "created": build_time(),
-        "models": sorted(models, key=lambda m: (m["kind"], m["name"])),
+        # Stage by stage (fragments sorted by name), each in selection order: the first CLIP model
+        # selected is the services' default, as CLIP_MODELS documents.
+        "models": models,
     }
     _validate(manifest, None, MANIFEST_NAME)
     _dump(manifest, root / MANIFEST_NAME)
