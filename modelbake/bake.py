@@ -24,9 +24,10 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from modelbake.buildkit import TRANSIENT_ERROR
-from modelbake.params import SELECTION
+from modelbake.params import BY_NAME, SELECTION
 from modelbake.spec import SpecError, parse_clip_list, parse_reranker_list
 
 
@@ -67,6 +68,15 @@ class Selection:
         if unknown:
             raise SpecError(f"{path}: unknown keys {unknown}; known: {sorted(_FIELDS)}")
         return cls(**fields)
+
+    def to_toml(self) -> str:
+        """Every field, as :meth:`from_file` reads it back."""
+        lines = []
+        for p in SELECTION:
+            value = getattr(self, p.field)
+            text = str(value).lower() if isinstance(value, bool) else json.dumps(value)
+            lines.append(f"{p.field} = {text}")
+        return "\n".join(lines) + "\n"
 
     def variables(self) -> dict[str, str]:
         """The bake variables, after checking every spec (raises SpecError with suggestions)."""
@@ -128,6 +138,17 @@ class BakeResult:
     verify_output: str = ""
     verify_ok: bool | None = None
 
+    def report(self) -> str:
+        """What the driver prints after a build: image, models, labels, size per stage, verify."""
+        models = ", ".join(f"{m['kind']}:{m['name']}" for m in (self.manifest or {}).get("models", []))
+        size = f"  {self.image_size / 1e6:.0f} MB" if self.image_size is not None else ""
+        lines = [f"image      {self.image}{size}", f"models     {models}"]
+        lines += [f"label      {key}={self.labels[key]}" for key in sorted(self.labels)]
+        lines += [f"size       {stage:<36} {n / 1e6:10.1f} MB" for stage, n in self.stage_sizes.items()]
+        if self.verify_ok is not None:
+            lines.append(f"verify     {'passed' if self.verify_ok else 'FAILED'} in a container with no network")
+        return "\n".join(lines)
+
 
 def _run_bake(cmd: list[str], env: dict[str, str], retries: int = 1) -> None:
     """Run bake with its progress on our stderr; retry once on BuildKit's transient graph error."""
@@ -165,17 +186,30 @@ def stage_sizes(client: Any, image: str, manifest: dict[str, Any], base_image: s
     return sizes
 
 
+def public_url(url: str) -> str:
+    """``url`` without user info: an origin such as https://user:TOKEN@host/repo must not reach a label."""
+    parts = urlsplit(url)
+    if not parts.scheme or not parts.hostname:
+        return url
+    netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 def _provenance(environ: os._Environ[str] | dict[str, str]) -> dict[str, str]:
-    """GIT_REVISION and SOURCE_URL for the OCI labels, from the checkout when not given."""
+    """GIT_REVISION and SOURCE_URL for the OCI labels, from the checkout when not given; never credentials."""
     found = {}
     for variable, git in (("GIT_REVISION", ["rev-parse", "HEAD"]), ("SOURCE_URL", ["remote", "get-url", "origin"])):
-        if environ.get(variable):
-            continue
-        proc = subprocess.run(["git", *git], capture_output=True, text=True)
-        value = proc.stdout.strip() if proc.returncode == 0 else ""
+        value = environ.get(variable, "")
+        if not value:
+            proc = subprocess.run(["git", *git], capture_output=True, text=True)
+            value = proc.stdout.strip() if proc.returncode == 0 else ""
         # A clone of a local folder has a path as origin: not a source URL worth publishing.
-        if value and (variable == "GIT_REVISION" or value.startswith("https://")):
+        if value and variable == "GIT_REVISION":
             found[variable] = value
+        elif value.startswith("https://"):
+            found[variable] = public_url(value)
+        elif value:
+            found[variable] = ""
     return found
 
 
@@ -203,26 +237,35 @@ def bake(
     _run_bake(cmd, env)
     if "runtime" not in targets:
         return result
-    result.image = image or f"{env.get('IMAGE', 'modelbake')}:{env.get('TAG', 'latest')}"
-    raw = client.containers.run(result.image, ["/models/model_manifest.json"], entrypoint="cat",
-                                network_mode="none", remove=True)  # fmt: skip
+    result.image = image or f"{_setting(env, 'IMAGE')}:{_setting(env, 'TAG')}"
+    raw = client.containers.run(
+        result.image, ["/models/model_manifest.json"], entrypoint="cat", network_mode="none", remove=True
+    )
     result.manifest = json.loads(raw)
     result.manifest_digest = "sha256:" + hashlib.sha256(raw).hexdigest()
     if env.get("MODELS_MANIFEST_DIGEST") != result.manifest_digest:
         # Label the image with the digest of the manifest it holds: the same build again, every stage from
         # the cache, and the runtime stage checks the label against its manifest (a mismatch fails).
         _run_bake(command(["runtime"], overrides), {**env, "MODELS_MANIFEST_DIGEST": result.manifest_digest})
-    if not inspect:
-        return result
+    if inspect:
+        _inspect(client, result, env)
+    return result
+
+
+def _setting(env: dict[str, str], name: str) -> str:
+    return env.get(name) or BY_NAME[name].default
+
+
+def _inspect(client: Any, result: BakeResult, env: dict[str, str]) -> None:
+    """Size, labels and size per stage of the built image, and a verify run in a container with no network."""
     built = client.images.get(result.image)
     result.image_size = int(built.attrs["Size"])
     result.labels = dict(built.labels)
-    base = env.get("RUNTIME_BASE_IMAGE") or env.get("BASE_IMAGE") or "python:3.11-slim-bookworm"
-    result.stage_sizes = stage_sizes(client, result.image, result.manifest, base)
+    base = env.get("RUNTIME_BASE_IMAGE") or _setting(env, "BASE_IMAGE")
+    result.stage_sizes = stage_sizes(client, result.image, result.manifest or {}, base)
     container = client.containers.run(result.image, network_mode="none", detach=True)
     try:
         result.verify_ok = container.wait()["StatusCode"] == 0
         result.verify_output = container.logs().decode()
     finally:
         container.remove(force=True)
-    return result

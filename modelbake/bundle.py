@@ -24,6 +24,7 @@ from typing import Any
 
 from modelbake.bake import BakeError, Selection
 from modelbake.manifest import build_time, sha256_file
+from modelbake.params import SELECTION
 from modelbake.spec import parse_clip_list, parse_reranker_list
 
 REQUIREMENTS = Path(__file__).resolve().parents[1] / "build" / "requirements-build.txt"
@@ -40,13 +41,16 @@ def _copy(src: Path, dest: Path) -> None:
 
 def _clip_sources(selection: Selection, sources: Path) -> list[str]:
     specs = []
-    for spec in parse_clip_list(",".join(selection.clip)):
+    for spec in parse_clip_list(selection.clip):
         dest = sources / "clip" / spec.key
         if spec.local is not None:
             _copy(Path(spec.local.path), dest)
             name = Path(spec.local.path).name
-            specs.append(f"{spec.key}@dir:{MOUNT}/clip/{spec.key}" if spec.local.kind == "dir"
-                         else f"{spec.arch}@file:{MOUNT}/clip/{spec.key}/{name}")  # fmt: skip
+            specs.append(
+                f"{spec.key}@dir:{MOUNT}/clip/{spec.key}"
+                if spec.local.kind == "dir"
+                else f"{spec.arch}@file:{MOUNT}/clip/{spec.key}/{name}"
+            )
             continue
         import open_clip  # build extra: downloads the weights exactly as the stage would
 
@@ -62,7 +66,7 @@ def _clip_sources(selection: Selection, sources: Path) -> list[str]:
 
 def _reranker_sources(selection: Selection, sources: Path) -> list[str]:
     specs = []
-    for spec in parse_reranker_list(",".join(selection.reranker)):
+    for spec in parse_reranker_list(selection.reranker):
         dest = sources / "reranker" / spec.key
         if spec.local is not None:
             _copy(Path(spec.local.path), dest)
@@ -73,6 +77,12 @@ def _reranker_sources(selection: Selection, sources: Path) -> list[str]:
             shutil.rmtree(dest / ".cache", ignore_errors=True)
         specs.append(f"{spec.key}@dir:{MOUNT}/reranker/{spec.key}")
     return specs
+
+
+def _wheels(dest: Path, pip_args: list[str]) -> None:
+    cmd = [sys.executable, "-m", "pip", "download", "--only-binary=:all:", "-d", str(dest), "-r", str(REQUIREMENTS)]
+    if subprocess.run([*cmd, *pip_args]).returncode != 0:
+        raise BakeError(f"`{' '.join(cmd + pip_args)}` failed (pip's message above)")
 
 
 def bundle(
@@ -86,22 +96,18 @@ def bundle(
     scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
     try:
         if wheels:
-            cmd = [sys.executable, "-m", "pip", "download", "--only-binary=:all:", "-d", str(scratch / "wheelhouse"),
-                   "-r", str(REQUIREMENTS), *(pip_args or [])]  # fmt: skip
-            if subprocess.run(cmd).returncode != 0:
-                raise BakeError(f"`{' '.join(cmd)}` failed (pip's message above)")
+            _wheels(scratch / "wheelhouse", pip_args or [])
         sources = scratch / "sources"
         sources.mkdir()
-        clip = _clip_sources(selection, sources)
-        reranker = _reranker_sources(selection, sources)
-        lines = [f"clip = {json.dumps(clip)}", f"reranker = {json.dumps(reranker)}",
-                 f"clip_int8 = {str(selection.clip_int8).lower()}",
-                 f"reranker_int8 = {str(selection.reranker_int8).lower()}", "", "[regressor]",
-                 f"feature_dim = {json.dumps(str(selection.regressor_feature_dim))}",
-                 f"seed = {selection.regressor_seed}", f"epochs = {selection.regressor_epochs}"]  # fmt: skip
-        (scratch / "selection.toml").write_text("\n".join(lines) + "\n")
-        files = [{"path": p.relative_to(scratch).as_posix(), "sha256": sha256_file(p), "bytes": p.stat().st_size}
-                 for p in sorted(scratch.rglob("*")) if p.is_file()]  # fmt: skip
+        clip, reranker = _clip_sources(selection, sources), _reranker_sources(selection, sources)
+        rewritten = Selection(**{p.field: getattr(selection, p.field) for p in SELECTION})
+        rewritten.clip, rewritten.reranker = clip, reranker
+        (scratch / "selection.toml").write_text(rewritten.to_toml())
+        files = [
+            {"path": p.relative_to(scratch).as_posix(), "sha256": sha256_file(p), "bytes": p.stat().st_size}
+            for p in sorted(scratch.rglob("*"))
+            if p.is_file()
+        ]
         doc = {"created": build_time(), "selection": {"clip": clip, "reranker": reranker}, "files": files}
         (scratch / "bundle_manifest.json").write_text(json.dumps(doc, indent=2) + "\n")
         os.replace(scratch, out)

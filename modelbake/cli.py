@@ -17,7 +17,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from modelbake import __version__
+from modelbake import __version__, demo
 from modelbake.bake import BakeError
 from modelbake.manifest import ManifestError, finalize
 from modelbake.params import SELECTION, add_flags, bare_bool_flags, resolve
@@ -71,12 +71,17 @@ def summary_table(manifest: dict, seconds: dict[str, float]) -> str:
     rows = [("stage", "kind", "name", "files", "MB", "max |onnx-torch|", "stage s")]
     for model in manifest["models"]:
         diffs = [f["parity"]["max_abs_diff"] for f in model["files"] if "parity" in f]
-        rows.append((
-            model["stage"], model["kind"], model["name"], str(len(model["files"])),
-            f"{sum(f['bytes'] for f in model['files']) / 1e6:.1f}",
-            f"{max(diffs):.1e}" if diffs else "-",
-            f"{seconds[model['stage']]:.1f}" if model["stage"] in seconds else "-",
-        ))  # fmt: skip
+        rows.append(
+            (
+                model["stage"],
+                model["kind"],
+                model["name"],
+                str(len(model["files"])),
+                f"{sum(f['bytes'] for f in model['files']) / 1e6:.1f}",
+                f"{max(diffs):.1e}" if diffs else "-",
+                f"{seconds[model['stage']]:.1f}" if model["stage"] in seconds else "-",
+            )
+        )
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)) for row in rows)
     return "\n".join(line.rstrip() for line in lines)
@@ -85,10 +90,8 @@ def summary_table(manifest: dict, seconds: dict[str, float]) -> str:
 def _cmd_train(args: argparse.Namespace) -> int:
     from modelbake.producers.regressor import train
 
-    metrics = train(
-        args.data, args.out, epochs=args.epochs, val_fraction=args.val_fraction, patience=args.patience,
-        seed=args.seed, lr=args.lr, batch_size=args.batch_size, feature_dim=args.feature_dim,
-    )  # fmt: skip
+    options = ("epochs", "val_fraction", "patience", "seed", "lr", "batch_size", "feature_dim")
+    metrics = train(args.data, args.out, **{key: getattr(args, key) for key in options})
     v = metrics["val_mae"]
     best = metrics["best_epoch"]
     print(f"validation MAE: start {v['start_delta']:.4f} s, end {v['end_delta']:.4f} s (best epoch {best})")
@@ -131,8 +134,10 @@ def _cmd_bundle(args: argparse.Namespace) -> int:
     doc = bundle(args.out, _selection(args), pip_args=args.pip_arg, wheels=not args.no_wheels)
     size = sum(f["bytes"] for f in doc["files"])
     print(f"{args.out}: {len(doc['files'])} files, {size / 1e6:.0f} MB")
-    print(f"build it offline: WHEELHOUSE={args.out}/wheelhouse MODEL_SOURCES={args.out}/sources "
-          f"modelbake bake --config {args.out}/selection.toml")  # fmt: skip
+    print(
+        f"build it offline: WHEELHOUSE={args.out}/wheelhouse MODEL_SOURCES={args.out}/sources "
+        f"modelbake bake --config {args.out}/selection.toml"
+    )
     return 0
 
 
@@ -153,17 +158,10 @@ def _cmd_bake(args: argparse.Namespace) -> int:
         return subprocess.run(cmd, env={**os.environ, **variables}).returncode
     result = bake(selection, targets, overrides=args.set, inspect=not args.no_inspect)
     if result.image:
-        models = ", ".join(f"{m['kind']}:{m['name']}" for m in (result.manifest or {}).get("models", []))
-        print(f"image      {result.image}  {result.image_size / 1e6:.0f} MB")
-        print(f"models     {models}")
-        for key in sorted(result.labels):
-            print(f"label      {key}={result.labels[key]}")
-        for stage, size in result.stage_sizes.items():
-            print(f"size       {stage:<36} {size / 1e6:10.1f} MB")
-        print(f"verify     {'passed' if result.verify_ok else 'FAILED'} in a container with no network")
-        if not result.verify_ok:
-            print(result.verify_output, file=sys.stderr)
-            return 1
+        print(result.report())
+    if result.verify_ok is False:
+        print(result.verify_output, file=sys.stderr)
+        return 1
     return 0
 
 
@@ -229,14 +227,23 @@ def _add_image_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out", type=Path, help="a new folder")
     _add_selection(p)
     p.add_argument("--no-wheels", action="store_true", help="model sources only")
-    p.add_argument("--pip-arg", action="append", default=[], metavar="ARG",
-                   help="passed to pip download, e.g. --pip-arg=--platform=manylinux_2_28_x86_64")  # fmt: skip
+    p.add_argument(
+        "--pip-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="passed to pip download, e.g. --pip-arg=--platform=manylinux_2_28_x86_64",
+    )
     p.set_defaults(func=_cmd_bundle)
 
     p = sub.add_parser("verify", help="re-hash a model tree and run every model on its golden inputs")
     p.add_argument("folder", nargs="?", type=Path, default=Path(os.environ.get("MODELBAKE_MODELS") or "models"))
     p.add_argument("--quick", action="store_true", help="sizes only: the cheap health check")
     p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser("demo", help="offline first run: tiny models baked, the example service started and asked")
+    demo.configure(p)
+    p.set_defaults(func=demo.run)
 
     p = sub.add_parser("tiny-sources", help="write tiny real models (OpenCLIP local-dir, BERT cross-encoder) for tests")
     p.add_argument("dest", type=Path)

@@ -65,3 +65,18 @@ def test_regressor_flags_become_bake_variables_and_are_checked() -> None:
     assert "REGRESSOR_FEATURE_DIM (--regressor-feature-dim) 'big': give a positive integer or 'auto'" in proc.stderr
     proc = run_cli("bake", "--dry-run", "--regressor-epochs", "0")
     assert proc.returncode == 2 and "REGRESSOR_EPOCHS (--regressor-epochs) '0' is below the minimum 1" in proc.stderr
+
+
+def test_git_credentials_never_reach_the_source_label(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An origin with a token in it (https://user:TOKEN@host/repo) is published without the user info."""
+    from modelbake.bake import _provenance
+
+    subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
+    origin = "https://me:s3cr3t@git.example/acme/x.git"
+    subprocess.run(["git", "-C", str(tmp_path), "remote", "add", "origin", origin], check=True)
+    monkeypatch.chdir(tmp_path)
+    found = _provenance({})
+    given = _provenance({"SOURCE_URL": "https://ci:tok@git.example:8443/acme/x"})
+    assert found["SOURCE_URL"] == "https://git.example/acme/x.git"
+    assert given["SOURCE_URL"] == "https://git.example:8443/acme/x"
+    assert "s3cr3t" not in str(found) and "tok" not in str(given)

@@ -200,7 +200,7 @@ def test_bake_driver_builds_inspects_and_verifies(baked: dict[str, str]) -> None
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"image      {IMAGE}" in proc.stdout
-    assert "models     clip:tiny-rn, clip:tiny-vit, regressor:boundary_regressor, reranker:tiny-bert" in proc.stdout
+    assert "models     clip:tiny-vit, clip:tiny-rn, regressor:boundary_regressor, reranker:tiny-bert" in proc.stdout
     assert "label      org.opencontainers.image.title=modelbake" in proc.stdout
     assert "verify     passed in a container with no network" in proc.stdout
     # The manifest-digest label is the sha256 of the manifest the image holds.
@@ -280,7 +280,8 @@ def test_air_gapped_bundle_builds_with_no_index(
     run_cli("bundle", str(out), "--clip", tiny_specs["clip"], "--reranker", tiny_specs["reranker"],
             f"--pip-arg=--find-links={baked['WHEELHOUSE']}", "--pip-arg=--no-index", check=True)  # fmt: skip
     selection = (out / "selection.toml").read_text()
-    assert 'clip = ["tiny-vit@dir:/sources/clip/tiny-vit", "tiny-rn@dir:/sources/clip/tiny-rn"]' in selection
+    assert 'clip = "tiny-vit@dir:/sources/clip/tiny-vit,tiny-rn@dir:/sources/clip/tiny-rn"' in selection
+    assert "reranker_int8 = false" in selection and "regressor_epochs = 20" in selection  # every field, explicit
     doc = json.loads((out / "bundle_manifest.json").read_text())
     listed = {f["path"]: f["sha256"] for f in doc["files"]}
     assert "sources/reranker/tiny-bert/model.safetensors" in listed
