@@ -30,7 +30,8 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from safetensors.torch import save_file
 
-from modelbake.producers.clip import ClipOptions, run
+from modelbake.params import defaults, for_stage
+from modelbake.producers.clip import run
 from modelbake.spec import clip_onnx_name, parse_clip
 
 
@@ -47,8 +48,11 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
 
 def variants(fp32: Path, work: Path) -> dict[str, tuple[Path, ort.GraphOptimizationLevel]]:
     all_opt, basic = ort.GraphOptimizationLevel.ORT_ENABLE_ALL, ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    out = {"fp32": (fp32, all_opt), "fp32 basic-opt": (fp32, basic),
-           "int8 per-channel": (fp32.with_name(f"{fp32.stem}_int8.onnx"), all_opt)}  # fmt: skip
+    out = {
+        "fp32": (fp32, all_opt),
+        "fp32 basic-opt": (fp32, basic),
+        "int8 per-channel": (fp32.with_name(f"{fp32.stem}_int8.onnx"), all_opt),
+    }
     per_tensor = work / f"{fp32.stem}_int8_tensor.onnx"
     quantize_dynamic(str(fp32), str(per_tensor), weight_type=QuantType.QInt8, per_channel=False)
     out["int8 per-tensor"] = (per_tensor, all_opt)
@@ -73,7 +77,7 @@ def main() -> None:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, work / "ckpt.safetensors")
     spec = parse_clip(f"{args.arch}@file:{work / 'ckpt.safetensors'}")
     print(f"exporting {args.arch} (fp32 + int8) ...", flush=True)
-    run([spec], work / "models", ClipOptions(int8=True))
+    run(work / "models", defaults(for_stage("clip-export")) | {"CLIP_MODELS": spec.text, "CLIP_INT8": True})
     tokenizer = open_clip.get_tokenizer(args.arch)
     size = model.visual.image_size
     size = size[0] if isinstance(size, tuple) else size
@@ -105,8 +109,10 @@ def main() -> None:
         texts = [" ".join(rng.choice(words, rng.integers(3, 15))) for _ in range(batch)]
         cases.append(("text", batch, "input_ids", tokenizer(texts).numpy(), model.encode_text))
 
-    print(f"torch {torch.__version__}, onnxruntime {ort.__version__}, {args.threads} threads, "
-          f"{args.rounds} interleaved rounds, medians")  # fmt: skip
+    print(
+        f"torch {torch.__version__}, onnxruntime {ort.__version__}, {args.threads} threads, "
+        f"{args.rounds} interleaved rounds, medians"
+    )
     print(f"{'encoder':<6} {'batch':>5} {'variant':<20} {'ms/call':>9} {'vs PyTorch':>11} {'min cos':>9} {'max|d|':>8}")
     for tower, batch, input_name, x, torch_fn in cases:
         fp32 = work / "models" / "onnx" / clip_onnx_name(spec.key, tower)

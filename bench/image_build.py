@@ -49,23 +49,36 @@ TAG = f"bench-{uuid.uuid4().hex[:6]}"
 
 def bake(ctx: Path, env: dict[str, str], *args: str) -> tuple[float, str]:
     start = time.perf_counter()
-    proc = subprocess.run(["docker", "buildx", "bake", "--progress=rawjson", *args], cwd=ctx, env=env,
-                          capture_output=True, text=True)  # fmt: skip
+    proc = subprocess.run(
+        ["docker", "buildx", "bake", "--progress=rawjson", *args], cwd=ctx, env=env, capture_output=True, text=True
+    )
     if proc.returncode != 0:
         sys.exit(f"bake {' '.join(args)} failed:\n{render(proc.stderr)[-4000:]}")
     return time.perf_counter() - start, proc.stderr
 
 
 def build_naive(ctx: Path, env: dict[str, str], image: str, *extra: str) -> tuple[float, str]:
-    args = ["docker", "buildx", "build", "--progress=plain", "-f", "bench/naive.Dockerfile", "-t", image,
-            "--build-context", f"wheelhouse={env['WHEELHOUSE']}", "--build-context",
-            f"model-sources={env['MODEL_SOURCES']}", *extra]  # fmt: skip
-    for key in ("BASE_IMAGE", "CLIP_MODELS", "RERANKER_MODELS", "CLIP_INT8", "REGRESSOR_EPOCHS",
-                "SOURCE_DATE_EPOCH"):  # fmt: skip
+    args = [
+        "docker",
+        "buildx",
+        "build",
+        "--progress=plain",
+        "-f",
+        "bench/naive.Dockerfile",
+        "-t",
+        image,
+        "--build-context",
+        f"wheelhouse={env['WHEELHOUSE']}",
+        "--build-context",
+        f"model-sources={env['MODEL_SOURCES']}",
+        *extra,
+    ]
+    for key in ("BASE_IMAGE", "CLIP_MODELS", "RERANKER_MODELS", "CLIP_INT8", "REGRESSOR_EPOCHS", "SOURCE_DATE_EPOCH"):
         args += ["--build-arg", f"{key}={env[key]}"]
     start = time.perf_counter()
-    proc = subprocess.run([*args, "--build-arg", "PIP_OFFLINE=1", "."], cwd=ctx, env=env, capture_output=True,
-                          text=True)  # fmt: skip
+    proc = subprocess.run(
+        [*args, "--build-arg", "PIP_OFFLINE=1", "."], cwd=ctx, env=env, capture_output=True, text=True
+    )
     if proc.returncode != 0:
         sys.exit(f"naive build failed:\n{proc.stderr[-4000:]}")
     return time.perf_counter() - start, proc.stderr
@@ -77,8 +90,9 @@ def manifest_of(client: docker.DockerClient, image: str) -> dict:
 
 
 def du(client: docker.DockerClient, image: str, *paths: str) -> int:
-    out = client.containers.run(image, ["-c", f"du -sbc {' '.join(paths)} 2>/dev/null | tail -1"],
-                                entrypoint="sh", user="0", remove=True)  # fmt: skip
+    out = client.containers.run(
+        image, ["-c", f"du -sbc {' '.join(paths)} 2>/dev/null | tail -1"], entrypoint="sh", user="0", remove=True
+    )
     return int(out.split()[0])
 
 
@@ -122,8 +136,10 @@ def bars_svg(panels: list[tuple[str, str, list[tuple[str, float]]]]) -> str:
             y += row_h
         y += 12
     body = "\n".join(parts)
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{y}" font-family="sans-serif" '
-            f'font-size="13">\n<rect width="100%" height="100%" fill="white"/>\n{body}\n</svg>\n')  # fmt: skip
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{y}" font-family="sans-serif" '
+        f'font-size="13">\n<rect width="100%" height="100%" fill="white"/>\n{body}\n</svg>\n'
+    )
 
 
 def main() -> None:
@@ -163,8 +179,16 @@ def main() -> None:
         def cold(label: str) -> tuple[float, str, str]:
             models = f"modelbake-bench-models:{TAG}-{label}"
             images.append(models)
-            seconds, log = bake(ctx, env, "runtime", "models", "--set", "*.no-cache=true", "--set",
-                                f"models.output=type=docker,name={models},rewrite-timestamp=true")  # fmt: skip
+            seconds, log = bake(
+                ctx,
+                env,
+                "runtime",
+                "models",
+                "--set",
+                "*.no-cache=true",
+                "--set",
+                f"models.output=type=docker,name={models},rewrite-timestamp=true",
+            )
             return seconds, log, models
 
         print("cold build 1 ...", file=sys.stderr)
@@ -201,8 +225,9 @@ def main() -> None:
         naive_size = int(client.images.get(naive).attrs["Size"])
         naive_models = layer_size(client, naive, "modelbake.cli download")
         site = "/opt/venv/lib/python3.11/site-packages"
-        naive_torch = du(client, naive, *(f"{site}/{p}" for p in ("torch", "nvidia", "triton", "torchvision",
-                                                                   "torch-*.dist-info")))  # fmt: skip
+        naive_torch = du(
+            client, naive, *(f"{site}/{p}" for p in ("torch", "nvidia", "triton", "torchvision", "torch-*.dist-info"))
+        )
         naive_rerank_s, _ = build_naive(ctx, {**env, **changes["reranker selection"]}, f"{naive}-rr")
         images.append(f"{naive}-rr")
 
@@ -216,32 +241,42 @@ def main() -> None:
         print("\n## Image size (tiny model set; MB)")
         print(f"{'image':<44}{'total':>10}{'without models':>16}{'torch part':>12}")
         print(f"{'ours: runtime':<44}{ours / mb:>10.1f}{(ours - ours_models) / mb:>16.1f}{0:>12.1f}")
-        print(f"{'naive: single stage':<44}{naive_size / mb:>10.1f}{(naive_size - naive_models) / mb:>16.1f}"
-              f"{naive_torch / mb:>12.1f}")  # fmt: skip
-        print(f"{'naive without its torch part':<44}{(naive_size - naive_torch) / mb:>10.1f}"
-              f"{(naive_size - naive_models - naive_torch) / mb:>16.1f}")  # fmt: skip
+        print(
+            f"{'naive: single stage':<44}{naive_size / mb:>10.1f}{(naive_size - naive_models) / mb:>16.1f}"
+            f"{naive_torch / mb:>12.1f}"
+        )
+        print(
+            f"{'naive without its torch part':<44}{(naive_size - naive_torch) / mb:>10.1f}"
+            f"{(naive_size - naive_models - naive_torch) / mb:>16.1f}"
+        )
         ratio = (ours - ours_models) / (naive_size - naive_models)
         ratio_fair = (ours - ours_models) / (naive_size - naive_models - naive_torch)
         print(f"ours/naive without models: {ratio:.3f} (target <= 0.25); against naive without torch: {ratio_fair:.3f}")
-        print(f"models layer {ours_models / mb:.2f} MB; the files it holds {files / mb:.2f} MB + manifest "
-              f"{manifest_bytes / 1e3:.1f} kB (ratio {ours_models / (files + manifest_bytes):.4f}); naive's models "
-              f"layer {naive_models / mb:.2f} MB")  # fmt: skip
+        print(
+            f"models layer {ours_models / mb:.2f} MB; the files it holds {files / mb:.2f} MB + manifest "
+            f"{manifest_bytes / 1e3:.1f} kB (ratio {ours_models / (files + manifest_bytes):.4f}); naive's models "
+            f"layer {naive_models / mb:.2f} MB"
+        )
 
         print("\n## Rebuild cost (wall time; fraction of the cold build)")
         print(f"cold build of runtime: {cold_s:.1f} s; naive image cold: {naive_cold_s:.1f} s")
         print(f"{'change only':<22}{'s':>8}{'of cold':>9}  stages that ran")
         for label, (seconds, stages) in rebuilds.items():
             print(f"{label:<22}{seconds:>8.1f}{seconds / cold_s:>9.1%}  {', '.join(stages) or '(none)'}")
-        print(f"{'naive: reranker':<22}{naive_rerank_s:>8.1f}{naive_rerank_s / naive_cold_s:>9.1%}  "
-              f"the one download step: every model again")  # fmt: skip
+        print(
+            f"{'naive: reranker':<22}{naive_rerank_s:>8.1f}{naive_rerank_s / naive_cold_s:>9.1%}  "
+            f"the one download step: every model again"
+        )
 
         print("\n## Reproducibility (two cold builds, same inputs, SOURCE_DATE_EPOCH set)")
         digests = [
             {f["path"]: f["sha256"] for m in doc["models"] for f in m["files"]} for doc in (manifest_a, manifest_b)
         ]
         differ = sorted(p for p in digests[0] if digests[0][p] != digests[1].get(p))
-        print(f"artifacts: {len(digests[0]) - len(differ)}/{len(digests[0])} identical sha256"
-              + (f"; differ: {', '.join(differ)}" if differ else ""))  # fmt: skip
+        print(
+            f"artifacts: {len(digests[0]) - len(differ)}/{len(digests[0])} identical sha256"
+            + (f"; differ: {', '.join(differ)}" if differ else "")
+        )
         print(f"manifest identical: {manifest_a == manifest_b}")
         layers = [client.images.get(m).attrs["RootFS"]["Layers"] for m in (models_a, models_b)]
         print(
@@ -261,17 +296,31 @@ def main() -> None:
         )
 
         args.plot.parent.mkdir(parents=True, exist_ok=True)
-        args.plot.write_text(bars_svg([
-            ("Image size (tiny models)", "MB", [
-                ("ours: runtime", ours / mb), ("ours: without models", (ours - ours_models) / mb),
-                ("naive: single stage", naive_size / mb), ("naive: without models", (naive_size - naive_models) / mb),
-                ("naive: without models or torch", (naive_size - naive_models - naive_torch) / mb),
-            ]),
-            ("Rebuild after one change (% of the cold build)", "%", [
-                *((f"ours: {label}", 100 * secs / cold_s) for label, (secs, _) in rebuilds.items()),
-                ("naive: reranker selection", 100 * naive_rerank_s / naive_cold_s),
-            ]),
-        ]))  # fmt: skip
+        args.plot.write_text(
+            bars_svg(
+                [
+                    (
+                        "Image size (tiny models)",
+                        "MB",
+                        [
+                            ("ours: runtime", ours / mb),
+                            ("ours: without models", (ours - ours_models) / mb),
+                            ("naive: single stage", naive_size / mb),
+                            ("naive: without models", (naive_size - naive_models) / mb),
+                            ("naive: without models or torch", (naive_size - naive_models - naive_torch) / mb),
+                        ],
+                    ),
+                    (
+                        "Rebuild after one change (% of the cold build)",
+                        "%",
+                        [
+                            *((f"ours: {label}", 100 * secs / cold_s) for label, (secs, _) in rebuilds.items()),
+                            ("naive: reranker selection", 100 * naive_rerank_s / naive_cold_s),
+                        ],
+                    ),
+                ]
+            )
+        )
         print(f"\nplot: {args.plot}")
 
     finally:  # a failed build leaves no multi-GB images behind

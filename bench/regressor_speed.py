@@ -21,6 +21,7 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
+from modelbake.params import defaults, for_stage
 from modelbake.producers.regressor import run as make_seed
 from modelbake.producers.regressor import synthetic_set
 from modelbake.producers.regressor_model import load_weights
@@ -46,17 +47,19 @@ def main() -> None:
     folder = args.models
     if folder is None:
         folder = Path(tempfile.mkdtemp(prefix="regressor-bench-"))
-        make_seed(folder, feature_dim=512)
+        make_seed(folder, defaults(for_stage("regressor-seed")) | {"REGRESSOR_FEATURE_DIM": "512"})
     torch.set_num_threads(args.threads)
     model = load_weights(folder / REGRESSOR_DIR / REGRESSOR_SAFETENSORS)
-    onnx_model = BoundaryRegressorONNX(folder / ONNX_DIR / REGRESSOR_ONNX, threads=args.threads)
+    onnx_model = BoundaryRegressorONNX.from_file(folder / ONNX_DIR / REGRESSOR_ONNX, threads=args.threads)
 
     def torch_call(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():
             return model(torch.from_numpy(x)).numpy()
 
-    print(f"torch {torch.__version__}, onnxruntime {ort.__version__}, {args.threads} thread(s), "
-          f"{args.rounds} rounds x {args.calls} calls, feature_dim {onnx_model.feature_dim}")  # fmt: skip
+    print(
+        f"torch {torch.__version__}, onnxruntime {ort.__version__}, {args.threads} thread(s), "
+        f"{args.rounds} rounds x {args.calls} calls, feature_dim {onnx_model.feature_dim}"
+    )
     print(f"{'batch':>6} {'pytorch us/call':>16} {'onnx us/call':>13} {'speed-up':>9} {'max|diff|':>10}")
     for batch in (1, 256):
         x, _ = synthetic_set(batch, onnx_model.feature_dim, seed=batch)

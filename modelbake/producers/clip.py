@@ -99,8 +99,13 @@ def load_clip(spec: ClipSpec) -> tuple[torch.nn.Module, Any, Any, dict[str, Any]
     if spec.local is None:
         name, pretrained = spec.arch, spec.tag
         cfg = open_clip.get_pretrained_cfg(spec.arch, spec.tag) or {}
-        source = {"type": "hub", "id": f"{spec.arch}:{spec.tag}", "revision": None,
-                  "hf_hub": cfg.get("hf_hub", ""), "url": cfg.get("url", "")}  # fmt: skip
+        source = {
+            "type": "hub",
+            "id": f"{spec.arch}:{spec.tag}",
+            "revision": None,
+            "hf_hub": cfg.get("hf_hub", ""),
+            "url": cfg.get("url", ""),
+        }
     else:
         path = Path(spec.local.path)
         if not path.exists():

@@ -24,8 +24,9 @@ def _enabled() -> bool | None:
 @contextmanager
 def steps(description: str, total: int) -> Iterator[Callable[[str], None]]:
     """A bar of ``total`` steps; call the yielded function with the step just finished."""
-    with tqdm(total=total, desc=description, unit="step", disable=_enabled(), file=sys.stderr, leave=True,
-              dynamic_ncols=True) as bar:  # fmt: skip
+    with tqdm(
+        total=total, desc=description, unit="step", disable=_enabled(), file=sys.stderr, leave=True, dynamic_ncols=True
+    ) as bar:
 
         def done(what: str) -> None:
             bar.set_postfix_str(what, refresh=False)

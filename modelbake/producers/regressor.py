@@ -104,8 +104,12 @@ def _log_epoch(total: int) -> Callable[[dict[str, Any]], None]:
         v = row["val_mae"]
         log.info(
             "epoch %d/%d  train L1 %.4f  val MAE start %.4f s, end %.4f s",
-            row["epoch"], total, row["train_l1"], v["start_delta"], v["end_delta"],
-        )  # fmt: skip
+            row["epoch"],
+            total,
+            row["train_l1"],
+            v["start_delta"],
+            v["end_delta"],
+        )
 
     return report
 
@@ -216,6 +220,19 @@ def _split(dataset: Any, val_fraction: float, seed: int, data: Path) -> tuple[Sp
     )
 
 
+def _metrics(model: torch.nn.Module, train_set: Split, val_set: Split) -> dict[str, Any]:
+    """MAE on both sets, and on validation the MAE of always predicting zero (the bar to beat)."""
+    zero = {k: float(v) for k, v in zip(OUTPUT_NAMES, np.mean(np.abs(val_set[1]), axis=0), strict=True)}
+    return {
+        "val_mae": mae(model, *val_set),
+        "train_mae": mae(model, *train_set),
+        "val_mae_predicting_zero": zero,
+        "train_records": len(train_set[0]),
+        "val_records": len(val_set[0]),
+        "feature_dim": int(train_set[0].shape[1]),
+    }
+
+
 def train(
     data: Path,
     out_pth: Path,
@@ -237,25 +254,21 @@ def train(
     train_set, val_set = _split(dataset, val_fraction, seed, data)
     torch.manual_seed(seed)
     model = BoundaryRegressor(dataset.features.shape[1])
-    zero = {k: float(v) for k, v in zip(OUTPUT_NAMES, np.mean(np.abs(val_set[1]), axis=0), strict=True)}
     log.info("training on %d records, validating on %d (%s)", len(train_set[0]), len(val_set[0]), data)
     with steps("training", epochs) as done:  # may stop early (patience)
         result = fit(
-            model, train_set, val_set, epochs=epochs, seed=seed, lr=lr, batch_size=batch_size, patience=patience,
+            model,
+            train_set,
+            val_set,
+            epochs=epochs,
+            seed=seed,
+            lr=lr,
+            batch_size=batch_size,
+            patience=patience,
             on_epoch=_progress(done, epochs),
-        )  # fmt: skip
-    metrics = {
-        "val_mae": mae(model, *val_set),
-        "train_mae": mae(model, *train_set),
-        "val_mae_predicting_zero": zero,
-        "train_records": len(train_set[0]),
-        "val_records": len(val_set[0]),
-        "feature_dim": int(dataset.features.shape[1]),
-        "seed": seed,
-        "data": str(data),
-        "data_sha256": hashlib.sha256(data.read_bytes()).hexdigest(),
-        **result,
-    }
+        )
+    metrics = {**_metrics(model, train_set, val_set), "seed": seed, "data": str(data), **result}
+    metrics["data_sha256"] = hashlib.sha256(data.read_bytes()).hexdigest()
     save_weights(model, out_pth)
     metrics_path = out_pth.with_suffix(".metrics.json")
     tmp = metrics_path.with_name(f".{metrics_path.name}.tmp")

@@ -30,7 +30,6 @@ class DataError(ProducerError):
 class Dataset:
     features: np.ndarray  # (n, feature_dim) float32
     deltas: np.ndarray  # (n, 2) float32: start_delta, end_delta
-    video_ids: list[str]
 
 
 @lru_cache(maxsize=1)
@@ -102,5 +101,4 @@ def load_dataset(path: Path, feature_dim: int | None = None) -> Dataset:
     return Dataset(
         features=np.asarray([r["features"] for r in records], dtype=np.float32),
         deltas=np.asarray([[r[k] for k in DELTA_FIELDS] for r in records], dtype=np.float32),
-        video_ids=[str(r.get("video_id", "")) for r in records],
     )

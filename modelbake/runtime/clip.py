@@ -19,8 +19,12 @@ from modelbake.runtime.sessions import session
 from modelbake.spec import MANIFEST_NAME
 
 ImageInput = Image.Image | str | Path | np.ndarray
-_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR,
-             "nearest": Image.Resampling.NEAREST, "lanczos": Image.Resampling.LANCZOS}  # fmt: skip
+_RESAMPLE = {
+    "bicubic": Image.Resampling.BICUBIC,
+    "bilinear": Image.Resampling.BILINEAR,
+    "nearest": Image.Resampling.NEAREST,
+    "lanczos": Image.Resampling.LANCZOS,
+}
 
 
 def clean_text(text: str) -> str:
@@ -166,8 +170,10 @@ class ClipEncoder(Loader):
         if self.tokenizer is None:
             raise RuntimeError(f"CLIP {self.name}: the build shipped no tokenizer; pass token ids to the ONNX model")
         ids = self.tokenizer(texts)
-        out = [self.sessions["text"].run(None, {"input_ids": ids[i : i + batch_size]})[0]
-               for i in range(0, len(ids), batch_size)]  # fmt: skip
+        out = [
+            self.sessions["text"].run(None, {"input_ids": ids[i : i + batch_size]})[0]
+            for i in range(0, len(ids), batch_size)
+        ]
         return self._normalise(np.concatenate(out) if out else np.zeros((0, 0), np.float32), normalize)
 
     def encode_image(self, images: list[ImageInput], *, normalize: bool = True, batch_size: int = 16) -> np.ndarray:
