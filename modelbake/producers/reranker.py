@@ -223,6 +223,10 @@ def cache_one(spec: RerankerSpec, root: Path, values: Values) -> dict[str, Any]:
             "max_length": int(ce.max_seq_length),
             "pair_order": ["query", "passage"],
             "truncation_side": ce.tokenizer.truncation_side,
+            # The batch is padded with the model's own pad token (id 1 for RoBERTa and XLM-R), on its side.
+            "pad_token": ce.tokenizer.pad_token,
+            "pad_id": int(ce.tokenizer.pad_token_id),
+            "padding_side": ce.tokenizer.padding_side,
         },
         details={"activation": _activation(ce), "num_labels": int(ce.num_labels)},
     )

@@ -9,17 +9,39 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from modelbake.manifest import Role, Variant, onnx_entry, resolve_inside
+from modelbake.manifest import ManifestError, Role, Variant, onnx_entry, resolve_inside
 from modelbake.runtime.registry import Loader, register_loader
 from modelbake.runtime.sessions import session
 
 
 def pair_tokenizer(folder: Path, contract: dict[str, Any]) -> Tokenizer:
-    """The model's tokenizer.json with the recorded truncation (both texts, longest first, to max_length)."""
+    """The model's tokenizer.json with the recorded truncation (both texts, longest first, to max_length) and
+    padding (to the longest pair, with the model's own pad token: id 1 for RoBERTa and XLM-R, not 0)."""
     tokenizer = Tokenizer.from_file(str(resolve_inside(folder, contract["tokenizer"])))
     tokenizer.enable_truncation(contract["max_length"], direction=contract.get("truncation_side", "right"))
-    tokenizer.enable_padding(pad_id=tokenizer.token_to_id("[PAD]") or 0)
+    tokenizer.enable_padding(**_padding(tokenizer, contract))
     return tokenizer
+
+
+def _padding(tokenizer: Tokenizer, contract: dict[str, Any]) -> dict[str, Any]:
+    """The pad token, id and side the build recorded from the model's tokenizer, else the tokenizer.json's own."""
+    own = tokenizer.padding
+    if "pad_id" in contract:
+        pad = {"pad_id": contract["pad_id"], "pad_token": contract["pad_token"]}
+        pad["direction"] = contract.get("padding_side", "right")
+    elif own is not None:
+        pad = {"pad_id": own["pad_id"], "pad_token": own["pad_token"], "direction": own["direction"]}
+    else:
+        raise ManifestError(
+            f"{contract['tokenizer']}: the manifest records no pad token and the tokenizer.json sets no padding, "
+            f"so the reranker cannot pad a batch as its build did; rebuild the model tree with this modelbake"
+        )
+    if tokenizer.token_to_id(pad["pad_token"]) != pad["pad_id"]:
+        raise ManifestError(
+            f"{contract['tokenizer']}: pad token {pad['pad_token']!r} is id {tokenizer.token_to_id(pad['pad_token'])} "
+            f"there, not the recorded {pad['pad_id']}; the tokenizer and the manifest disagree"
+        )
+    return pad
 
 
 def encode_pairs(tokenizer: Tokenizer, query: str, passages: list[str]) -> dict[str, np.ndarray]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from modelbake.spec import OPENAI_MEAN, OPENAI_STD
 
@@ -145,6 +146,55 @@ def make_tiny_cross_encoder(dest: Path, seed: int = 0) -> Path:
     )
     BertForSequenceClassification(config).save_pretrained(dest)
     tokenizer = BertTokenizerFast(vocab_file=str(vocab_file), model_max_length=128)
+    tokenizer.save_pretrained(dest)
+    return dest
+
+
+def _tiny_unigram_tokenizer() -> Any:
+    """XLM-R's layout in miniature: a SentencePiece-style Unigram model, Metaspace, <s> A </s> </s> B </s>."""
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import XLMRobertaTokenizerFast
+
+    specials = ["<s>", "<pad>", "</s>", "<unk>"]  # XLM-R's ids: 0, 1 (the pad id is not 0), 2, 3
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    pieces = [(s, 0.0) for s in specials] + [(f"\u2581{w}", -2.0) for w in _WORDS]
+    pieces += [("\u2581", -3.0), *((c, -5.0) for c in letters), ("<mask>", 0.0)]
+    backend = Tokenizer(models.Unigram(pieces, unk_id=3))
+    backend.normalizer = normalizers.NFKC()
+    backend.pre_tokenizer = pre_tokenizers.Metaspace()
+    backend.post_processor = processors.TemplateProcessing(
+        single="<s> $A </s>", pair="<s> $A </s> </s> $B </s>", special_tokens=[("<s>", 0), ("</s>", 2)]
+    )
+    special = {"bos_token": "<s>", "cls_token": "<s>", "eos_token": "</s>", "sep_token": "</s>", "unk_token": "<unk>"}
+    return XLMRobertaTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", mask_token="<mask>", model_max_length=128, **special
+    )
+
+
+def make_tiny_xlmr_cross_encoder(dest: Path, seed: int = 0) -> Path:
+    """A Hugging Face folder holding a 2-layer XLM-RoBERTa with a one-label head (the bge-reranker layout):
+    pad id 1, no token type ids (type_vocab_size 1), a Unigram tokenizer.json."""
+    import torch
+    from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification
+
+    dest.mkdir(parents=True, exist_ok=True)
+    tokenizer = _tiny_unigram_tokenizer()
+    torch.manual_seed(seed)
+    config = XLMRobertaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        max_position_embeddings=130,  # 128 tokens after the padding id's offset, as 514 for 512
+        type_vocab_size=1,
+        initializer_range=0.2,  # scores spread over (0, 1), not all near 0.5
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        num_labels=1,
+    )
+    XLMRobertaForSequenceClassification(config).save_pretrained(dest)
     tokenizer.save_pretrained(dest)
     return dest
 
