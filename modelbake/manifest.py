@@ -18,11 +18,11 @@ from importlib import resources
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from modelbake import __version__
+from modelbake import __version__, hashes
+from modelbake.hashes import sha256_file
 from modelbake.spec import FRAGMENTS_DIR, MANIFEST_NAME
 
 SCHEMA_VERSION = 2
-_CHUNK = 1 << 20
 
 
 class Role(StrEnum):
@@ -68,59 +68,44 @@ def _validate(doc: Any, ref: str | None, what: str) -> None:
         raise ManifestError(f"{what}: invalid at {where}: {error.message}")
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
+UNVERIFIED_ENV = "MODELBAKE_ALLOW_UNVERIFIED"
+MANIFEST_PIN_ENV = "MODELBAKE_MANIFEST_SHA256"
+UNPINNED = "unpinned"
 
 
-# (path, mtime_ns, size) -> sha256 of files whose digest matched their manifest. Loaders re-opening a
-# folder in-process hash each file once; with $MODELBAKE_HASH_CACHE naming a JSON file the table also
-# lives on disk, so a restarted service does not hash again (the runtime image's build-time verify
-# fills it). verify itself always re-hashes.
-HASH_CACHE_ENV = "MODELBAKE_HASH_CACHE"
-_HASHED: dict[tuple[str, int, int], str] = {}
-_DISK: dict[str, bool] = {}  # cache file -> loaded
-
-
-def _key(path: Path) -> tuple[str, int, int]:
-    stat = path.stat()
-    return str(path), stat.st_mtime_ns, stat.st_size
-
-
-def _disk_cache() -> Path | None:
-    """The on-disk table named by $MODELBAKE_HASH_CACHE, merged into the in-process one once."""
-    name = os.environ.get(HASH_CACHE_ENV)
-    if not name:
-        return None
-    if name not in _DISK:
-        _DISK[name] = True
+def manifest_pin(expected: str | None = None) -> str | None:
+    """The manifest sha256 a reader must find: ``expected``, else $MODELBAKE_MANIFEST_SHA256 (a digest, or
+    ``@FILE`` holding one, as the runtime image sets it); None when unset or ``unpinned``."""
+    value = (os.environ.get(MANIFEST_PIN_ENV, "") if expected is None else expected).strip()
+    if value.startswith("@"):
         try:
-            rows = json.loads(Path(name).read_text())["files"]
-            _HASHED.update({(p, int(m), int(n)): d for p, (m, n, d) in rows.items()})
-        except (OSError, ValueError, KeyError, TypeError):
-            pass  # missing or unreadable: hash as if there were none
-    return Path(name)
+            value = Path(value[1:]).read_text().split()[0]
+        except (OSError, IndexError) as exc:
+            raise ManifestError(f"{MANIFEST_PIN_ENV}={value}: cannot read a digest from that file ({exc})") from exc
+    if value in ("", UNPINNED):
+        return None
+    digest = value.removeprefix("sha256:")
+    if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
+        raise ManifestError(f"{MANIFEST_PIN_ENV}={value!r}: give sha256:<64 hex digits>, @FILE, or {UNPINNED}")
+    return digest
 
 
-def _save_disk_cache(cache: Path) -> None:
-    """Write the table next to itself and rename (never half-written); a read-only place is fine."""
-    rows = {p: [m, n, d] for (p, m, n), d in sorted(_HASHED.items())}
-    try:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps({"version": 1, "files": rows}))
-        os.replace(tmp, cache)
-    except OSError:
-        pass
+def unverified_allowed(explicit: bool = False) -> bool:
+    """Loading files by the seed's names, without a manifest, is an explicit opt-in (argument or env)."""
+    return explicit or os.environ.get(UNVERIFIED_ENV, "") == "1"
 
 
-def sha256_cached(path: Path) -> str:
-    _disk_cache()
-    key = _key(path)
-    return _HASHED[key] if key in _HASHED else sha256_file(path)
+def require_manifest(root: Path, allow_unverified: bool = False) -> bool:
+    """True when ``root`` has a manifest; False when it has none and unverified loading is allowed;
+    otherwise one ManifestError naming both ways out."""
+    if (root / MANIFEST_NAME).is_file():
+        return True
+    if unverified_allowed(allow_unverified):
+        return False
+    raise ManifestError(
+        f"{root}: no {MANIFEST_NAME}, so nothing there can be verified; point at a tree built by modelbake, or "
+        f"opt in to loading files by the original names unverified (allow_unverified=True or {UNVERIFIED_ENV}=1)"
+    )
 
 
 def resolve_inside(root: Path, relpath: str) -> Path:
@@ -128,8 +113,11 @@ def resolve_inside(root: Path, relpath: str) -> Path:
     pure = PurePosixPath(relpath)
     if pure.is_absolute() or ".." in pure.parts:
         raise ManifestError(f"{relpath}: manifest path leaves the model folder; paths must be relative to it")
-    root_real = root.resolve()
-    path = (root / pure).resolve()
+    try:
+        root_real = root.resolve()
+        path = (root / pure).resolve()
+    except (OSError, RuntimeError) as exc:  # a symlink loop: RuntimeError before Python 3.13
+        raise ManifestError(f"{relpath}: cannot be resolved inside the model folder ({exc})") from exc
     if path != root_real and root_real not in path.parents:
         raise ManifestError(f"{relpath}: resolves to {path}, outside the model folder {root_real} (symlink?)")
     return path
@@ -173,10 +161,11 @@ def write_fragment(root: Path, stage: str, models: list[dict[str, Any]]) -> Path
 def check_files(root: Path, models: Iterable[dict[str, Any]], *, cached: bool = True) -> None:
     """Every listed file exists inside ``root`` with the recorded size and sha256.
 
-    ``cached``: trust a digest that matched earlier for the same path, mtime and size (in this process,
-    or in the $MODELBAKE_HASH_CACHE file). Matching digests are remembered either way.
+    ``cached``: a digest that matched this manifest before for the same path, mtime and size (in this
+    process, or in the $MODELBAKE_HASH_CACHE table) is not computed again (:mod:`modelbake.hashes`).
     """
-    new = 0
+    manifest = root / MANIFEST_NAME
+    manifest_sha256 = sha256_file(manifest) if manifest.is_file() else ""
     for model in models:
         for entry in model["files"]:
             path = resolve_inside(root, entry["path"])
@@ -188,18 +177,13 @@ def check_files(root: Path, models: Iterable[dict[str, Any]], *, cached: bool = 
                     f"{entry['path']}: size {size} bytes, manifest says {entry['bytes']}; "
                     "the file is truncated or replaced, rebuild or restore it"
                 )
-            actual = sha256_cached(path) if cached else sha256_file(path)
+            actual = hashes.checked_digest(path, entry["sha256"], manifest_sha256, cached=cached)
             if actual != entry["sha256"]:
                 raise ManifestError(
                     f"{entry['path']}: sha256 {actual} does not match the manifest's {entry['sha256']}; "
                     "the file was altered, rebuild or restore it"
                 )
-            if (key := _key(path)) not in _HASHED:
-                _HASHED[key] = actual
-                new += 1
-    cache = _disk_cache()
-    if cache is not None and new:
-        _save_disk_cache(cache)
+    hashes.save()
 
 
 def merge_fragments(root: Path) -> dict[str, Any]:
@@ -280,12 +264,14 @@ def onnx_entry(model: dict[str, Any], role: str, variant: str = Variant.FP32) ->
     )
 
 
-def checked_model(root: Path, kind: str, name: str | None = None) -> dict[str, Any]:
+def checked_model(
+    root: Path, kind: str, name: str | None = None, *, manifest_sha256: str | None = None
+) -> dict[str, Any]:
     """The first ``kind`` model (named ``name``, if given) of ``root``'s manifest, its files checked.
 
     What every run-time loader does before it opens a file; raises LookupError naming what there is.
     """
-    models = [m for m in read_manifest(root)["models"] if m["kind"] == kind]
+    models = [m for m in read_manifest(root, expected_sha256=manifest_sha256)["models"] if m["kind"] == kind]
     chosen = [m for m in models if name in (None, m["name"])]
     if not chosen:
         names = ", ".join(m["name"] for m in models) or "none"
@@ -295,13 +281,23 @@ def checked_model(root: Path, kind: str, name: str | None = None) -> dict[str, A
     return chosen[0]
 
 
-def read_manifest(root: Path) -> dict[str, Any]:
-    """Read and schema-check ``root/model_manifest.json`` (files are checked by :func:`check_files`)."""
+def read_manifest(root: Path, *, expected_sha256: str | None = None) -> dict[str, Any]:
+    """Read and schema-check ``root/model_manifest.json`` (files are checked by :func:`check_files`).
+
+    With a pin (``expected_sha256``, else $MODELBAKE_MANIFEST_SHA256) the manifest's own sha256 must match.
+    """
     path = root / MANIFEST_NAME
     if not path.is_file():
         raise ManifestError(f"{path}: no manifest; point at a folder built by modelbake (models/)")
+    data = path.read_bytes()
+    pin = manifest_pin(expected_sha256)
+    if pin is not None and (actual := hashlib.sha256(data).hexdigest()) != pin:
+        raise ManifestError(
+            f"{path}: sha256 {actual} is not the pinned {pin} ({MANIFEST_PIN_ENV}); the manifest was swapped or "
+            f"edited: restore it, or for another tree give its own digest (or {MANIFEST_PIN_ENV}={UNPINNED})"
+        )
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(data)
     except json.JSONDecodeError as exc:
         raise ManifestError(f"{path}: not valid JSON ({exc}); rebuild the model tree") from exc
     version = doc.get("schema_version") if isinstance(doc, dict) else None

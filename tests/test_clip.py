@@ -14,6 +14,7 @@ import torch
 from conftest import run_cli
 from PIL import Image
 
+from modelbake.manifest import ManifestError
 from modelbake.producers.clip_tokenizer import tokenizer_json
 from modelbake.runtime.clip import ClipEncoder, ClipTokenizer, preprocess_image
 
@@ -171,10 +172,13 @@ def test_folder_without_manifest_is_detected_by_file_names(built_tree: Path, tmp
         shutil.copy(built_tree / "onnx" / f"clip_tiny-vit_{tower}_encoder.onnx", tmp_path / "onnx")
     (tmp_path / "clip" / "tiny-vit").mkdir(parents=True)
     shutil.copy(built_tree / "clip" / "tiny-vit" / "tokenizer.json", tmp_path / "clip" / "tiny-vit")
-    detected, listed = ClipEncoder.from_folder(tmp_path), ClipEncoder.from_folder(built_tree, "tiny-vit")
+    with pytest.raises(ManifestError, match="nothing there can be verified"):
+        ClipEncoder.from_folder(tmp_path)
+    detected = ClipEncoder.from_folder(tmp_path, allow_unverified=True)
+    listed = ClipEncoder.from_folder(built_tree, "tiny-vit")
     assert detected.name == "tiny-vit"
     texts, images = ["a dog", "", "café"], [np.full((20, 30, 3), 7, np.uint8), np.zeros((64, 48), np.uint8)]
     np.testing.assert_array_equal(detected.encode_text(texts), listed.encode_text(texts))
     np.testing.assert_array_equal(detected.encode_image(images), listed.encode_image(images))
     with pytest.raises(LookupError, match=r"no manifest .* and no clip_<model>_text_encoder\.onnx"):
-        ClipEncoder.from_folder(tmp_path, "ViT-B_32")
+        ClipEncoder.from_folder(tmp_path, "ViT-B_32", allow_unverified=True)

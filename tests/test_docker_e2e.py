@@ -386,3 +386,25 @@ def test_base_image_builds_with_plain_docker_build_for_debugging(baked: dict[str
         assert proc.returncode == 0 and proc.stdout.strip().startswith("2."), proc.stderr[-2000:]
     finally:  # 6.5 GB in the image store; BuildKit's cache keeps the layers for the next run
         _docker("image", "rm", tag, check=False)
+
+
+def test_no_pip_survives_from_a_python_slim_style_base(baked: dict[str, str], tmp_path: Path) -> None:
+    """The default base (python:3.11-slim-bookworm, not pullable here) keeps pip in /usr/local; a base with
+    that layout gives a runtime-base without any pip."""
+    base = "modelbake/slim-layout:test"
+    (tmp_path / "Dockerfile").write_text(
+        f"FROM {baked['BASE_IMAGE']}\n"
+        "RUN mkdir -p /usr/local/bin /usr/local/lib/python3.11/site-packages/pip \\\n"
+        " && for p in pip pip3 pip3.11; do printf '#!/bin/sh\\necho pip\\n' >/usr/local/bin/$p; done \\\n"
+        " && chmod 0755 /usr/local/bin/pip* && touch /usr/local/lib/python3.11/site-packages/pip/__init__.py\n"
+    )
+    _docker("build", "-q", "-t", base, str(tmp_path))
+    try:
+        env = {**baked, "RUNTIME_BASE_IMAGE": base, "TAG": "slim-layout"}
+        _docker("buildx", "bake", "--progress=plain", "runtime-base", "--set", "runtime-base.output=type=docker",
+                env=env)  # fmt: skip
+        probe = "ls /usr/local/bin/pip* /usr/local/lib/python3.11/site-packages/pip /opt/venv/bin/pip 2>&1; true"
+        proc = _run("--entrypoint", "sh", "modelbake-runtime-base:slim-layout", "-c", probe, check=True)
+        assert proc.stdout.count("No such file") == 3, proc.stdout
+    finally:
+        _docker("rmi", "-f", base, "modelbake-runtime-base:slim-layout", check=False)

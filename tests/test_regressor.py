@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import run_cli
 
+from modelbake.manifest import ManifestError
 from modelbake.producers.regressor import mae, synthetic_set
 from modelbake.producers.regressor_model import load_weights
 from modelbake.runtime.regressor import LOOKUP_ENV, BoundaryRegressorONNX, WeightsNotFound, find_weights
@@ -156,6 +157,10 @@ def test_lookup_order_follows_the_seed(
     tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv(LOOKUP_ENV, raising=False)
+    # Without a manifest nothing can be verified: the seed's look-up is an explicit opt-in.
+    with pytest.raises(ManifestError, match="MODELBAKE_ALLOW_UNVERIFIED=1"):
+        find_weights(tmp_path)
+    monkeypatch.setenv("MODELBAKE_ALLOW_UNVERIFIED", "1")
     with pytest.raises(WeightsNotFound) as err:
         find_weights(tmp_path)
     for candidate in REGRESSOR_LOOKUP:
@@ -167,14 +172,14 @@ def test_lookup_order_follows_the_seed(
         path.write_bytes(b"w")
         with caplog.at_level(logging.INFO, logger="modelbake"):
             assert find_weights(tmp_path) == path
-        assert str(path) in caplog.text
+        assert str(path) in caplog.text and "not verified" in caplog.text
     monkeypatch.setenv(LOOKUP_ENV, "custom/mine.pth, boundary_regressor.pth")
     assert find_weights(tmp_path) == tmp_path / "boundary_regressor.pth"
 
 
 def test_onnx_predictor_matches_torch(built_tree: Path) -> None:
     onnx_model = BoundaryRegressorONNX.from_folder(built_tree)
-    torch_model = load_weights(find_weights(built_tree / "regressor", ("boundary_regressor_pretrained.pth",)))
+    torch_model = load_weights(find_weights(built_tree))  # the listed state dict, checked
     x, _ = synthetic_set(7, onnx_model.feature_dim, seed=3)
     with torch.no_grad():
         expected = torch_model(torch.from_numpy(x)).numpy()

@@ -135,7 +135,7 @@ def test_missing_file_and_empty_folder(built_tree: Path, tmp_path: Path) -> None
         ManifestError, match=re.escape("onnx/boundary_regressor.onnx: listed for model boundary_regressor but missing")
     ):
         open_models(root)
-    with pytest.raises(ManifestError, match="no manifest"):
+    with pytest.raises(ManifestError, match=r"no model_manifest\.json, so nothing there can be verified"):
         open_models(tmp_path / "empty")
 
 
@@ -143,6 +143,7 @@ def test_open_models_without_a_manifest_finds_files_by_the_seed_names(
     built_tree: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """The seed's flat layout: ONNX files beside each other, the regressor by its look-up order."""
+    from modelbake.manifest import ManifestError
     from modelbake.runtime.models import open_models
 
     flat = tmp_path / "flat"
@@ -151,8 +152,10 @@ def test_open_models_without_a_manifest_finds_files_by_the_seed_names(
         shutil.copy(onnx, flat / onnx.name)
     shutil.copytree(built_tree / "clip", flat / "clip")  # tokenizer.json per model
     shutil.copy(built_tree / "onnx" / "boundary_regressor.onnx", flat / "boundary_regressor_pretrained.onnx")
+    with pytest.raises(ManifestError, match="allow_unverified=True or MODELBAKE_ALLOW_UNVERIFIED=1"):
+        open_models(flat)  # unverified loading is an explicit opt-in
     with caplog.at_level("WARNING", logger="modelbake"):
-        found = open_models(flat)
+        found = open_models(flat, allow_unverified=True)
     assert sorted(found.clip) == ["tiny-rn", "tiny-vit"] and found.reranker is None
     assert "not verified" in caplog.text
     checked = open_models(built_tree)
@@ -166,7 +169,7 @@ def test_open_models_without_a_manifest_finds_files_by_the_seed_names(
     (flat / "onnx").mkdir()
     shutil.copy(built_tree / "onnx" / "clip_tiny-vit_image_encoder.onnx", flat / "onnx" / "boundary_regressor.onnx")
     with pytest.raises(ValueError, match="features must have shape"):
-        open_models(flat).regressor.predict(probe)
+        open_models(flat, allow_unverified=True).regressor.predict(probe)
 
 
 def test_hash_cache_file_spares_a_restart_the_hashing_and_stat_changes_invalidate_it(

@@ -13,10 +13,9 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
-from modelbake.manifest import Role, Variant, onnx_entry, resolve_inside
+from modelbake.manifest import Role, Variant, onnx_entry, require_manifest, resolve_inside
 from modelbake.runtime.registry import Loader, register_loader
 from modelbake.runtime.sessions import session
-from modelbake.spec import MANIFEST_NAME
 
 ImageInput = Image.Image | str | Path | np.ndarray
 _RESAMPLE = {
@@ -129,13 +128,16 @@ class ClipEncoder(Loader):
         )
 
     @classmethod
-    def from_folder(cls, folder: Path | str, name: str | None = None, **kwargs: Any) -> ClipEncoder:
+    def from_folder(
+        cls, folder: Path | str, name: str | None = None, *, allow_unverified: bool = False, **kwargs: Any
+    ) -> ClipEncoder:
         """The CLIP model ``name`` (default: the first listed) of the tree at ``folder``, files checked.
 
-        A folder without a manifest is searched as the original services did (see :func:`detect`).
+        A folder without a manifest is refused, unless ``allow_unverified`` (or $MODELBAKE_ALLOW_UNVERIFIED=1):
+        then it is searched as the original services did (see :func:`detect`), nothing verified.
         """
         folder = Path(folder)
-        if not (folder / MANIFEST_NAME).is_file():
+        if not require_manifest(folder, allow_unverified):
             return cls(folder, detect(folder, name), **kwargs)
         return super().from_folder(folder, name, **kwargs)
 

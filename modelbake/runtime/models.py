@@ -7,12 +7,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from modelbake.manifest import ManifestError, Variant, check_files, read_manifest
+from modelbake.manifest import ManifestError, Variant, check_files, read_manifest, require_manifest
 from modelbake.runtime.clip import ClipEncoder, detect, detected_pairs
 from modelbake.runtime.registry import loader_for
 from modelbake.runtime.regressor import BoundaryRegressorONNX, WeightsNotFound
 from modelbake.runtime.reranker import Reranker
-from modelbake.spec import MANIFEST_NAME, REGRESSOR_ONNX
+from modelbake.spec import REGRESSOR_ONNX
 
 
 @dataclass
@@ -46,18 +46,27 @@ class Models:
         return next(iter(self.clip.values()))
 
 
-def open_models(folder: Path | str, *, int8: bool = False, threads: int | None = None) -> Models:
+def open_models(
+    folder: Path | str,
+    *,
+    int8: bool = False,
+    threads: int | None = None,
+    manifest_sha256: str | None = None,
+    allow_unverified: bool = False,
+) -> Models:
     """Check every file of ``folder``'s manifest (size + sha256), then load each model once with the
     loader registered for its kind (:mod:`modelbake.runtime.registry`).
 
-    A folder without a manifest is searched as the seed's services did: CLIP ONNX pairs by name, the
-    regressor by its look-up order; nothing is verified then (a warning says so) and there is no reranker.
+    ``manifest_sha256`` (else $MODELBAKE_MANIFEST_SHA256, which the runtime image sets) pins the manifest
+    itself. A folder without a manifest is refused unless ``allow_unverified`` (or
+    $MODELBAKE_ALLOW_UNVERIFIED=1): then it is searched as the seed's services did, CLIP ONNX pairs by name
+    and the regressor by its look-up order, nothing verified and no reranker.
     ``int8=True`` loads the int8 variants (built with CLIP_INT8 / RERANKER_INT8) where a kind has them.
     """
     folder = Path(folder)
-    if not (folder / MANIFEST_NAME).is_file():
+    if not require_manifest(folder, allow_unverified):
         return _open_by_names(folder, threads)
-    manifest = read_manifest(folder)
+    manifest = read_manifest(folder, expected_sha256=manifest_sha256)
     check_files(folder, manifest["models"])
     models = Models()
     for model in manifest["models"]:
@@ -72,7 +81,8 @@ def _open_by_names(folder: Path, threads: int | None) -> Models:
     for name in detected_pairs(folder):
         models.add(ClipEncoder.kind, ClipEncoder(folder, detect(folder, name), threads=threads))
     with contextlib.suppress(WeightsNotFound):
-        models.add(BoundaryRegressorONNX.kind, BoundaryRegressorONNX.from_folder(folder, threads=threads))
+        regressor = BoundaryRegressorONNX.from_folder(folder, allow_unverified=True, threads=threads)
+        models.add(BoundaryRegressorONNX.kind, regressor)
     if not models.clip and models.regressor is None:
         raise ManifestError(
             f"no manifest in {folder} and no model files by the original names (clip_<model>_*_encoder.onnx, "

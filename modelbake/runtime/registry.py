@@ -39,10 +39,13 @@ class Loader:
         self.variant = variant_of(variant, int8)
 
     @classmethod
-    def from_folder(cls, folder: Path | str, name: str | None = None, **kwargs: Any) -> Self:
-        """The ``kind`` model ``name`` (default: the first listed) of the tree at ``folder``, files checked."""
+    def from_folder(
+        cls, folder: Path | str, name: str | None = None, *, manifest_sha256: str | None = None, **kwargs: Any
+    ) -> Self:
+        """The ``kind`` model ``name`` (default: the first listed) of the tree at ``folder``, files checked
+        (and the manifest against ``manifest_sha256`` or $MODELBAKE_MANIFEST_SHA256 when pinned)."""
         folder = Path(folder)
-        return cls(folder, checked_model(folder, cls.kind, name), **kwargs)
+        return cls(folder, checked_model(folder, cls.kind, name, manifest_sha256=manifest_sha256), **kwargs)
 
     @classmethod
     def replay(

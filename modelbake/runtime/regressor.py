@@ -14,10 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from modelbake.manifest import Role, onnx_entry, resolve_inside
+from modelbake.manifest import Role, checked_model, onnx_entry, require_manifest, resolve_inside
 from modelbake.runtime.registry import Loader, register_loader
 from modelbake.runtime.sessions import session
-from modelbake.spec import MANIFEST_NAME, REGRESSOR_LOOKUP, REGRESSOR_ONNX_LOOKUP
+from modelbake.spec import REGRESSOR_LOOKUP, REGRESSOR_ONNX_LOOKUP
 
 log = logging.getLogger("modelbake")
 LOOKUP_ENV = "MODELBAKE_REGRESSOR_LOOKUP"
@@ -34,14 +34,30 @@ def lookup_order() -> tuple[str, ...]:
     return paths or REGRESSOR_LOOKUP
 
 
-def find_weights(folder: Path, order: tuple[str, ...] | None = None) -> Path:
-    """The first existing weight file of ``order`` (relative to ``folder``, or absolute)."""
+def find_weights(
+    folder: Path | str,
+    order: tuple[str, ...] | None = None,
+    *,
+    allow_unverified: bool = False,
+    manifest_sha256: str | None = None,
+) -> Path:
+    """The regressor's PyTorch weights (a state dict for ``load_weights``) in the model folder ``folder``.
+
+    With a manifest: the state dict it lists, its files checked, whatever else lies in the folder. Without
+    one, only with ``allow_unverified`` (or $MODELBAKE_ALLOW_UNVERIFIED=1): the first existing file of
+    ``order`` (default: the seed's look-up order, or $MODELBAKE_REGRESSOR_LOOKUP), unverified.
+    """
+    folder = Path(folder)
+    if require_manifest(folder, allow_unverified):
+        model = checked_model(folder, BoundaryRegressorONNX.kind, manifest_sha256=manifest_sha256)
+        entry = next(f for f in model["files"] if f["role"] == Role.WEIGHTS_STATE_DICT)
+        return resolve_inside(folder, entry["path"])
     tried = []
     for candidate in order or lookup_order():
         path = folder / candidate
         tried.append(str(path))
         if path.is_file():
-            log.info("boundary regressor weights: %s", path)
+            log.warning("boundary regressor: no manifest in %s, %s is not verified", folder, path)
             return path
     raise WeightsNotFound(
         f"no boundary regressor weights; tried {', '.join(tried)}. Build them (modelbake regressor-seed --out "
@@ -70,13 +86,14 @@ class BoundaryRegressorONNX(Loader):
         return cls(path.parent, model, threads=threads)
 
     @classmethod
-    def from_folder(cls, folder: Path | str, name: str | None = None, **kwargs: Any) -> BoundaryRegressorONNX:
-        """Through the manifest when there is one (files checked), else the first file of the ONNX look-up
-        order (``spec.REGRESSOR_ONNX_LOOKUP``, unverified, with a warning)."""
+    def from_folder(
+        cls, folder: Path | str, name: str | None = None, *, allow_unverified: bool = False, **kwargs: Any
+    ) -> BoundaryRegressorONNX:
+        """Through the manifest (files checked). Without one, only with ``allow_unverified`` (or
+        $MODELBAKE_ALLOW_UNVERIFIED=1): the first file of the ONNX look-up order, with a warning."""
         folder = Path(folder)
-        if not (folder / MANIFEST_NAME).is_file():
-            path = find_weights(folder, REGRESSOR_ONNX_LOOKUP)
-            log.warning("boundary regressor: no manifest in %s, %s is not verified", folder, path)
+        if not require_manifest(folder, allow_unverified):
+            path = find_weights(folder, REGRESSOR_ONNX_LOOKUP, allow_unverified=True)
             return cls.from_file(path, threads=kwargs.get("threads"))
         return super().from_folder(folder, name, **kwargs)
 

@@ -4,7 +4,7 @@ outputs on its stored probe inputs against the golden outputs recorded at build 
 from __future__ import annotations
 
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -58,43 +58,52 @@ def run_golden(root: Path, entry: dict[str, Any], golden: dict[str, np.ndarray])
 
 
 def verify(root: Path, *, quick: bool = False) -> list[Check]:
-    """All checks for ``root``; ``quick`` (the health check) skips hashing and inference."""
-    checks: list[Check] = []
+    """All checks for ``root``; ``quick`` (the health check) skips hashing and inference. Problems are FAIL
+    rows, never a traceback: a file that cannot be read is as bad as one that differs."""
     try:
         manifest = read_manifest(root)
-    except ManifestError as exc:
-        return [Check("-", "manifest", False, str(exc))]
-    checks.append(
-        Check("-", "manifest", True, f"schema {manifest['schema_version']}, {len(manifest['models'])} models")
-    )
+    except (ManifestError, OSError) as exc:
+        return [Check("-", "manifest", False, _reason(exc))]
+    checks = [Check("-", "manifest", True, f"schema {manifest['schema_version']}, {len(manifest['models'])} models")]
     for model in manifest["models"]:
         name = f"{model['kind']}:{model['name']}"
         try:
-            if quick:
-                for entry in model["files"]:
-                    path = resolve_inside(root, entry["path"])
-                    if not path.is_file() or path.stat().st_size != entry["bytes"]:
-                        raise ManifestError(f"{entry['path']}: missing or size differs from the manifest")
-            else:
-                check_files(root, [model], cached=False)
+            _files(root, model, quick)
             checks.append(Check(name, "files", True, f"{len(model['files'])} files" + ("" if quick else ", sha256 ok")))
-        except ManifestError as exc:
-            checks.append(Check(name, "files", False, str(exc)))
+        except (ManifestError, OSError) as exc:
+            checks.append(Check(name, "files", False, _reason(exc)))
             continue
-        if quick:
+        if not quick:
+            checks += [replace(check, model=name) for check in _inference(root, model)]
+    return checks
+
+
+def _reason(exc: Exception) -> str:
+    return str(exc) if isinstance(exc, ManifestError) else f"{type(exc).__name__}: {exc}"
+
+
+def _files(root: Path, model: dict[str, Any], quick: bool) -> None:
+    if not quick:
+        check_files(root, [model], cached=False)
+        return
+    for entry in model["files"]:
+        path = resolve_inside(root, entry["path"])
+        if not path.is_file() or path.stat().st_size != entry["bytes"]:
+            raise ManifestError(f"{entry['path']}: missing or size differs from the manifest")
+
+
+def _inference(root: Path, model: dict[str, Any]) -> list[Check]:
+    """Each ONNX file on its golden inputs, and the kind's own input pipeline on the raw probes."""
+    checks: list[Check] = []
+    for entry in model["files"]:
+        if "golden" not in entry:
             continue
-        for entry in model["files"]:
-            if "golden" not in entry:
-                continue
-            file_name = Path(entry["path"]).name
-            try:
-                golden = _load_npz(resolve_inside(root, entry["golden"]))
-                found = [run_golden(root, entry, golden), replay_inputs(root, model, entry, golden)]
-            except Exception as exc:  # a corrupt model must show up in the table, not as a traceback
-                found = [Check("", f"inference {file_name}", False, f"{type(exc).__name__}: {exc}")]
-            for check in filter(None, found):
-                check.model = name
-                checks.append(check)
+        try:
+            golden = _load_npz(resolve_inside(root, entry["golden"]))
+            found = [run_golden(root, entry, golden), replay_inputs(root, model, entry, golden)]
+        except Exception as exc:  # a corrupt model must show up in the table, not as a traceback
+            found = [Check("", f"inference {Path(entry['path']).name}", False, f"{type(exc).__name__}: {exc}")]
+        checks += filter(None, found)
     return checks
 
 

@@ -1,0 +1,168 @@
+"""Fail closed at run time: what a service loads is what was built and checked, or it is refused.
+
+Each test here failed on the code before it: manifest-less loading was silently allowed, the manifest itself
+was not pinned, the hash table could refuse a legitimate build and keep stale rows, unlisted weights shadowed
+listed ones, NaN passed the gates, verify showed tracebacks, and the merge re-timed the user's own files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from modelbake import hashes
+from modelbake.manifest import MANIFEST_PIN_ENV, ManifestError, finalize, read_manifest
+from modelbake.runtime.clip import ClipEncoder
+from modelbake.runtime.models import open_models
+from modelbake.runtime.regressor import BoundaryRegressorONNX, find_weights
+from modelbake.runtime.verify import run_golden, verify
+from modelbake.spec import FRAGMENTS_DIR, MANIFEST_NAME
+
+
+@pytest.fixture
+def tree(built_tree: Path, tmp_path: Path) -> Path:
+    root = tmp_path / "models"
+    shutil.copytree(built_tree, root)
+    return root
+
+
+def _digest(root: Path) -> str:
+    return hashlib.sha256((root / MANIFEST_NAME).read_bytes()).hexdigest()
+
+
+def test_a_tree_without_manifest_is_refused_unless_opted_in(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tree / MANIFEST_NAME).unlink()
+    monkeypatch.delenv("MODELBAKE_ALLOW_UNVERIFIED", raising=False)
+    for load in (open_models, ClipEncoder.from_folder, BoundaryRegressorONNX.from_folder, find_weights):
+        with pytest.raises(ManifestError, match="nothing there can be verified") as err:
+            load(tree)
+        assert "allow_unverified=True or MODELBAKE_ALLOW_UNVERIFIED=1" in str(err.value), load
+    monkeypatch.setenv("MODELBAKE_ALLOW_UNVERIFIED", "1")
+    assert sorted(open_models(tree).clip) == ["tiny-rn", "tiny-vit"]
+    assert find_weights(tree).name == "boundary_regressor_pretrained.pth"
+
+
+def test_the_manifest_itself_is_pinned(tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    digest = _digest(tree)
+    assert open_models(tree, manifest_sha256=f"sha256:{digest}").default_clip
+    doc = json.loads((tree / MANIFEST_NAME).read_text())
+    doc["models"][0]["preprocessing"]["mean"] = [0.0, 0.0, 0.0]  # an edit no file check would see
+    (tree / MANIFEST_NAME).write_text(json.dumps(doc, indent=2))
+    with pytest.raises(ManifestError, match=f"is not the pinned {digest}"):
+        open_models(tree, manifest_sha256=digest)
+    pin = tmp_path / "manifest.sha256"
+    pin.write_text(f"{digest}  /models/model_manifest.json\n")  # sha256sum's format, as the image writes it
+    monkeypatch.setenv(MANIFEST_PIN_ENV, f"@{pin}")
+    with pytest.raises(ManifestError, match="swapped or edited"):
+        read_manifest(tree)
+    assert next(c for c in verify(tree) if not c.ok).what == "manifest"
+    monkeypatch.setenv(MANIFEST_PIN_ENV, f"sha256:{_digest(tree)}")  # a mounted tree states its own digest
+    assert read_manifest(tree)["models"]
+    monkeypatch.setenv(MANIFEST_PIN_ENV, "unpinned")  # or opts out, by name
+    assert read_manifest(tree)["models"]
+    monkeypatch.setenv(MANIFEST_PIN_ENV, "0123")
+    with pytest.raises(ManifestError, match="give sha256:<64 hex digits>, @FILE, or unpinned"):
+        read_manifest(tree)
+
+
+def _same_stat_other_bytes(path: Path, data: bytes) -> None:
+    stat = path.stat()
+    path.write_bytes(data)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
+def test_hash_table_rows_are_tied_to_the_manifest_and_never_refuse(
+    tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Another legitimate build at the same path, size and mtime (same SOURCE_DATE_EPOCH) is loaded, not
+    refused as altered; a row read from disk never overrides a digest computed in this process."""
+    monkeypatch.setenv(hashes.HASH_CACHE_ENV, str(tmp_path / "table.json"))
+    monkeypatch.setattr(hashes, "_TABLE", {})
+    monkeypatch.setattr(hashes, "_LOADED", set())
+    assert all(c.ok for c in verify(tree))  # fills the table
+    rows = json.loads((tmp_path / "table.json").read_text())["files"]
+    assert {row[0] for row in rows} == {_digest(tree)}
+    # "Rebuild" the regressor's golden file with other content but the same size and mtime, and list it.
+    golden = tree / "golden" / "boundary_regressor.npz"
+    data = bytearray(golden.read_bytes())
+    data[-1] ^= 0x01
+    _same_stat_other_bytes(golden, bytes(data))
+    doc = json.loads((tree / MANIFEST_NAME).read_text())
+    entry = next(f for m in doc["models"] for f in m["files"] if f["path"] == "golden/boundary_regressor.npz")
+    entry["sha256"] = hashlib.sha256(bytes(data)).hexdigest()
+    (tree / MANIFEST_NAME).write_text(json.dumps(doc, indent=2))
+    monkeypatch.setattr(hashes, "_TABLE", {})
+    monkeypatch.setattr(hashes, "_LOADED", set())
+    assert open_models(tree).regressor is not None  # the old row is for another manifest: hashed, matched
+    # A stale table on disk cannot replace what this process computed.
+    stale = {"version": 2, "files": [[m, p, t, n, "0" * 64] for m, p, t, n, _ in rows]}
+    (tmp_path / "table.json").write_text(json.dumps(stale))
+    monkeypatch.setattr(hashes, "_LOADED", set())
+    assert open_models(tree).regressor is not None
+
+
+def test_listed_weights_win_over_unlisted_files_beside_them(tree: Path) -> None:
+    shutil.copy(tree / "onnx" / "boundary_regressor.onnx", tree / "boundary_regressor_pretrained.pth")
+    assert find_weights(tree) == (tree / "regressor" / "boundary_regressor_pretrained.pth").resolve()
+    (tree / "regressor" / "boundary_regressor_pretrained.pth").write_bytes(b"not the weights")
+    with pytest.raises(ManifestError, match=r"regressor/boundary_regressor_pretrained\.pth"):
+        find_weights(tree)
+
+
+def test_non_finite_outputs_fail_the_gate_and_verify(tree: Path) -> None:
+    from modelbake.producers.onnx_export import ParityError, compare
+
+    ref = [np.ones((2, 4), np.float32)]
+    with pytest.raises(ParityError, match="NaN or inf"):
+        compare(ref, [np.full((2, 4), np.nan, np.float32)])
+    manifest = read_manifest(tree)
+    entry = next(f for m in manifest["models"] for f in m["files"] if f["path"] == "onnx/boundary_regressor.onnx")
+    with np.load(tree / entry["golden"]) as data:
+        golden = {k: data[k] for k in data.files}
+    golden["output:deltas"] = np.full_like(golden["output:deltas"], np.nan)
+    assert not run_golden(tree, entry, golden).ok  # max() skipped NaN and reported 0 before
+
+
+def test_verify_reports_unreadable_files_as_failures_not_tracebacks(tree: Path) -> None:
+    loop = tree / "onnx" / "loop"
+    loop.symlink_to(loop)
+    doc = json.loads((tree / MANIFEST_NAME).read_text())
+    doc["models"][0]["files"][0]["path"] = "onnx/loop"
+    (tree / MANIFEST_NAME).write_text(json.dumps(doc))
+    failed = [c for c in verify(tree) if not c.ok]
+    assert failed and "onnx/loop" in failed[0].detail
+
+
+def test_verify_reports_a_file_it_may_not_read_as_a_failure(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As a service user without read permission would see it (the tests run as root, who reads everything,
+    so the operating system's refusal is injected at the one place files are read)."""
+    real = hashes.sha256_file
+
+    def refuse(path: Path) -> str:
+        if path.name == "boundary_regressor.onnx":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real(path)
+
+    monkeypatch.setattr(hashes, "sha256_file", refuse)
+    failed = [c for c in verify(tree) if not c.ok]
+    assert [c.model for c in failed] == ["regressor:boundary_regressor"]
+    assert failed[0].detail.startswith("PermissionError: [Errno 13] Permission denied")
+
+
+def test_the_merge_touches_only_what_the_build_made(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    mine = tree / "notes" / "mine.txt"
+    mine.parent.mkdir()
+    mine.write_text("the user's own file")
+    mine.chmod(0o600)
+    os.utime(mine, (1_000_000_000, 1_000_000_000))
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")
+    assert (tree / FRAGMENTS_DIR).is_dir()  # download keeps the fragments: merge again
+    finalize(tree)
+    assert oct(mine.stat().st_mode & 0o777) == "0o600" and int(mine.stat().st_mtime) == 1_000_000_000
+    assert int((tree / "onnx" / "boundary_regressor.onnx").stat().st_mtime) == 1_700_000_000
