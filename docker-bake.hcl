@@ -13,6 +13,7 @@ variable "CLIP_MODELS" { default = "ViT-B/32,ViT-B/16,RN50" }
 variable "RERANKER_MODELS" { default = "cross-encoder/ms-marco-MiniLM-L-6-v2" }
 variable "RERANKER_INT8" { default = "0" }
 variable "RERANKER_INT8_ATOL" { default = "0.02" }
+variable "RERANKER_STRICT" { default = "0" }
 variable "CLIP_INT8" { default = "0" }
 variable "CLIP_KEEP_PYTORCH" { default = "0" }
 variable "CLIP_PARITY_ATOL" { default = "1e-3" }
@@ -61,6 +62,7 @@ target "_common" {
     RERANKER_MODELS       = RERANKER_MODELS
     RERANKER_INT8         = RERANKER_INT8
     RERANKER_INT8_ATOL    = RERANKER_INT8_ATOL
+    RERANKER_STRICT       = RERANKER_STRICT
     REGRESSOR_FEATURE_DIM = REGRESSOR_FEATURE_DIM
     REGRESSOR_SEED        = REGRESSOR_SEED
     REGRESSOR_EPOCHS      = REGRESSOR_EPOCHS

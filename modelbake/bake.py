@@ -143,6 +143,8 @@ class BakeResult:
         models = ", ".join(f"{m['kind']}:{m['name']}" for m in (self.manifest or {}).get("models", []))
         size = f"  {self.image_size / 1e6:.0f} MB" if self.image_size is not None else ""
         lines = [f"image      {self.image}{size}", f"models     {models}"]
+        for model in (self.manifest or {}).get("models", []):  # e.g. why a reranker fallback was taken
+            lines += [f"note       {model['kind']}:{model['name']}: {note}" for note in model.get("notes", [])]
         lines += [f"label      {key}={self.labels[key]}" for key in sorted(self.labels)]
         lines += [f"size       {stage:<36} {n / 1e6:10.1f} MB" for stage, n in self.stage_sizes.items()]
         if self.verify_ok is not None:

@@ -132,6 +132,8 @@ TABLE: tuple[Param, ...] = (
           _BOOL, _RERANKER, "--reranker-int8"),
     Param("RERANKER_INT8_ATOL", "0.02", "max score difference of int8 against sentence-transformers",
           _number(float, 0), _RERANKER, "--reranker-int8-atol"),
+    Param("RERANKER_STRICT", "0", "1 = the first candidate must work: any fallback fails the stage",
+          _BOOL, _RERANKER, "--reranker-strict"),
     Param("REGRESSOR_FEATURE_DIM", "auto", "seed weights' input size: an integer, or auto (the first CLIP model's)",
           parse_feature_dim, _REGRESSOR, "--regressor-feature-dim"),
     Param("REGRESSOR_SEED", "0", "seed of the regressor's synthetic set and init",

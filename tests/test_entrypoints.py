@@ -127,9 +127,44 @@ def test_merge_sets_every_mtime_to_source_date_epoch(built_tree: Path, tmp_path:
     root = tmp_path / "m"
     shutil.copytree(built_tree, root)
     (root / MANIFEST_NAME).unlink()
-    run_cli(str(root), "--drop-fragments", script="merge_manifest.py", env={"SOURCE_DATE_EPOCH": "1700000000"},
-            check=True)  # fmt: skip
+    run_cli(
+        str(root), "--drop-fragments", script="merge_manifest.py", env={"SOURCE_DATE_EPOCH": "1700000000"}, check=True
+    )
     paths = [root, *root.rglob("*")]
     assert {int(p.stat().st_mtime) for p in paths} == {1700000000}
     assert {oct(p.stat().st_mode & 0o777) for p in paths if p.is_file()} == {"0o644"}
     assert json.loads((root / MANIFEST_NAME).read_text())["created"].startswith("2023-11-14T22:13:20")
+
+
+def test_strict_reranker_takes_no_fallback(tmp_path: Path, tiny_specs: dict[str, str]) -> None:
+    out = tmp_path / "out"
+    missing = f"gone@dir:{tmp_path / 'gone'}"
+    proc = run_cli(
+        "--reranker",
+        f"{missing},{tiny_specs['reranker']}",
+        "--reranker-strict",
+        "--out",
+        str(out),
+        script="reranker_cache.py",
+    )
+    assert proc.returncode == 1 and "RERANKER_STRICT: the first candidate failed" in proc.stderr
+    assert "gone@dir" in proc.stderr and list(out.rglob("*")) == []
+
+
+def test_an_unexpected_error_is_not_taken_for_a_fallback(
+    tmp_path: Path, tiny_specs: dict[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A bug or an out-of-memory in the first candidate used to ship the second with a green build."""
+    from modelbake.params import defaults, for_stage
+    from modelbake.producers import reranker
+
+    def out_of_memory(*args: object) -> None:
+        raise MemoryError("injected")
+
+    monkeypatch.setattr(reranker, "_load_saved", out_of_memory)
+    values = defaults(for_stage("reranker-cache")) | {
+        "RERANKER_MODELS": f"{tiny_specs['reranker']},{tiny_specs['reranker']}"
+    }
+    with pytest.raises(MemoryError):
+        reranker.run(tmp_path / "out", values)
+    assert not (tmp_path / "out").exists() or list((tmp_path / "out").rglob("*")) == []

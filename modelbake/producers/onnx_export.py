@@ -174,19 +174,25 @@ def export_variants(
 def _export(export: OnnxExport, opset: int) -> tuple[bytes, dict[str, Any]]:
     """The legacy exporter, checked, with a symbolic batch, simplified: (graph bytes, graph facts)."""
     buf = io.BytesIO()
-    # Under torch.no_grad the legacy exporter fails on open_clip's image tower
-    # (aten::_native_multi_head_attention), so export without no_grad.
-    torch.onnx.export(
-        export.module.eval(),
-        tuple(export.example.values()),
-        buf,
-        input_names=list(export.example),
-        output_names=export.output_names,
-        dynamic_axes=export.dynamic_axes,
-        opset_version=opset,
-        do_constant_folding=True,
-        dynamo=False,
-    )
+    try:
+        # Under torch.no_grad the legacy exporter fails on open_clip's image tower
+        # (aten::_native_multi_head_attention), so export without no_grad.
+        torch.onnx.export(
+            export.module.eval(),
+            tuple(export.example.values()),
+            buf,
+            input_names=list(export.example),
+            output_names=export.output_names,
+            dynamic_axes=export.dynamic_axes,
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    except MemoryError:
+        raise
+    except Exception as exc:  # the exporter raises many types; one line names the graph and the cause
+        first = (str(exc).strip().splitlines() or [""])[0]
+        raise ProducerError(f"{export.role}: torch.onnx.export failed ({type(exc).__name__}: {first})") from exc
     model = onnx.load_from_string(buf.getvalue())
     onnx.checker.check_model(model)
     _assert_dynamic_batch(model, export.role)

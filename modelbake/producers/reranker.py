@@ -21,6 +21,7 @@ from modelbake.runtime.sessions import session
 from modelbake.spec import RERANKER_DIR, RerankerSpec, parse_reranker_list, reranker_onnx_name
 
 STAGE = "reranker-cache"
+LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, ImportError)
 TOOLS = ("torch", "transformers", "sentence-transformers", "huggingface-hub", "onnx", "onnxruntime")
 
 PROBE_QUERY = "person walking a dog"
@@ -157,10 +158,13 @@ def _load_saved(spec: RerankerSpec, path: Path, root: Path) -> tuple[Any, Path]:
     # build), saved below with the model: loaders never draw a new one.
     torch.manual_seed(0)
     dest = root / RERANKER_DIR / spec.key
-    CrossEncoder(str(path), device="cpu").save(str(dest))
-    shutil.rmtree(root / "download", ignore_errors=True)
-    with hub_offline():  # proves the saved folder is complete
-        return CrossEncoder(str(dest), device="cpu"), dest
+    try:
+        CrossEncoder(str(path), device="cpu").save(str(dest))
+        shutil.rmtree(root / "download", ignore_errors=True)
+        with hub_offline():  # proves the saved folder is complete
+            return CrossEncoder(str(dest), device="cpu"), dest
+    except LOAD_ERRORS as exc:  # what transformers raises for missing, broken or mismatched files
+        raise ProducerError(f"{spec.text!r}: could not be loaded ({type(exc).__name__}: {exc})") from exc
 
 
 def _export(ce: Any, key: str, root: Path, values: Values, done: Callable[[str], None]) -> list[dict[str, Any]]:
@@ -233,9 +237,16 @@ def cache_one(spec: RerankerSpec, root: Path, values: Values) -> dict[str, Any]:
 
 
 def run(out_root: Path, values: Values) -> list[dict[str, Any]]:
-    """The reranker-cache stage: the first candidate that works wins; the manifest says why others failed."""
+    """The reranker-cache stage: the first candidate that works wins; the manifest says why others failed.
+
+    Only the failures a fallback is for move on to the next candidate: not found, not loadable, not
+    exportable, gate failed (all ProducerError). Anything else (a bug, out of memory) fails the stage, and
+    with RERANKER_STRICT any fallback does.
+    """
     failures: list[str] = []
     for spec in parse_reranker_list(values["RERANKER_MODELS"]):
+        if failures and values["RERANKER_STRICT"]:
+            raise ProducerError(f"RERANKER_STRICT: the first candidate failed, no fallback taken: {failures[0]}")
         try:
             with staged_output(out_root) as staging:
                 model = cache_one(spec, staging, values)
@@ -244,8 +255,8 @@ def run(out_root: Path, values: Values) -> list[dict[str, Any]]:
                 write_fragment(staging, STAGE, [model])
             log.info("reranker %s cached", spec.text)
             return [model]
-        except Exception as exc:  # try the next candidate, keep the reason for the error/manifest
-            reason = str(exc) if isinstance(exc, ProducerError) else f"{type(exc).__name__}: {exc}"
+        except ProducerError as exc:  # try the next candidate, keep the reason for the error/manifest
+            reason = str(exc)
             log.warning("reranker %s failed: %s", spec.text, reason)
             log.debug("traceback", exc_info=True)
             failures.append(reason if reason.startswith(repr(spec.text)) else f"{spec.text}: {reason}")
