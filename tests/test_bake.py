@@ -80,3 +80,17 @@ def test_git_credentials_never_reach_the_source_label(tmp_path: Path, monkeypatc
     assert found["SOURCE_URL"] == "https://git.example/acme/x.git"
     assert given["SOURCE_URL"] == "https://git.example:8443/acme/x"
     assert "s3cr3t" not in str(found) and "tok" not in str(given)
+
+
+def test_compose_services_run_hardened_and_take_the_token_as_a_secret() -> None:
+    import yaml
+    from conftest import REPO
+
+    compose = yaml.safe_load((REPO / "compose.yaml").read_text())
+    for name, service in compose["services"].items():
+        assert service.get("read_only") is True and service.get("cap_drop") == ["ALL"], name
+        assert "no-new-privileges:true" in service.get("security_opt", []), name
+        assert service.get("mem_limit") and service.get("pids_limit"), name
+    assert compose["services"]["modelbake"]["build"]["secrets"] == ["hf_token"]
+    assert compose["secrets"]["hf_token"] == {"environment": "HF_TOKEN"}
+    assert "HF_TOKEN" not in str(compose["services"]["modelbake"]["build"].get("args"))
