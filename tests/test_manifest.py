@@ -108,3 +108,11 @@ def test_unknown_schema_version_is_a_clear_error(built_tree: Path, tmp_path: Pat
     (root / MANIFEST_NAME).write_text(json.dumps(doc))
     with pytest.raises(ManifestError, match="schema_version 99 is not supported"):
         read_manifest(root)
+
+
+def test_roles_and_variants_are_one_list_in_code_and_schema() -> None:
+    from modelbake.manifest import Role, Variant, schema
+
+    file_properties = schema()["$defs"]["file"]["properties"]
+    assert file_properties["role"]["enum"] == [role.value for role in Role]
+    assert file_properties["variant"]["enum"] == [variant.value for variant in Variant]
