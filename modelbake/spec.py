@@ -8,6 +8,8 @@ Grammar (one entry of a comma-separated list)::
     NAME@dir:PATH        a local folder (OpenCLIP ``local-dir`` layout, or a Hugging Face model folder);
                          NAME is then only the label used in file names
     NAME@file:PATH       CLIP only: a local checkpoint for the OpenCLIP architecture NAME
+    NAME:TAG@file:PATH   CLIP only: a local copy of the pretrained tag's weights (air-gapped bundles): the
+                         tag's preprocessing and activation apply, and the file names are the tag's
 
 This module is torch-free: the bake driver and the run-time loaders use it too.
 """
@@ -115,9 +117,9 @@ def parse_clip(text: str) -> ClipSpec:
         raise SpecError(f"{text!r}: a CLIP spec starts with a model name such as ViT-B-32 or ViT-B/32")
     arch = OPENAI_NAMES.get(name, name)
     if local is not None:
-        if tag:
-            raise SpecError(f"{text!r}: a local source and a pretrained tag exclude each other")
-        return ClipSpec(text, arch, None, local)
+        if tag and local.kind == "dir":
+            raise SpecError(f"{text!r}: a folder brings its own config; a pretrained tag goes with @file: only")
+        return ClipSpec(text, arch, tag or None, local)
     return ClipSpec(text, arch, tag or DEFAULT_CLIP_TAG, None)
 
 
@@ -189,6 +191,8 @@ RERANKER_DIR = "reranker"
 REGRESSOR_DIR = "regressor"
 FRAGMENTS_DIR = ".manifest.d"
 GOLDEN_DIR = "golden"
+# In a bundled hub model's folder: where it came from ({"type": "hub", "id": ..., "revision": commit}).
+ORIGIN_FILE = "modelbake_origin.json"
 
 REGRESSOR_PTH = "boundary_regressor_pretrained.pth"
 REGRESSOR_SAFETENSORS = "boundary_regressor_pretrained.safetensors"

@@ -42,13 +42,27 @@ def test_clip_local_specs() -> None:
     [
         ("ViT-B-32@main", "pretrained tag after ':'"),
         ("tiny@dir:", "empty path"),
-        ("tiny:openai@dir:/x", "exclude each other"),
+        ("tiny:openai@dir:/x", "a pretrained tag goes with @file: only"),
         ("-bad", "starts with a model name"),
     ],
 )
 def test_clip_bad_specs(text: str, message: str) -> None:
     with pytest.raises(SpecError, match=message):
         parse_clip(text)
+
+
+def test_a_local_copy_of_a_tag_keeps_the_tag_name_and_settings() -> None:
+    """Air-gapped bundles rewrite ARCH:TAG to ARCH:TAG@file:PATH: same file names, and the tag's settings
+    (the OpenAI weights need QuickGELU; SigLIP's preprocessing is its own) instead of the bare defaults."""
+    from modelbake.producers.clip import tag_settings
+
+    local, hub = parse_clip("ViT-B-32:laion2b_s34b_b79k@file:/s/ckpt.bin"), parse_clip("ViT-B-32:laion2b_s34b_b79k")
+    assert local.key == hub.key == "ViT-B_32-laion2b_s34b_b79k" and local.tag == "laion2b_s34b_b79k"
+    assert parse_clip("ViT-B/32:openai@file:/s/ckpt.bin").key == "ViT-B_32"
+    assert tag_settings(parse_clip("ViT-B-32:openai@file:/s/ckpt.bin"))["force_quick_gelu"] is True
+    assert tag_settings(parse_clip("ViT-B-32@file:/s/ckpt.bin")) == {}  # a bare checkpoint: the arch's defaults
+    siglip = tag_settings(parse_clip("ViT-B-16-SigLIP:webli@file:/s/ckpt.bin"))
+    assert siglip["image_mean"] == (0.5, 0.5, 0.5) and siglip["image_resize_mode"] == "squash"
 
 
 def test_lists_and_duplicates() -> None:

@@ -65,7 +65,7 @@ def validate(spec: ClipSpec) -> None:
         raise ProducerError(
             f"{spec.text!r}: unknown OpenCLIP architecture {spec.arch!r}; close names: {_suggest(spec.arch, models)}"
         )
-    if spec.local is None:
+    if spec.tag is not None:
         tags = open_clip.list_pretrained_tags_by_model(spec.arch)
         if spec.tag not in tags:
             raise ProducerError(
@@ -117,8 +117,11 @@ def load_clip(spec: ClipSpec) -> tuple[torch.nn.Module, Any, Any, dict[str, Any]
         else:
             name, pretrained = spec.arch, str(path)
             source = {"type": "file", "id": str(path), "sha256": sha256_file(path)}
+            source |= {"tag": f"{spec.arch}:{spec.tag}"} if spec.tag else {}
     try:
-        model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=pretrained, device="cpu")
+        model, _, preprocess = open_clip.create_model_and_transforms(
+            name, pretrained=pretrained, device="cpu", **tag_settings(spec)
+        )
     except Exception as exc:  # open_clip reports a mismatch as RuntimeError, AssertionError, KeyError, ...
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ProducerError(
@@ -126,6 +129,22 @@ def load_clip(spec: ClipSpec) -> tuple[torch.nn.Module, Any, Any, dict[str, Any]
             "check that the checkpoint belongs to this architecture"
         ) from exc
     return model.eval(), open_clip.get_tokenizer(name), preprocess, source
+
+
+def tag_settings(spec: ClipSpec) -> dict[str, Any]:
+    """What a pretrained tag sets beyond its weights, for a local copy of them (``ARCH:TAG@file:PATH``):
+    QuickGELU (the OpenAI weights) and the image preprocessing. Loading by tag from the hub applies them
+    itself; a bare checkpoint file would silently get the architecture's defaults instead."""
+    import open_clip
+
+    if spec.local is None or spec.tag is None:
+        return {}
+    cfg = open_clip.get_pretrained_cfg(spec.arch, spec.tag) or {}
+    settings = {"force_quick_gelu": bool(cfg.get("quick_gelu", False))}
+    for key in ("mean", "std", "interpolation", "resize_mode"):
+        if cfg.get(key) is not None:
+            settings[f"image_{key}"] = cfg[key]
+    return settings
 
 
 def _probe_images(size: int) -> list[Image.Image]:
