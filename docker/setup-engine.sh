@@ -74,8 +74,13 @@ setup_engine() {
   # `docker-compose build` as well as `docker compose build`: compose v2 runs standalone too.
   ln -sf "$plugins/docker-compose" /usr/local/bin/docker-compose
   if ! timeout 10 docker info >/dev/null 2>&1; then
-    say "starting dockerd (log: $cache/dockerd.log)"
-    PATH="$root/usr/sbin:$root/usr/bin:$PATH" nohup dockerd >"$cache/dockerd.log" 2>&1 &
+    # BuildKit's cache grows with every distinct build (the wheelhouse context alone is 3 GB a copy) and
+    # filled this kind of disk more than once: an explicit garbage-collection policy keeps it bounded.
+    printf '{"builder": {"gc": {"enabled": true, "defaultKeepStorage": "%s"}}}\n' "${MODELBAKE_BUILD_CACHE:-20GB}" \
+      >"$cache/daemon.json"
+    say "starting dockerd (log: $cache/dockerd.log, build cache kept under ${MODELBAKE_BUILD_CACHE:-20GB})"
+    PATH="$root/usr/sbin:$root/usr/bin:$PATH" nohup dockerd --config-file "$cache/daemon.json" \
+      >"$cache/dockerd.log" 2>&1 &
     for _ in $(seq 60); do timeout 5 docker info >/dev/null 2>&1 && break; sleep 1; done
   fi
   engine_ok || { tail -20 "$cache/dockerd.log" >&2 || true; die "dockerd did not answer within 60 s (log above)"; }
