@@ -82,11 +82,23 @@ class Reranker(Loader):
     def encode(self, query: str, passages: list[str]) -> dict[str, np.ndarray]:
         return encode_pairs(self.tokenizer, query, passages)
 
-    def score(self, query: str, passages: list[str]) -> np.ndarray:
-        """One relevance score per passage, after the recorded activation (sigmoid for one label)."""
+    def score(self, query: str, passages: list[str], *, batch_size: int = 32) -> np.ndarray:
+        """One relevance score per passage, after the recorded activation (sigmoid for one label).
+
+        Pairs are tokenized and run ``batch_size`` at a time, each batch padded to its own longest pair: memory
+        grows with the batch, not with the number of passages (one batch of 1000 pairs of 512 tokens needs
+        more than 12 GB).
+        """
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive int, not {batch_size!r}")
         if not passages:
             return np.zeros((0,), dtype=np.float32)
-        logits = self.session.run(None, self.encode(query, passages))[0]
+        logits = np.concatenate(
+            [
+                self.session.run(None, self.encode(query, passages[i : i + batch_size]))[0]
+                for i in range(0, len(passages), batch_size)
+            ]
+        )
         scores = 1.0 / (1.0 + np.exp(-logits)) if self.contract["activation"] == "sigmoid" else logits
         return scores[:, 0] if scores.shape[1] == 1 else scores
 
