@@ -7,6 +7,9 @@ open_clip on a probe set, and by ``verify`` against the golden inputs).
 from __future__ import annotations
 
 import html
+import io
+import struct
+import zlib
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -52,25 +55,79 @@ class ClipTokenizer:
         return ids
 
 
-def _open(image: ImageInput) -> Image.Image:
+# Limits on an image before it is decoded or resized, like PIL's Image.MAX_IMAGE_PIXELS: module-wide defaults
+# a service may change at start-up, or per call through preprocess_image's arguments. 64 M pixels holds a
+# 50-megapixel photo; a bomb (a tiny file that decodes to gigabytes) is refused from its header. The aspect
+# ratio bounds what resizing the short side makes of the long one (a 100000x1 strip would become about
+# 22.4M x 224 pixels); 256:1 keeps the build's own probe strip (9 x 4*size pixels, 228:1 at size 512).
+MAX_IMAGE_PIXELS = 64_000_000
+MAX_ASPECT_RATIO = 256.0
+
+
+def check_image_size(
+    width: int, height: int, max_pixels: int | None = None, max_aspect_ratio: float | None = None
+) -> None:
+    """Refuse an image of ``width`` x ``height`` that is empty, over ``max_pixels`` (default
+    :data:`MAX_IMAGE_PIXELS`) or longer than ``max_aspect_ratio``:1 (default :data:`MAX_ASPECT_RATIO`)."""
+    max_pixels = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
+    max_aspect_ratio = MAX_ASPECT_RATIO if max_aspect_ratio is None else max_aspect_ratio
+    if width < 1 or height < 1:
+        raise ValueError(f"an image must have at least one pixel; got {width}x{height}")
+    if width * height > max_pixels:
+        raise ValueError(
+            f"an image of {width}x{height} = {width * height} pixels is over the limit of {max_pixels} pixels "
+            "(max_pixels, modelbake.runtime.clip.MAX_IMAGE_PIXELS)"
+        )
+    ratio = max(width, height) / min(width, height)
+    if ratio > max_aspect_ratio:
+        raise ValueError(
+            f"an image of {width}x{height} has an aspect ratio of {ratio:.0f}:1, over the limit of "
+            f"{max_aspect_ratio:g}:1 (max_aspect_ratio, modelbake.runtime.clip.MAX_ASPECT_RATIO)"
+        )
+
+
+def _decode(source: Any, max_pixels: int | None, max_aspect_ratio: float | None) -> Image.Image:
+    """Open a path or encoded bytes, check the size from the header, then decode."""
+    try:
+        img = Image.open(source)
+    except Image.DecompressionBombError as exc:  # PIL's own limit, far above ours: name ours
+        raise ValueError(f"an image over the limit of {max_pixels or MAX_IMAGE_PIXELS} pixels ({exc})") from exc
+    with img:
+        check_image_size(*img.size, max_pixels, max_aspect_ratio)
+        img.load()
+        return img
+
+
+def _open(image: ImageInput, max_pixels: int | None = None, max_aspect_ratio: float | None = None) -> Image.Image:
     if isinstance(image, Image.Image):
+        check_image_size(*image.size, max_pixels, max_aspect_ratio)
         return image
     if isinstance(image, (str, Path)):
-        with Image.open(image) as img:
-            img.load()
-            return img
+        return _decode(image, max_pixels, max_aspect_ratio)
+    if isinstance(image, (bytes, bytearray, memoryview)):  # an encoded file (PNG, JPEG, ...) in memory
+        try:
+            return _decode(io.BytesIO(image), max_pixels, max_aspect_ratio)
+        except (OSError, SyntaxError, EOFError, struct.error, zlib.error) as exc:  # PIL's errors on corrupt data
+            raise ValueError(f"cannot decode the image: {exc}") from exc
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8 or image.ndim not in (2, 3) or (image.ndim == 3 and image.shape[2] not in (3, 4)):
             raise ValueError(
                 f"an image array must be uint8 (H, W), (H, W, 3) or (H, W, 4); got {image.dtype} {image.shape}"
             )
+        check_image_size(image.shape[1], image.shape[0], max_pixels, max_aspect_ratio)
         return Image.fromarray(image)
-    raise TypeError(f"an image must be a PIL image, a path or a uint8 array, not {type(image).__name__}")
+    raise TypeError(f"an image must be a PIL image, a path, encoded bytes or a uint8 array, not {type(image).__name__}")
 
 
-def preprocess_image(image: ImageInput, cfg: dict[str, Any]) -> np.ndarray:
-    """One image -> (3, H, W) float32, as open_clip's eval transform (resize, center crop, RGB, normalise)."""
-    img = _open(image)
+def preprocess_image(
+    image: ImageInput, cfg: dict[str, Any], *, max_pixels: int | None = None, max_aspect_ratio: float | None = None
+) -> np.ndarray:
+    """One image -> (3, H, W) float32, as open_clip's eval transform (resize, center crop, RGB, normalise).
+
+    An image over ``max_pixels`` or ``max_aspect_ratio`` (defaults: :data:`MAX_IMAGE_PIXELS`,
+    :data:`MAX_ASPECT_RATIO`) is refused with a ValueError before it is decoded or resized.
+    """
+    img = _open(image, max_pixels, max_aspect_ratio)
     height, width = cfg["image_size"]
     resample = _RESAMPLE[cfg.get("interpolation", "bicubic")]
     mode = cfg.get("resize_mode", "shortest")
