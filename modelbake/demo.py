@@ -291,8 +291,19 @@ def bake_runtime(inputs: dict[str, str], sources: Path, workdir: Path, quiet: bo
         )
 
 
-def build_service(workdir: Path) -> None:
-    """examples/search_service FROM the demo runtime image."""
+def build_service(workdir: Path, wheelhouse: str | None = None) -> None:
+    """examples/search_service FROM the demo runtime image, its packages (uvicorn, Starlette, pydantic) from
+    the wheelhouse offline when there is one, else from the package index.
+
+    Without ``wheelhouse``: $WHEELHOUSE when set (empty: none, as --no-setup reads it), else the one
+    docker/setup-engine.sh fills ($MODELBAKE_WHEELHOUSE, default $MODELBAKE_CACHE/wheelhouse) if it exists.
+    """
+    if wheelhouse is None:
+        wheelhouse = os.environ.get("WHEELHOUSE")
+    if wheelhouse is None:
+        default = os.environ.get("MODELBAKE_WHEELHOUSE") or str(default_workdir().parent / "wheelhouse")
+        wheelhouse = default if Path(default).is_dir() else ""
+    offline = ["--build-context", f"wheelhouse={wheelhouse}", "--build-arg", "PIP_OFFLINE=1"] if wheelhouse else []
     proc = _docker(
         "build",
         "--progress=plain",
@@ -300,6 +311,7 @@ def build_service(workdir: Path) -> None:
         SERVICE_IMAGE,
         "--build-arg",
         f"MODELBAKE_IMAGE={RUNTIME_IMAGE}",
+        *offline,
         str(REPO / "examples" / "search_service"),
         check=False,
     )

@@ -347,17 +347,26 @@ def test_runtime_image_becomes_healthy_under_its_own_healthcheck(baked: dict[str
 
 @pytest.mark.parametrize("models", ["baked-in", "mounted"])
 def test_example_service_from_compose_becomes_healthy_and_serves(baked: dict[str, str], models: str) -> None:
-    """compose.yaml's example service, FROM the runtime image; models baked in or mounted read-only."""
+    """compose.yaml's example service, FROM the runtime image, its packages from the wheelhouse offline (pip
+    run from its wheel: the runtime image has none); models baked in or mounted read-only."""
+    import base64
+    import io
+
+    from PIL import Image
+
     env = {**baked, "PIP_OFFLINE": "1"}
-    proc = subprocess.run(["docker", "compose", "--profile", "example", "build", "search"],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=900)  # fmt: skip
+    build = ["docker", "compose", "--profile", "example", "build", "search"]
+    proc = subprocess.run(build, capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    image = f"modelbake-search:{TAG}"
+    probe = "import importlib.util as u; print([m for m in ('pip', 'torch') if u.find_spec(m)])"
+    assert _run("--entrypoint", "python", image, "-c", probe, check=True).stdout.strip() == "[]"
     mount = ["-v", f"{baked['MODELS_OUT']}:/models:ro"] if models == "mounted" else []
     if mount:  # the service user (uid 10001) must be able to read the tree; pytest made the folder 0700
         Path(baked["MODELS_OUT"]).chmod(0o755)
     name = f"modelbake-search-{uuid.uuid4().hex[:8]}"
-    _docker("run", "-d", "--name", name, "--network", "none", "--read-only", "--cap-drop", "ALL",
-            "--health-interval", "1s", *mount, f"modelbake-search:{TAG}")  # fmt: skip
+    isolated = ["--network", "none", "--read-only", "--cap-drop", "ALL", "--health-interval", "1s"]
+    _docker("run", "-d", "--name", name, *isolated, *mount, image)
     try:
         assert _wait_healthy(name) == "healthy", _docker("logs", name, check=False).stderr[-3000:]
         status, doc = _exec_json(name, "GET", "/models")
@@ -366,10 +375,16 @@ def test_example_service_from_compose_becomes_healthy_and_serves(baked: dict[str
         assert status == 200 and sorted(i for i, _ in doc["ranking"]) == [0, 1]
         status, doc = _exec_json(name, "POST", "/embed/text", {"texts": ["a dog on a beach"]})
         assert status == 200 and len(doc["embeddings"][0]) == 32
+        png = io.BytesIO()
+        Image.new("RGB", (50, 40), "red").save(png, "PNG")
+        status, doc = _exec_json(name, "POST", "/embed/image", {"images": [base64.b64encode(png.getvalue()).decode()]})
+        assert status == 200 and len(doc["embeddings"][0]) == 32
         status, doc = _exec_json(name, "POST", "/boundaries", {"features": [[0.1] * 32]})
         assert status == 200 and len(doc["deltas"][0]) == 2
         status, doc = _exec_json(name, "POST", "/boundaries", {"features": [[0.1] * 5]})
-        assert status == 400 and "features must have shape (n, 32)" in doc["error"]
+        assert status == 422 and "features must have shape (n, 32)" in doc["error"]
+        status, doc = _exec_json(name, "POST", "/rank", {"query": "q", "passages": ["a"] * 257})
+        assert status == 422 and "at most 256 items" in doc["error"]
     finally:
         _docker("rm", "-f", name, check=False)
 

@@ -1,69 +1,522 @@
-"""A minimal search service on the runtime image: the models come from /models, checked at start-up.
+"""A search service FROM the modelbake runtime image: uvicorn + Starlette, pydantic request models, and a
+limit on everything a client controls. The models come from $MODELBAKE_MODELS (/models), checked at start-up.
 
-    POST /embed/text  {"texts": ["a dog on a beach"]}            -> {"embeddings": [[...]]}
-    POST /rank        {"query": "...", "passages": ["...", ...]}  -> {"ranking": [[index, score], ...]}
-    POST /boundaries  {"features": [[...], ...]}                  -> {"deltas": [[start, end], ...]}
-    GET  /models                                                  -> what was loaded
+    GET  /models                                                    -> {"clip": {name: dim}, "reranker": bool,
+                                                                        "regressor": bool}
+    POST /embed/text   {"texts": ["a dog on a beach", ...]}         -> {"embeddings": [[...], ...]}
+    POST /embed/image  {"images": ["<base64 of an image file>", ...]} -> {"embeddings": [[...], ...]}
+    POST /rank         {"query": "...", "passages": ["...", ...], "top_k": 2}  -> {"ranking": [[index, score], ...]}
+    POST /boundaries   {"features": [[...], ...]}                   -> {"deltas": [[start, end], ...]}
 
-Standard library HTTP only, so the image needs nothing beyond the runtime image.
+/embed/image takes each image as the standard base64 of a whole PNG, JPEG, WebP, GIF or BMP file, without a
+"data:" prefix: base64.b64encode(open("frame.jpg", "rb").read()).decode(). Embeddings come from the default
+CLIP model (the first built), L2-normalised. top_k is optional (default: every passage, best first).
+
+Every reply is JSON; an error is {"error": "..."} with its status, never a traceback:
+    400  not JSON, or not HTTP (a bad request line, header or Content-Length)
+    404  no such route, or a model the folder does not hold        405  wrong method
+    408  the request's headers or body did not arrive in time      413  body over its limit
+    414  URL over 8 KiB                                            431  headers over 16 KiB
+    422  a field missing, unknown, of the wrong type or over a limit, or refused by the model
+         (a feature row of the wrong size, an image that does not decode or is too large)
+    503  busy or out of time (with Retry-After)                    500  anything else (in the log)
+
+Limits, from the environment [default]:
+    SEARCH_MAX_BODY_BYTES [4194304]         request body, every route but /embed/image
+    SEARCH_MAX_IMAGE_BODY_BYTES [16777216]  request body of /embed/image
+    SEARCH_MAX_ITEMS [256]                  texts, passages or feature rows in one request
+    SEARCH_MAX_IMAGES [16]                  images in one request
+    SEARCH_MAX_TEXT_CHARS [4096]            characters in one text, query or passage
+    SEARCH_MAX_FEATURE_DIM [4096]           values in one feature row
+    SEARCH_MAX_IMAGE_PIXELS [25000000]      pixels in one image, read from its header before it is decoded
+    SEARCH_MAX_ASPECT_RATIO [256]           long side / short side of one image
+    SEARCH_BATCH_SIZE [16]                  texts, pairs or images per model call
+    SEARCH_WORKERS [2]                      model calls at once (each with MODELBAKE_THREADS onnxruntime threads)
+    SEARCH_MAX_CONCURRENCY [16]             requests in progress, and model jobs queued or running; beyond: 503
+    SEARCH_REQUEST_TIMEOUT [30]             seconds for a request's model work, queueing included; beyond: 503
+    SEARCH_READ_TIMEOUT [10]                seconds for a request's headers to arrive, and again for its body: 408
+    SEARCH_KEEP_ALIVE [5]                   seconds an idle keep-alive connection stays open
+    SEARCH_HOST [0.0.0.0]                   the address to listen on; the port is the first argument [8080]
+
+A JSON body is parsed into memory before its limits are checked (60 to 90 bytes per value: a 4 MiB body of
+one-character values peaks near 130 MB); bodies are parsed one at a time, on the event loop, so that bounds
+the parsing peak whatever the concurrency.
+
+    python app.py [PORT]
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import contextlib
+import io
 import json
+import logging
 import os
 import sys
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import time
+from collections.abc import Awaitable, Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, fields
+from typing import Annotated, Any, TypeVar
 
-from modelbake.runtime.models import open_models
+import h11
+import numpy as np
+import uvicorn
+from PIL import Image, UnidentifiedImageError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
-# Every file is checked against the manifest here; a tampered or truncated model stops the start.
-MODELS = open_models(os.environ.get("MODELBAKE_MODELS", "/models"))
+from modelbake.runtime import clip as clip_runtime
+from modelbake.runtime.models import Models, open_models
+
+log = logging.getLogger("uvicorn.error")
+IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
+MAX_URL_BYTES, MAX_HEADER_BYTES = 8192, 16384
 
 
-def handle(path: str, body: dict) -> dict:
-    if path == "/embed/text":
-        return {"embeddings": MODELS.default_clip.encode_text(body["texts"]).tolist()}
-    if path == "/rank":
-        if MODELS.reranker is None:
+@dataclass(frozen=True)
+class Settings:
+    """The limits above; each field is read from SEARCH_<FIELD> when set."""
+
+    max_body_bytes: int = 4 * 2**20
+    max_image_body_bytes: int = 16 * 2**20
+    max_items: int = 256
+    max_images: int = 16
+    max_text_chars: int = 4096
+    max_feature_dim: int = 4096
+    max_image_pixels: int = 25_000_000
+    max_aspect_ratio: float = 256.0
+    batch_size: int = 16
+    workers: int = 2
+    max_concurrency: int = 16
+    request_timeout: float = 30.0
+    read_timeout: float = 10.0
+    keep_alive: int = 5
+    host: str = "0.0.0.0"
+
+    @classmethod
+    def from_env(cls) -> Settings:
+        values: dict[str, Any] = {}
+        for field in fields(cls):
+            name, raw = f"SEARCH_{field.name.upper()}", os.environ.get(f"SEARCH_{field.name.upper()}")
+            if raw is None:
+                continue
+            kind = type(field.default)
+            try:
+                values[field.name] = kind(raw)
+            except ValueError:
+                raise SystemExit(f"{name}={raw!r}: give a number ({kind.__name__})") from None
+            if kind is not str and values[field.name] <= 0:
+                raise SystemExit(f"{name}={raw!r}: give a number above 0")
+        return cls(**values)
+
+
+SETTINGS = Settings.from_env()
+
+# Request models: strict types (no "5" for 5), unknown fields refused, every list and text bounded.
+Text = Annotated[str, StringConstraints(max_length=SETTINGS.max_text_chars)]
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class EmbedText(Strict):
+    texts: Annotated[list[Text], Field(max_length=SETTINGS.max_items)]
+
+
+class EmbedImage(Strict):
+    images: Annotated[list[str], Field(max_length=SETTINGS.max_images)]
+
+
+class Rank(Strict):
+    query: Text
+    passages: Annotated[list[Text], Field(max_length=SETTINGS.max_items)]
+    top_k: Annotated[int, Field(ge=1)] | None = None
+
+
+class Boundaries(Strict):
+    features: Annotated[
+        list[Annotated[list[Finite], Field(max_length=SETTINGS.max_feature_dim)]], Field(max_length=SETTINGS.max_items)
+    ]
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ApiError(Exception):
+    """An error reply: status, message and extra headers."""
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None, **extra: Any) -> None:
+        super().__init__(message)
+        self.status, self.message, self.headers, self.extra = status, message, headers, extra
+
+    def response(self) -> Response:
+        return reply(self.status, {"error": self.message, **self.extra}, self.headers)
+
+
+def reply(status: int, doc: dict[str, Any], headers: dict[str, str] | None = None) -> Response:
+    return Response(json.dumps(doc).encode(), status, headers=headers, media_type="application/json")
+
+
+def parse(model: type[M], body: bytes) -> M:
+    """The body as ``model``: 400 if it is not JSON (or nests deeper than 200), 422 if it does not fit."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as exc:
+        errors = exc.errors(include_url=False, include_context=False, include_input=False)
+        if errors[0]["type"] == "json_invalid":
+            raise ApiError(400, errors[0]["msg"]) from None
+        where = [".".join(str(part) for part in e["loc"]) or "body" for e in errors]
+        message = "; ".join(f"{w}: {e['msg']}" for w, e in zip(where[:3], errors, strict=False))
+        details = [{"loc": w, "msg": e["msg"], "type": e["type"]} for w, e in zip(where[:10], errors, strict=False)]
+        raise ApiError(422, message, details=details) from None
+
+
+def json_bytes(doc: dict[str, Any]) -> bytes:
+    try:
+        return json.dumps(doc, allow_nan=False).encode()
+    except ValueError:
+        raise ValueError("the model gave NaN or infinite values for this input") from None
+
+
+class OutOfTime(Exception):
+    pass
+
+
+def check_time(deadline: float) -> None:
+    """Between two model calls: stop a job whose request has already had its 503."""
+    if time.monotonic() > deadline:
+        raise OutOfTime
+
+
+def batches(items: list[Any], size: int) -> list[list[Any]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+class Runner:
+    """Model work on a bounded thread pool. At most ``limit`` jobs are queued or running, counting jobs whose
+    request timed out until they stop (at their next batch), so abandoned work cannot pile up."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.pool = ThreadPoolExecutor(settings.workers, thread_name_prefix="model")
+        self.jobs = 0
+
+    def _finished(self, loop: asyncio.AbstractEventLoop, _: Future) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: the server is stopping
+            loop.call_soon_threadsafe(self._release)
+
+    def _release(self) -> None:
+        self.jobs -= 1
+
+    async def run(self, work: Callable[..., bytes], *args: Any) -> bytes:
+        timeout = self.settings.request_timeout
+        if self.jobs >= self.settings.max_concurrency:
+            raise ApiError(503, f"busy: {self.jobs} model jobs queued or running", {"Retry-After": "1"})
+        loop = asyncio.get_running_loop()
+        self.jobs += 1
+        job = self.pool.submit(work, time.monotonic() + timeout, *args)
+        job.add_done_callback(lambda done: self._finished(loop, done))
+        try:  # on timeout wait_for cancels the job if it has not started; a running one stops at its next batch
+            return await asyncio.wait_for(asyncio.wrap_future(job), timeout)
+        except (TimeoutError, OutOfTime):
+            raise ApiError(
+                503, f"out of time: over {timeout:g} s (SEARCH_REQUEST_TIMEOUT)", {"Retry-After": "1"}
+            ) from None
+
+
+class Service:
+    """The routes. Each POST parses its body on the event loop and runs the model work on the Runner."""
+
+    def __init__(self, models: Models, settings: Settings) -> None:
+        self.models, self.settings, self.runner = models, settings, Runner(settings)
+        routes = [
+            Route("/models", self.endpoint(self.list_models), methods=["GET"]),
+            Route("/embed/text", self.endpoint(self.embed_text), methods=["POST"]),
+            Route("/embed/image", self.endpoint(self.embed_image), methods=["POST"]),
+            Route("/rank", self.endpoint(self.rank), methods=["POST"]),
+            Route("/boundaries", self.endpoint(self.boundaries), methods=["POST"]),
+        ]
+        self.app = Starlette(routes=routes, exception_handlers={HTTPException: self.http_error})
+
+    @staticmethod
+    async def http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, HTTPException)  # the router's 404 and 405
+        message = f"no route {request.url.path}" if exc.status_code == 404 else f"{request.method}: {exc.detail}"
+        return reply(exc.status_code, {"error": message}, exc.headers)
+
+    @staticmethod
+    def endpoint(handler: Callable[[Request], Awaitable[Response]]) -> Callable[[Request], Awaitable[Response]]:
+        """Every outcome of a route as a JSON reply."""
+
+        async def run(request: Request) -> Response:
+            try:
+                return await handler(request)
+            except ApiError as exc:
+                return exc.response()
+            except KeyError:  # a bug, not a missing model
+                log.exception("%s %s failed", request.method, request.url.path)
+            except LookupError as exc:  # a model this folder does not hold
+                return reply(404, {"error": str(exc)})
+            except ValueError as exc:  # the loaders' input checks name the problem (types are checked before)
+                return reply(422, {"error": str(exc)})
+            except Exception:
+                log.exception("%s %s failed", request.method, request.url.path)
+            return reply(500, {"error": "internal error; the service log has the details"})
+
+        return run
+
+    async def list_models(self, request: Request) -> Response:
+        clip = {name: enc.embed_dim for name, enc in self.models.clip.items()}
+        held = {"reranker": self.models.reranker is not None, "regressor": self.models.regressor is not None}
+        return reply(200, {"clip": clip, **held})
+
+    async def embed_text(self, request: Request) -> Response:
+        body = parse(EmbedText, await request.body())
+        return self.ok(await self.runner.run(self._embed_text, body.texts))
+
+    async def embed_image(self, request: Request) -> Response:
+        raw = await request.body()
+        # A body of base64 strings holds no commas: count them before parsing, so a 16 MiB body cannot be
+        # millions of tiny values (each costs 60 to 90 bytes parsed).
+        if raw.count(b",") > self.settings.max_images + 8:
+            raise ApiError(422, f"images: at most {self.settings.max_images} base64 strings (SEARCH_MAX_IMAGES)")
+        body = parse(EmbedImage, raw)
+        return self.ok(await self.runner.run(self._embed_image, body.images))
+
+    async def rank(self, request: Request) -> Response:
+        body = parse(Rank, await request.body())
+        return self.ok(await self.runner.run(self._rank, body.query, body.passages, body.top_k))
+
+    async def boundaries(self, request: Request) -> Response:
+        body = parse(Boundaries, await request.body())
+        if len({len(row) for row in body.features}) > 1:
+            raise ApiError(422, "features: every row must have the same length")
+        return self.ok(await self.runner.run(self._boundaries, body.features))
+
+    @staticmethod
+    def ok(data: bytes) -> Response:
+        return Response(data, 200, media_type="application/json")
+
+    # Model work, in the Runner's threads: batches of SEARCH_BATCH_SIZE, the deadline checked between them,
+    # the reply encoded here too (not on the event loop).
+    def _embed_text(self, deadline: float, texts: list[str]) -> bytes:
+        clip, size = self.models.default_clip, self.settings.batch_size
+        out = []
+        for batch in batches(texts, size):
+            check_time(deadline)
+            out.append(clip.encode_text(batch, batch_size=size))
+        return json_bytes({"embeddings": np.concatenate(out).tolist() if out else []})
+
+    def _embed_image(self, deadline: float, images: list[str]) -> bytes:
+        clip, size = self.models.default_clip, self.settings.batch_size
+        files = [decode_image(i, text) for i, text in enumerate(images)]
+        out = []
+        for start in range(0, len(files), size):  # each decoded only while it is preprocessed
+            check_time(deadline)
+            batch = files[start : start + size]
+            try:
+                out.append(clip.encode_image(batch, batch_size=size))
+            except ValueError as exc:  # the header was fine, the data is not (truncated, corrupt)
+                where = f"images[{start}]" if len(batch) == 1 else f"one of images[{start}:{start + len(batch)}]"
+                raise ValueError(f"{where}: {exc}") from None
+        return json_bytes({"embeddings": np.concatenate(out).tolist() if out else []})
+
+    def _rank(self, deadline: float, query: str, passages: list[str], top_k: int | None) -> bytes:
+        reranker, size = self.models.reranker, self.settings.batch_size
+        if reranker is None:
             raise LookupError("this model folder holds no reranker")
-        ranking = MODELS.reranker.rank(body["query"], body["passages"], top_k=body.get("top_k"))
-        return {"ranking": [[int(i), float(s)] for i, s in ranking]}
-    if path == "/boundaries":
-        if MODELS.regressor is None:
+        parts = []
+        for batch in batches(passages, size):
+            check_time(deadline)
+            parts.append(reranker.score(query, batch, batch_size=size))
+        scores = np.concatenate(parts) if parts else np.zeros((0,), np.float32)
+        order = np.argsort(-scores, kind="stable")[:top_k]  # as Reranker.rank
+        return json_bytes({"ranking": [[int(i), float(scores[i])] for i in order]})
+
+    def _boundaries(self, deadline: float, features: list[list[float]]) -> bytes:
+        if self.models.regressor is None:
             raise LookupError("this model folder holds no boundary regressor")
-        return {"deltas": MODELS.regressor.predict(body["features"]).tolist()}
-    raise KeyError(path)
+        check_time(deadline)
+        return json_bytes({"deltas": self.models.regressor.predict(features).tolist()})
 
 
-class Handler(BaseHTTPRequestHandler):
-    def _reply(self, status: int, doc: dict) -> None:
-        data = json.dumps(doc).encode()
-        self.send_response(status)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(data)))
-        self.end_headers()
-        self.wfile.write(data)
+def decode_image(index: int, text: str) -> bytes:
+    """images[index] from base64 to the file's bytes, its format and size checked from the header."""
+    try:
+        data = base64.b64decode(text, validate=True)
+    except ValueError as exc:
+        raise ValueError(f"images[{index}]: not base64 ({exc})") from None
+    try:
+        with Image.open(io.BytesIO(data), formats=IMAGE_FORMATS) as img:
+            clip_runtime.check_image_size(*img.size)
+    except UnidentifiedImageError:
+        raise ValueError(f"images[{index}]: not a {', '.join(IMAGE_FORMATS)} file") from None
+    except Image.DecompressionBombError as exc:  # PIL's own limit, above ours
+        limit = clip_runtime.MAX_IMAGE_PIXELS
+        raise ValueError(f"images[{index}]: an image over the limit of {limit} pixels ({exc})") from None
+    except ValueError as exc:  # over a limit
+        raise ValueError(f"images[{index}]: {exc}") from None
+    except OSError as exc:
+        raise ValueError(f"images[{index}]: cannot read the image: {exc}") from None
+    return data
 
-    def do_GET(self) -> None:
-        if self.path != "/models":
-            return self._reply(404, {"error": f"no route {self.path}"})
-        clip = {name: enc.embed_dim for name, enc in MODELS.clip.items()}
-        return self._reply(200, {"clip": clip, "reranker": MODELS.reranker is not None,
-                                 "regressor": MODELS.regressor is not None})  # fmt: skip
 
-    def do_POST(self) -> None:
+class Guard:
+    """Around the whole app (pure ASGI): at most SEARCH_MAX_CONCURRENCY requests in progress, and each body
+    read whole before any route sees it, under its size limit and within SEARCH_READ_TIMEOUT."""
+
+    def __init__(self, app: Callable[..., Awaitable[None]], settings: Settings) -> None:
+        self.app, self.settings, self.active = app, settings, 0
+
+    async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        if self.active >= self.settings.max_concurrency:
+            return await self.refuse(send, 503, f"busy: {self.active} requests in progress", {"retry-after": "1"})
+        self.active += 1
         try:
-            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))) or b"{}")
-            self._reply(200, handle(self.path, body))
-        except KeyError as exc:
-            self._reply(404 if str(exc).strip("'").startswith("/") else 400, {"error": f"missing {exc}"})
-        except LookupError as exc:  # a model this folder does not hold (default_clip raises it too)
-            self._reply(404, {"error": str(exc)})
-        except (ValueError, TypeError) as exc:  # the loaders' input checks name the problem
-            self._reply(400, {"error": str(exc)})
+            await self.guarded(scope, receive, send)
+        finally:
+            self.active -= 1
+
+    async def guarded(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
+        # h11 refuses headers over 16 KiB only while they are incomplete: the same headers in one read pass.
+        if len(scope["raw_path"]) + len(scope["query_string"]) > MAX_URL_BYTES:
+            return await self.refuse(send, 414, f"URL over {MAX_URL_BYTES} bytes")
+        if sum(len(name) + len(value) for name, value in scope["headers"]) > MAX_HEADER_BYTES:
+            return await self.refuse(send, 431, f"request headers over {MAX_HEADER_BYTES} bytes")
+        image = scope["path"] == "/embed/image"
+        limit = self.settings.max_image_body_bytes if image else self.settings.max_body_bytes
+        limit_name = "SEARCH_MAX_IMAGE_BODY_BYTES" if image else "SEARCH_MAX_BODY_BYTES"
+        too_large = f"request body over {limit} bytes ({limit_name})"
+        declared = dict(scope["headers"]).get(b"content-length")
+        if declared is not None and int(declared) > limit:  # h11 has checked it is a number
+            return await self.refuse(send, 413, too_large)
+        try:
+            body = await asyncio.wait_for(self.read_body(receive, limit), self.settings.read_timeout)
+        except TimeoutError:
+            timeout = self.settings.read_timeout
+            return await self.refuse(send, 408, f"request body not received within {timeout:g} s")
+        except OverflowError:
+            return await self.refuse(send, 413, too_large)
+        except ConnectionError:
+            return  # the client went away
+        done = False
+
+        async def replay() -> dict[str, Any]:
+            nonlocal done
+            if not done:
+                done = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return await receive()  # http.disconnect, when it comes
+
+        await self.app(scope, replay, send)
+
+    @staticmethod
+    async def read_body(receive: Callable, limit: int) -> bytes:
+        body = bytearray()
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise ConnectionError
+            body += message.get("body", b"")
+            if len(body) > limit:
+                raise OverflowError
+            if not message.get("more_body", False):
+                return bytes(body)
+
+    @staticmethod
+    async def refuse(send: Callable, status: int, message: str, headers: dict[str, str] | None = None) -> None:
+        """An error before the body was read: reply and close the connection (the rest is never read)."""
+        data = json.dumps({"error": message}).encode()
+        extra = [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+        head = [(b"content-type", b"application/json"), (b"content-length", str(len(data)).encode())]
+        head += [*extra, (b"connection", b"close")]
+        await send({"type": "http.response.start", "status": status, "headers": head})
+        await send({"type": "http.response.body", "body": data})
+
+
+class GuardedH11Protocol(H11Protocol):
+    """uvicorn's HTTP/1.1 protocol with two changes. A request's headers must arrive within
+    SEARCH_READ_TIMEOUT: uvicorn itself waits for them forever, so a client sending half a request line
+    would hold a connection (and its memory) for good. And a request h11 cannot parse (a bad request line,
+    header or Content-Length, headers over 16 KiB) gets a JSON 400 like every other error."""
+
+    read_timeout = Settings.read_timeout
+    _timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._arm()
+
+    def data_received(self, data: bytes) -> None:
+        before = self.cycle
+        super().data_received(data)
+        if self.cycle is not before:  # a request's headers are complete: its body is the Guard's business
+            self._disarm()
+        elif self.cycle is None or self.cycle.response_complete:  # part of the next request's headers
+            self._arm()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm()
+        super().connection_lost(exc)
+
+    def _arm(self) -> None:
+        if self._timer is None:  # counted from the first byte: trickling bytes does not reset it
+            self._timer = self.loop.call_later(self.read_timeout, self._too_slow)
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _too_slow(self) -> None:
+        self._timer = None
+        if self.transport.is_closing() or (self.cycle is not None and not self.cycle.response_complete):
+            return
+        data = json.dumps({"error": f"request headers not received within {self.read_timeout:g} s"}).encode()
+        head = f"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\ncontent-length: {len(data)}\r\n"
+        self.transport.write(head.encode() + b"connection: close\r\n\r\n" + data)
+        self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        data = json.dumps({"error": "not a valid HTTP/1.1 request (request line, headers or Content-Length)"})
+        headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+        for event in (h11.Response(status_code=400, headers=headers), h11.Data(data=data.encode()), h11.EndOfMessage()):
+            self.transport.write(self.conn.send(event) or b"")
+        self.transport.close()
+
+
+def main(argv: list[str]) -> None:
+    port = int(argv[1]) if len(argv) > 1 else 8080
+    # Every file is checked against the manifest here; a tampered or truncated model stops the start.
+    models = open_models(os.environ.get("MODELBAKE_MODELS", "/models"))
+    clip_runtime.MAX_IMAGE_PIXELS = SETTINGS.max_image_pixels  # the library's limits, for every image
+    clip_runtime.MAX_ASPECT_RATIO = SETTINGS.max_aspect_ratio
+    GuardedH11Protocol.read_timeout = SETTINGS.read_timeout
+    config = uvicorn.Config(
+        Guard(Service(models, SETTINGS).app, SETTINGS),
+        host=SETTINGS.host,
+        port=port,
+        loop="asyncio",
+        http=GuardedH11Protocol,
+        ws="none",
+        lifespan="off",
+        timeout_keep_alive=SETTINGS.keep_alive,
+        server_header=False,
+    )
+    uvicorn.Server(config).run()
 
 
 if __name__ == "__main__":
-    port = int(sys.argv[1]) if len(sys.argv) > 1 else 8080
-    ThreadingHTTPServer(("0.0.0.0", port), Handler).serve_forever()
+    main(sys.argv)
