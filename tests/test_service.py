@@ -1,0 +1,421 @@
+"""The example search service (examples/search_service/app.py) on 127.0.0.1 against the tiny models: every
+route, a battery of hostile requests, slow clients, the concurrency and time limits, bounded memory, and a
+short load run with bench/load.py. Also the library limits it relies on (image sizes, batched reranking)."""
+
+from __future__ import annotations
+
+import base64
+import http.client
+import importlib.util
+import io
+import json
+import re
+import select
+import socket
+import time
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from conftest import REPO
+from PIL import Image
+
+from modelbake.runtime import clip as clip_runtime
+from modelbake.runtime.models import open_models
+
+_spec = importlib.util.spec_from_file_location("search_load", REPO / "bench" / "load.py")
+load = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(load)
+
+READ_TIMEOUT = 2  # SEARCH_READ_TIMEOUT in the test service: slow clients are cut off after 2 s
+COUNTS: Counter[int] = Counter()  # every status the hostile battery received
+
+
+class Service:
+    def __init__(self, proc: Any, port: int, log: Path) -> None:
+        self.proc, self.port, self.log = proc, port, log
+
+    def peak_rss_mb(self) -> float:
+        return load.peak_rss_mb(self.proc.pid)
+
+    def rss_mb(self) -> float:
+        status = Path(f"/proc/{self.proc.pid}/status").read_text()
+        return int(re.search(r"^VmRSS:\s+(\d+)", status, re.M)[1]) / 1024
+
+
+@pytest.fixture(scope="module")
+def service(built_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Service:
+    log = tmp_path_factory.mktemp("search-service") / "service.log"
+    proc, port = load.start_service(built_tree, log, env={"SEARCH_READ_TIMEOUT": str(READ_TIMEOUT)})
+    yield Service(proc, port, log)
+    load.stop_service(proc)
+    assert "Traceback" not in log.read_text(errors="replace"), log.read_text(errors="replace")[-4000:]
+
+
+def request(port: int, head: bytes, body: bytes = b"", timeout: float = 60) -> tuple[int, dict[str, str], Any]:
+    """Raw bytes to the service, the reply parsed: (status, headers, decoded JSON). The body is not sent
+    when the reply comes first (a 413 on the declared length), as a client honouring it would."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(head)
+        for i in range(0, len(body), 65536):
+            if select.select([sock], [], [], 0)[0]:
+                break
+            try:
+                sock.sendall(body[i : i + 65536])
+            except (BrokenPipeError, ConnectionResetError):
+                break
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        data = response.read()
+    assert response.getheader("content-type") == "application/json", (response.status, data[:300])
+    return response.status, {k.lower(): v for k, v in response.getheaders()}, json.loads(data)
+
+
+def post(path: str, body: bytes, *, headers: str = "", length: int | None = None) -> tuple[bytes, bytes]:
+    length = len(body) if length is None else length
+    head = f"POST {path} HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {length}\r\n"
+    return (head + headers + "Connection: close\r\n\r\n").encode(), body
+
+
+def doc(obj: Any) -> bytes:
+    return json.dumps(obj, separators=(",", ":")).encode()
+
+
+def png(width: int, height: int, mode: str = "RGB", seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    shape = (height, width) if mode in ("L", "1") else (height, width, 3)
+    image = Image.new(mode, (width, height)) if mode == "1" else Image.fromarray(rng.integers(0, 256, shape, np.uint8))
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def jpeg(width: int, height: int) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (height, width, 3), np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()
+
+
+def _chunked_over_the_limit() -> tuple[bytes, bytes]:
+    head = b"POST /embed/text HTTP/1.1\r\nHost: t\r\nTransfer-Encoding: chunked\r\n\r\n"
+    return head, (b"10000\r\n" + b"x" * 65536 + b"\r\n") * 80  # 5 MiB, no Content-Length to refuse it by
+
+
+def _get(path: str, headers: str = "", method: str = "GET") -> tuple[bytes, bytes]:
+    return f"{method} {path} HTTP/1.1\r\nHost: t\r\n{headers}\r\n".encode(), b""
+
+
+def _image(data: bytes | str) -> tuple[bytes, bytes]:
+    return post("/embed/image", doc({"images": [data if isinstance(data, str) else b64(data)]}))
+
+
+# (name, the request (head, body), expected status, a piece of the error message). Built when a case runs,
+# so collecting the tests costs nothing.
+HOSTILE: list[tuple[str, Callable[[], tuple[bytes, bytes]], int, str]] = [
+    # Not JSON.
+    ("malformed JSON", lambda: post("/embed/text", b'{"texts": ["a dog"'), 400, "Invalid JSON"),
+    ("empty body", lambda: post("/rank", b""), 400, "Invalid JSON"),
+    ("not UTF-8", lambda: post("/embed/text", b'{"texts": ["\xff\xfe"]}'), 400, "Invalid JSON"),
+    ("deep arrays", lambda: post("/embed/text", b'{"texts":' + b"[" * 10**5 + b"]" * 10**5 + b"}"), 400, "recursion"),
+    ("deep objects", lambda: post("/boundaries", b'{"a":' * 50_000 + b"1" + b"}" * 50_000), 400, "recursion"),
+    # Valid JSON, wrong shape or type.
+    ("texts a string", lambda: post("/embed/text", doc({"texts": "a dog"})), 422, "valid array"),
+    ("texts of numbers", lambda: post("/embed/text", doc({"texts": [1, 2]})), 422, "valid string"),
+    ("top-level array", lambda: post("/embed/text", doc(["a dog"])), 422, "body: Input should be an object"),
+    ("missing field", lambda: post("/rank", doc({"passages": ["a"]})), 422, "query: Field required"),
+    ("unknown field", lambda: post("/rank", doc({"query": "q", "passages": [], "passage": []})), 422, "Extra input"),
+    ("query a number", lambda: post("/rank", doc({"query": 5, "passages": ["a"]})), 422, "valid string"),
+    ("top_k a string", lambda: post("/rank", doc({"query": "q", "passages": ["a"], "top_k": "2"})), 422, "top_k"),
+    ("top_k true", lambda: post("/rank", doc({"query": "q", "passages": ["a"], "top_k": True})), 422, "top_k"),
+    ("top_k 0", lambda: post("/rank", doc({"query": "q", "passages": ["a"], "top_k": 0})), 422, "greater than"),
+    ("features a string", lambda: post("/boundaries", doc({"features": "x"})), 422, "valid array"),
+    ("features of strings", lambda: post("/boundaries", doc({"features": [["0.1"] * 32]})), 422, "valid number"),
+    ("features NaN", lambda: post("/boundaries", b'{"features": [[NaN]]}'), 422, "finite number"),
+    ("features ragged", lambda: post("/boundaries", doc({"features": [[0.1] * 32, [0.1] * 31]})), 422, "same length"),
+    ("features wrong size", lambda: post("/boundaries", doc({"features": [[0.1] * 5]})), 422, "shape (n, 32)"),
+    ("features empty", lambda: post("/boundaries", doc({"features": []})), 422, "shape (n, 32)"),
+    ("features 1e308", lambda: post("/boundaries", doc({"features": [[1e308] * 32]})), 422, "NaN or inf"),
+    # Counts and lengths.
+    ("1M one-char texts", lambda: post("/embed/text", doc({"texts": ["a"] * 10**6})), 422, "at most 256 items"),
+    ("257 texts", lambda: post("/embed/text", doc({"texts": ["a"] * 257})), 422, "at most 256 items"),
+    ("257 passages", lambda: post("/rank", doc({"query": "q", "passages": ["a"] * 257})), 422, "at most 256"),
+    ("257 feature rows", lambda: post("/boundaries", doc({"features": [[0.1] * 32] * 257})), 422, "at most 256"),
+    ("a feature row of 4097", lambda: post("/boundaries", doc({"features": [[0.1] * 4097]})), 422, "at most 4096"),
+    ("a text of 4097 chars", lambda: post("/embed/text", doc({"texts": ["x" * 4097]})), 422, "at most 4096 char"),
+    ("a query of 1M chars", lambda: post("/rank", doc({"query": "x" * 10**6, "passages": []})), 422, "at most 4096"),
+    ("a passage of 4097", lambda: post("/rank", doc({"query": "q", "passages": ["x" * 4097]})), 422, "at most 4096"),
+    # Body sizes and HTTP framing.
+    ("body over 4 MiB", lambda: post("/embed/text", doc({"texts": ["ab" * 2000] * 1100})), 413, "MAX_BODY_BYTES"),
+    ("Content-Length 10**15", lambda: post("/embed/text", b"{}", length=10**15), 413, "SEARCH_MAX_BODY_BYTES"),
+    ("Content-Length -1", lambda: post("/embed/text", b"{}", length=-1), 400, "not a valid HTTP"),
+    ("Content-Length abc", lambda: _get("/rank", "Content-Length: abc\r\n", "POST"), 400, "not a valid HTTP"),
+    ("two Content-Lengths", lambda: post("/rank", b"{}", headers="Content-Length: 7\r\n"), 400, "not a valid HTTP"),
+    ("chunked over 4 MiB", _chunked_over_the_limit, 413, "SEARCH_MAX_BODY_BYTES"),
+    ("headers over 16 KiB", lambda: _get("/models", f"X-Big: {'a' * 20000}\r\n"), 431, "headers over 16384"),
+    ("many headers", lambda: _get("/models", "X-A: b\r\n" * 5000), 431, "headers over 16384"),
+    ("a URL of 20 kB", lambda: _get("/" + "a" * 20000), 414, "URL over 8192"),
+    ("a query string of 20 kB", lambda: _get("/models?" + "a" * 20000), 414, "URL over 8192"),
+    ("garbage request line", lambda: (b"HELLO THERE\r\n\r\n", b""), 400, "not a valid HTTP"),
+    ("binary junk", lambda: (bytes(range(256)) * 4, b""), 400, "not a valid HTTP"),
+    # Images.
+    ("a bomb image", lambda: _image(png(20000, 20000, "1")), 422, "over the limit of 25000000 pixels"),
+    ("a 100000x1 image", lambda: _image(png(100000, 1, "L")), 422, "aspect ratio of 100000:1"),
+    ("a truncated PNG", lambda: _image(png(64, 48)[:1500]), 422, "images[0]: cannot decode"),
+    ("a truncated JPEG", lambda: _image(jpeg(64, 48)[:400]), 422, "images[0]"),
+    ("a PNG header alone", lambda: _image(png(64, 48)[:40]), 422, "images[0]"),
+    ("not base64", lambda: _image("not base64!"), 422, "images[0]: not base64"),
+    ("base64 of text", lambda: _image(b"hello world"), 422, "images[0]: not a PNG"),
+    ("a TIFF", lambda: _image(tiff()), 422, "images[0]: not a PNG"),
+    ("images a string", lambda: post("/embed/image", doc({"images": b64(png(8, 8))})), 422, "valid array"),
+    ("17 images", lambda: post("/embed/image", doc({"images": [b64(png(8, 8))] * 17})), 422, "at most 16 items"),
+    ("4M tiny values", lambda: post("/embed/image", b'{"images":[' + b"1," * 4 * 10**6 + b"1]}"), 422, "MAX_IMAGES"),
+    ("image body over 16 MiB", lambda: _image("A" * 17 * 2**20), 413, "SEARCH_MAX_IMAGE_BODY_BYTES"),
+    # Routes and methods.
+    ("unknown route", lambda: _get("/nope"), 404, "no route /nope"),
+    ("POST to an unknown route", lambda: post("/embed", doc({"texts": []})), 404, "no route /embed"),
+    ("dot segments", lambda: _get("/embed/../models/.."), 404, "no route"),
+    ("GET a POST route", lambda: _get("/embed/text"), 405, "Method Not Allowed"),
+    ("DELETE /models", lambda: _get("/models", method="DELETE"), 405, "Method Not Allowed"),
+    ("an unknown method", lambda: _get("/models", method="BREW"), 405, "Method Not Allowed"),
+]
+
+
+def tiff() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(buf, "TIFF")
+    return buf.getvalue()
+
+
+def test_every_route_answers(service: Service) -> None:
+    port = service.port
+    status, _, body = request(port, b"GET /models HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert status == 200 and body == {"clip": {"tiny-vit": 32, "tiny-rn": 32}, "reranker": True, "regressor": True}
+    status, _, body = request(port, *post("/embed/text", doc({"texts": ["a dog", "x" * 4096, ""]})))
+    assert status == 200 and np.asarray(body["embeddings"]).shape == (3, 32)
+    status, _, body = request(port, *post("/embed/text", doc({"texts": []})))
+    assert status == 200 and body == {"embeddings": []}
+    images = [b64(png(64, 48)), b64(jpeg(33, 71)), b64(png(1, 256, "L"))]  # the last at the aspect limit
+    status, _, body = request(port, *post("/embed/image", doc({"images": images})))
+    assert status == 200 and np.asarray(body["embeddings"]).shape == (3, 32)
+    passages = ["a dog runs", "a car", *(f"passage {i}" for i in range(40))]  # several batches of 16
+    status, _, body = request(port, *post("/rank", doc({"query": "a dog", "passages": passages, "top_k": 3})))
+    assert status == 200 and len(body["ranking"]) == 3
+    status, _, full = request(port, *post("/rank", doc({"query": "a dog", "passages": passages})))
+    assert status == 200 and sorted(i for i, _ in full["ranking"]) == list(range(len(passages)))
+    assert full["ranking"][:3] == body["ranking"]
+    status, _, body = request(port, *post("/boundaries", doc({"features": [[0.1] * 32, [0.2] * 32]})))
+    assert status == 200 and np.asarray(body["deltas"]).shape == (2, 2)
+
+
+def test_the_embeddings_are_the_librarys(service: Service, built_tree: Path) -> None:
+    clip = open_models(built_tree).default_clip
+    texts = [f"text {i}" for i in range(20)]
+    _, _, body = request(service.port, *post("/embed/text", doc({"texts": texts})))
+    np.testing.assert_allclose(body["embeddings"], clip.encode_text(texts), atol=1e-6)
+    data = png(90, 40, seed=3)
+    _, _, body = request(service.port, *post("/embed/image", doc({"images": [b64(data)]})))
+    np.testing.assert_allclose(body["embeddings"], clip.encode_image([Image.open(io.BytesIO(data))]), atol=1e-6)
+
+
+@pytest.mark.parametrize(("name", "make", "expected", "message"), HOSTILE, ids=[case[0] for case in HOSTILE])
+def test_a_hostile_request_gets_its_status(
+    service: Service, name: str, make: Callable[[], tuple[bytes, bytes]], expected: int, message: str
+) -> None:
+    status, _, reply = request(service.port, *make())
+    COUNTS[status] += 1
+    assert status == expected, reply
+    assert isinstance(reply.get("error"), str) and message in reply["error"], reply
+
+
+def _stalled(port: int, data: bytes) -> tuple[int, dict[str, Any], float]:
+    """Send ``data`` and then nothing; (status, reply, seconds until the service answered and closed)."""
+    start = time.monotonic()
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
+        if data:
+            sock.sendall(data)
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        reply = json.loads(response.read())
+        closed = sock.recv(1) == b""  # the service closed the connection after its reply
+    assert closed
+    return response.status, reply, time.monotonic() - start
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        pytest.param(b"".join(post("/rank", b'{"q', length=100)), id="headers, then a stalled body"),
+        pytest.param(b"POST /embed/te", id="half a request line"),
+        pytest.param(b"POST /rank HTTP/1.1\r\nHost: t\r\nContent-Le", id="headers without their end"),
+        pytest.param(b"", id="nothing at all"),
+    ],
+)
+def test_a_slow_client_is_cut_off(service: Service, data: bytes) -> None:
+    status, reply, seconds = _stalled(service.port, data)
+    COUNTS[status] += 1
+    assert status == 408 and "not received within 2 s" in reply["error"], reply
+    assert seconds < READ_TIMEOUT + 20, seconds  # liveness, not speed: it did not wait for the client
+
+
+def test_a_trickling_client_is_cut_off_all_the_same(service: Service) -> None:
+    """One header byte every 0.3 s: the deadline counts from the first byte, so trickling does not extend it."""
+    start = time.monotonic()
+    line = b"GET /models HTTP/1.1\r\nX-Slow: " + b"a" * 200
+    with socket.create_connection(("127.0.0.1", service.port), timeout=60) as sock:
+        for byte in line:
+            if select.select([sock], [], [], 0.3)[0]:
+                break
+            sock.sendall(bytes([byte]))
+        response = http.client.HTTPResponse(sock)
+        response.begin()
+        reply = json.loads(response.read())
+    COUNTS[response.status] += 1
+    assert response.status == 408, reply
+    assert time.monotonic() - start < len(line) * 0.3, "the trickle was let through to its end"
+
+
+def test_the_service_stays_healthy_and_its_memory_bounded(service: Service) -> None:
+    """After the battery above: /models answers, a real request works, nothing leaked into the log, and the
+    server's peak RSS stayed under 1 GB. The bound: the process with the tiny models is about 200 MB; the
+    largest transient the limits allow is parsing one 4 MiB body of one-character values (about 130 MB,
+    bodies are parsed one at a time) or 16 MiB of base64 (its text, bytes and one decoded image under
+    25 M pixels, under 200 MB); the bomb (400 M pixels, 1.2 GB as RGB) is refused from its header."""
+    status, _, body = request(service.port, b"GET /models HTTP/1.1\r\nHost: t\r\n\r\n")
+    assert status == 200 and body["reranker"] is True
+    status, _, body = request(service.port, *post("/rank", doc({"query": "a dog", "passages": ["a dog", "a car"]})))
+    assert status == 200 and len(body["ranking"]) == 2
+    peak, now = service.peak_rss_mb(), service.rss_mb()
+    total = sum(COUNTS.values())
+    statuses = dict(sorted(COUNTS.items()))
+    print(f"\nhostile battery: {total} requests, statuses {statuses}; server RSS {now:.0f} MB, peak {peak:.0f} MB")
+    assert peak < 1024, peak
+    log = service.log.read_text(errors="replace")
+    assert "Traceback" not in log and "Exception in ASGI application" not in log, log[-3000:]
+
+
+def test_a_load_run_has_no_errors(service: Service) -> None:
+    result = load.run_load(service.port, requests=200, concurrency=16, max_seconds=300)
+    rate, p50, p99 = result["throughput_rps"], result["p50_ms"], result["p99_ms"]
+    print(f"\nload: {result['done']} requests, {rate:.1f} req/s, p50 {p50:.0f} ms, p99 {p99:.0f} ms")
+    assert result["errors"] == 0 and result["not_run"] == 0, result["first_errors"]
+
+
+@pytest.fixture(scope="module")
+def tight_service(built_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Service:
+    """A second instance with tight limits: 2 requests in progress, 8 s to read, 5 ms of model work."""
+    log = tmp_path_factory.mktemp("search-service-tight") / "service.log"
+    env = {"SEARCH_MAX_CONCURRENCY": "2", "SEARCH_READ_TIMEOUT": "8", "SEARCH_REQUEST_TIMEOUT": "0.005"}
+    proc, port = load.start_service(built_tree, log, env=env)
+    yield Service(proc, port, log)
+    load.stop_service(proc)
+
+
+def test_requests_beyond_the_concurrency_limit_get_503(tight_service: Service) -> None:
+    port = tight_service.port
+    stalled = [socket.create_connection(("127.0.0.1", port), timeout=60) for _ in range(2)]
+    try:
+        for sock in stalled:  # two requests in progress: their bodies never come
+            sock.sendall(b"".join(post("/rank", b"{", length=50)))
+        end = time.monotonic() + 6
+        while True:  # until both have reached the service (a loaded machine may take a moment)
+            status, headers, reply = request(port, b"GET /models HTTP/1.1\r\nHost: t\r\n\r\n")
+            if status == 503 or time.monotonic() > end:
+                break
+            time.sleep(0.05)
+        assert status == 503 and reply["error"].startswith("busy") and headers["retry-after"] == "1", reply
+        for sock in stalled:  # cut off after SEARCH_READ_TIMEOUT
+            response = http.client.HTTPResponse(sock)
+            response.begin()
+            assert response.status == 408
+    finally:
+        for sock in stalled:
+            sock.close()
+    assert request(port, b"GET /models HTTP/1.1\r\nHost: t\r\n\r\n")[0] == 200
+
+
+def test_model_work_over_the_request_timeout_gets_503(tight_service: Service) -> None:
+    passages = [f"passage {i} " * 50 for i in range(256)]
+    status, headers, reply = request(tight_service.port, *post("/rank", doc({"query": "q", "passages": passages})))
+    assert status == 503 and "SEARCH_REQUEST_TIMEOUT" in reply["error"] and headers["retry-after"] == "1", reply
+    time.sleep(0.5)  # the abandoned job stops at its next batch and frees its slot
+    assert request(tight_service.port, b"GET /models HTTP/1.1\r\nHost: t\r\n\r\n")[0] == 200
+
+
+def test_the_image_pins_match_the_wheelhouse_set() -> None:
+    """The image installs examples/search_service/requirements.txt (its build context cannot reach build/);
+    the wheelhouse and the dev venv get build/requirements-example.txt: the same pins, and pip, which the
+    image's build stage runs from its wheel."""
+
+    def pins(path: Path) -> list[str]:
+        lines = (line.strip() for line in path.read_text().splitlines())
+        return sorted(line for line in lines if line and not line.startswith("#"))
+
+    example = pins(REPO / "build" / "requirements-example.txt")
+    image = pins(REPO / "examples" / "search_service" / "requirements.txt")
+    assert [line for line in example if not line.startswith("pip==")] == image
+    assert any(line.startswith("pip==") for line in example) and not any(line.startswith("pip==") for line in image)
+    assert all(re.fullmatch(r"[A-Za-z0-9_.-]+==[0-9][0-9A-Za-z.]*", line) for line in example), example
+    assert "-r requirements-example.txt" in pins(REPO / "build" / "requirements-dev.txt")
+
+
+# The library limits the service relies on.
+
+
+@pytest.mark.parametrize(
+    "image, limit",
+    [
+        (np.zeros((1, 100_000), np.uint8), "aspect ratio of 100000:1, over the limit of 256:1"),
+        (np.zeros((0, 5, 3), np.uint8), "at least one pixel"),
+        (Image.new("L", (300, 1)), "aspect ratio of 300:1"),
+        (Image.new("1", (10_000, 8_000)), "80000000 pixels is over the limit of 64000000 pixels"),
+    ],
+    ids=["array-strip", "array-empty", "pil-strip", "pil-80M"],
+)
+def test_preprocess_image_refuses_extreme_shapes(built_tree: Path, image: Any, limit: str) -> None:
+    cfg = open_models(built_tree).default_clip.preprocessing
+    with pytest.raises(ValueError, match=re.escape(limit)):
+        clip_runtime.preprocess_image(image, cfg)
+
+
+def test_preprocess_image_refuses_a_bomb_from_its_header(built_tree: Path, tmp_path: Path) -> None:
+    cfg = open_models(built_tree).default_clip.preprocessing
+    bomb = png(20000, 20000, "1")  # 400 M pixels in a file of about 50 kB; PIL's own limit is 179 M
+    assert len(bomb) < 200_000
+    (tmp_path / "bomb.png").write_bytes(bomb)
+    for source in (tmp_path / "bomb.png", str(tmp_path / "bomb.png"), bomb):
+        with pytest.raises(ValueError, match="over the limit of 64000000 pixels"):
+            clip_runtime.preprocess_image(source, cfg)
+    small = png(9000, 8000, "1")  # 72 M pixels: under PIL's limit, over ours
+    with pytest.raises(ValueError, match="72000000 pixels is over the limit of 64000000"):
+        clip_runtime.preprocess_image(small, cfg)
+    with pytest.raises(ValueError, match="over the limit of 1000 pixels"):
+        clip_runtime.preprocess_image(png(40, 30), cfg, max_pixels=1000)
+    with pytest.raises(ValueError, match=r"aspect ratio of 4:1, over the limit of 3:1"):
+        clip_runtime.preprocess_image(png(40, 10), cfg, max_aspect_ratio=3)
+    with pytest.raises(ValueError, match="cannot decode the image"):
+        clip_runtime.preprocess_image(png(40, 30)[:60], cfg)
+
+
+def test_encoded_bytes_preprocess_as_the_image_does(built_tree: Path) -> None:
+    cfg = open_models(built_tree).default_clip.preprocessing
+    for data in (png(64, 48), png(1, 256, "L"), jpeg(33, 71)):
+        np.testing.assert_array_equal(
+            clip_runtime.preprocess_image(data, cfg), clip_runtime.preprocess_image(Image.open(io.BytesIO(data)), cfg)
+        )
+
+
+def test_reranker_scores_are_the_same_in_any_batch_size(built_tree: Path) -> None:
+    reranker = open_models(built_tree).reranker
+    passages = [f"passage {i} " * (i % 9 + 1) for i in range(50)]
+    whole = reranker.score("a query", passages, batch_size=len(passages))
+    for size in (1, 7, 32):
+        np.testing.assert_allclose(reranker.score("a query", passages, batch_size=size), whole, atol=1e-6)
+    with pytest.raises(ValueError, match="batch_size"):
+        reranker.score("q", passages, batch_size=0)
