@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -19,9 +18,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from modelbake.manifest import Role, file_entry, write_fragment
+from modelbake.manifest import Role, file_entry, sha256_file, write_fragment
 from modelbake.producers import Values
-from modelbake.producers.common import ProducerError, log, model_record, staged_output
+from modelbake.producers.common import ProducerError, log, model_record, publish, scratch_folder, staged_output
 from modelbake.producers.onnx_export import OnnxExport, export_variants
 from modelbake.producers.progress import steps
 from modelbake.producers.regressor_data import DataError, load_dataset
@@ -233,6 +232,20 @@ def _metrics(model: torch.nn.Module, train_set: Split, val_set: Split) -> dict[s
     }
 
 
+def _publish(model: BoundaryRegressor, metrics: dict[str, Any], out_pth: Path) -> None:
+    """OUT.safetensors, OUT.pth, then OUT.metrics.json: written whole in a scratch folder, then renamed in.
+
+    metrics.json comes last and lists both weights files' sha256, so a reader can tell the three belong together.
+    """
+    out_st, out_metrics = out_pth.with_suffix(".safetensors"), out_pth.with_suffix(".metrics.json")
+    with scratch_folder(out_pth.parent, "train") as work:
+        pth, st = save_weights(model, work / out_pth.name)
+        metrics["files"] = {out_st.name: sha256_file(st), out_pth.name: sha256_file(pth)}
+        metrics_path = work / out_metrics.name
+        metrics_path.write_text(json.dumps(metrics, indent=2) + "\n")
+        publish(work, [(st, out_st), (pth, out_pth), (metrics_path, out_metrics)])
+
+
 def train(
     data: Path,
     out_pth: Path,
@@ -245,7 +258,7 @@ def train(
     batch_size: int = 64,
     feature_dim: int | None = None,
 ) -> dict[str, Any]:
-    """Train on user data; writes OUT.pth, OUT.safetensors and OUT.metrics.json, each atomically."""
+    """Train on user data; publishes OUT.pth, OUT.safetensors and OUT.metrics.json together (:func:`_publish`)."""
     if out_pth.suffix != ".pth":
         raise DataError(f"{out_pth}: the output must end in .pth (its .safetensors twin is written beside it)")
     if not 0 < val_fraction < 1:
@@ -269,10 +282,6 @@ def train(
         )
     metrics = {**_metrics(model, train_set, val_set), "seed": seed, "data": str(data), **result}
     metrics["data_sha256"] = hashlib.sha256(data.read_bytes()).hexdigest()
-    save_weights(model, out_pth)
-    metrics_path = out_pth.with_suffix(".metrics.json")
-    tmp = metrics_path.with_name(f".{metrics_path.name}.tmp")
-    tmp.write_text(json.dumps(metrics, indent=2) + "\n")
-    os.replace(tmp, metrics_path)
-    log.info("wrote %s, %s and %s", out_pth, out_pth.with_suffix(".safetensors"), metrics_path)
+    _publish(model, metrics, out_pth)
+    log.info("wrote %s, %s and %s", out_pth, out_pth.with_suffix(".safetensors"), out_pth.with_suffix(".metrics.json"))
     return metrics

@@ -9,7 +9,6 @@ CLIP features of a clip (``feature_dim``: the CLIP model's embedding size, 512 f
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
@@ -39,20 +38,20 @@ class BoundaryRegressor(nn.Module):
 
 
 def save_weights(model: BoundaryRegressor, pth_path: Path) -> tuple[Path, Path]:
-    """``X.pth`` (a plain state dict) and its ``X.safetensors`` twin, each written atomically."""
+    """``X.pth`` (a plain state dict) and its ``X.safetensors`` twin, written in place.
+
+    Give paths in a scratch folder (``common.scratch_folder``) and publish them from there: a file here may
+    be half-written until this returns.
+    """
     from safetensors.torch import save_file
 
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     pth_path.parent.mkdir(parents=True, exist_ok=True)
     st_path = pth_path.with_suffix(".safetensors")
-    for path, write in (
-        (st_path, lambda p: save_file(state, p, metadata={"feature_dim": str(model.feature_dim)})),
-        (pth_path, lambda p: torch.save(state, p)),
-    ):
-        tmp = path.with_name(f".{path.name}.tmp")
-        write(str(tmp))
-        tmp.chmod(0o644)  # safetensors writes 0600; weights are meant to be read by a service user
-        os.replace(tmp, path)
+    save_file(state, str(st_path), metadata={"feature_dim": str(model.feature_dim)})
+    torch.save(state, pth_path)
+    for path in (st_path, pth_path):
+        path.chmod(0o644)  # safetensors writes 0600; weights are meant to be read by a service user
     return pth_path, st_path
 
 
