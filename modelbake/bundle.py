@@ -14,17 +14,16 @@ Build it with no network: ``WHEELHOUSE=bundle/wheelhouse MODEL_SOURCES=bundle/so
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from modelbake.bake import BakeError, Selection
 from modelbake.manifest import build_time, sha256_file
 from modelbake.params import SELECTION
+from modelbake.producers.common import publish, scratch_folder
 from modelbake.spec import parse_clip_list, parse_reranker_list
 
 REQUIREMENTS = Path(__file__).resolve().parents[1] / "build" / "requirements-build.txt"
@@ -92,9 +91,8 @@ def bundle(
     if out.exists():
         raise BakeError(f"{out} exists; give a new folder (a bundle is written whole or not at all)")
     selection.variables()  # every spec checked before anything is fetched
-    out.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=out.parent))
-    try:
+    # Gathered in a scratch folder beside ``out`` (a kill leaves ``out`` absent; the next run clears it).
+    with scratch_folder(out, "bundle") as scratch:
         if wheels:
             _wheels(scratch / "wheelhouse", pip_args or [])
         sources = scratch / "sources"
@@ -110,8 +108,5 @@ def bundle(
         ]
         doc = {"created": build_time(), "selection": {"clip": clip, "reranker": reranker}, "files": files}
         (scratch / "bundle_manifest.json").write_text(json.dumps(doc, indent=2) + "\n")
-        os.replace(scratch, out)
-    except BaseException:
-        shutil.rmtree(scratch, ignore_errors=True)
-        raise
+        publish(scratch, [(scratch, out)])  # one rename: the whole bundle or nothing
     return doc
