@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import pickle
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -68,6 +69,64 @@ def test_empty_and_malformed_files(tmp_path: Path) -> None:
     assert proc.returncode != 0 and "line 2 is not a JSON record" in proc.stderr
     proc = run_cli("validate-data", str(tmp_path / "absent.json"))
     assert proc.returncode != 0 and "no such file" in proc.stderr
+
+
+def _line(video_id: str, start_delta: str = "-0.5", features: str = "0.1, 0.2", extra: bytes = b"") -> bytes:
+    """One record as raw JSON bytes, so values json.dumps would never write (or bytes not UTF-8) can be given."""
+    text = f'{{"video_id": "{video_id}", "features": [{features}], "start_delta": {start_delta}, "end_delta": 1'
+    return text.encode() + extra + b"}"
+
+
+def _one_error_line(proc: subprocess.CompletedProcess, command: str) -> str:
+    """The CLI's error, which must be exactly one line, with no traceback."""
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    (line,) = [line for line in proc.stderr.splitlines() if line.startswith("modelbake ")]
+    assert line.startswith(f"modelbake {command}: error: "), line
+    return line
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"[" + _line("a") + b"," + _line("b", "1e39") + b"]", "record 1: field start_delta is 1e39, too large"),
+        (_line("a") + b"\n" + _line("b", "-1e39"), "record 1: field start_delta is -1e39"),  # JSON Lines
+        (b"[" + _line("a", features="0.1, 3.5e38") + b"]", "record 0: field features.1 is 3.5e38"),
+        (b"[" + _line("a", "9" * 5000) + b"]", "record 0: field start_delta is 9999"),  # beyond json's int limit
+        (b"[" + _line("a", "9" * 400) + b"]", "record 0: field start_delta is 9999"),  # beyond float64
+        (
+            b"[" + _line("a") + b"," + _line("b", extra=b', "query": "caf\xe9"') + b"]",
+            "record 1: field query: not UTF-8",
+        ),
+        (b"[" + _line("a", extra=b', "end_delta": 2') + b"]", "record 0: field end_delta is given more than once"),
+    ],
+    ids=["1e39", "-1e39-jsonl", "feature-3.5e38", "5000-digits", "400-digits", "latin-1", "duplicate-key"],
+)
+def test_data_json_or_float32_cannot_hold_is_refused_by_record_and_field(
+    tmp_path: Path, content: bytes, message: str
+) -> None:
+    data = tmp_path / "data.json"
+    data.write_bytes(content)
+    out = tmp_path / "out" / "model.pth"
+    video_id = "a" if message.startswith("record 0") else "b"
+    for command, args in (("validate-data", ()), ("train-regressor", (str(out), "--epochs", "1"))):
+        line = _one_error_line(run_cli(command, str(data), *args), command)
+        assert message in line and line.endswith(f"(video_id '{video_id}')"), line
+    assert [p.name for p in tmp_path.iterdir()] == ["data.json"]  # nothing written, no scratch
+
+
+def test_training_that_diverges_fails_and_saves_nothing(tmp_path: Path) -> None:
+    """Values float32 holds but whose loss overflows: no NaN weights, no random init saved as "best epoch 0"."""
+    records = [_record(video_id=f"v{i}", start_delta=3e38 * (-1) ** i) for i in range(20)]
+    data = _write(tmp_path / "data.json", records)
+    assert run_cli("validate-data", str(data)).returncode == 0  # each value fits in a 32-bit float
+    out = tmp_path / "out" / "model.pth"
+    line = _one_error_line(run_cli("train-regressor", str(data), str(out), "--epochs", "5"), "train-regressor")
+    assert "training diverged in epoch 1: the training loss is inf; nothing was written" in line, line
+    assert "record 0: field start_delta is 3e+38 (video_id 'v0')" in line, line
+    line = _one_error_line(run_cli("train-regressor", str(data), str(out), "--epochs", "0"), "train-regressor")
+    assert "--epochs 0: give at least 1" in line, line
+    assert [p.name for p in tmp_path.iterdir()] == ["data.json"]
 
 
 def test_the_sample_file_is_valid() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ from modelbake.producers import Values
 from modelbake.producers.common import ProducerError, log, model_record, publish, scratch_folder, staged_output
 from modelbake.producers.onnx_export import OnnxExport, export_variants
 from modelbake.producers.progress import steps
-from modelbake.producers.regressor_data import DataError, load_dataset
+from modelbake.producers.regressor_data import DELTA_FIELDS, DataError, load_dataset, record_message
 from modelbake.producers.regressor_model import OUTPUT_NAMES, BoundaryRegressor, save_weights
 from modelbake.spec import REGRESSOR_DIR, REGRESSOR_ONNX, REGRESSOR_PTH, parse_clip_list
 
@@ -55,6 +56,26 @@ def mae(model: torch.nn.Module, x: np.ndarray, y: np.ndarray) -> dict[str, float
     return dict(zip(OUTPUT_NAMES, (float(v) for v in np.mean(np.abs(pred - y), axis=0)), strict=True))
 
 
+def _epoch(
+    model: BoundaryRegressor,
+    opt: torch.optim.Optimizer,
+    data: tuple[torch.Tensor, torch.Tensor],
+    order: tuple[torch.Tensor, ...],
+) -> float:
+    """One pass over the training set in ``order`` batches; the mean L1 loss. Refuses a non-finite loss."""
+    model.train()
+    total = 0.0
+    for idx in order:
+        opt.zero_grad()
+        loss = torch.nn.functional.l1_loss(model(data[0][idx]), data[1][idx])
+        if not math.isfinite(loss.item()):
+            raise ProducerError(f"the training loss is {loss.item()}")
+        loss.backward()
+        opt.step()
+        total += loss.item() * len(idx)
+    return total / len(data[0])
+
+
 def fit(
     model: BoundaryRegressor,
     train: tuple[np.ndarray, np.ndarray],
@@ -67,7 +88,10 @@ def fit(
     patience: int | None = None,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
-    """L1 training with a fixed seed; keeps the epoch with the best validation MAE (early stopping)."""
+    """L1 training with a fixed seed; keeps the epoch with the best validation MAE (early stopping).
+
+    A non-finite loss or validation MAE raises ProducerError (naming the epoch): never a silent model.
+    """
     torch.use_deterministic_algorithms(True)
     generator = torch.Generator().manual_seed(seed)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
@@ -75,24 +99,24 @@ def fit(
     best = (float("inf"), 0, {k: v.clone() for k, v in model.state_dict().items()})
     history = []
     for epoch in range(1, epochs + 1):
-        model.train()
-        total = 0.0
-        for idx in torch.randperm(len(xt), generator=generator).split(batch_size):
-            opt.zero_grad()
-            loss = torch.nn.functional.l1_loss(model(xt[idx]), yt[idx])
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(idx)
+        try:
+            train_l1 = _epoch(model, opt, (xt, yt), torch.randperm(len(xt), generator=generator).split(batch_size))
+        except ProducerError as exc:
+            raise ProducerError(f"training diverged in epoch {epoch}: {exc}") from None
         val_mae = mae(model, *val)
-        row = {"epoch": epoch, "train_l1": total / len(xt), "val_mae": val_mae}
+        score = sum(val_mae.values()) / len(val_mae)
+        if not math.isfinite(score):
+            raise ProducerError(f"training diverged in epoch {epoch}: the validation MAE is {score}")
+        row = {"epoch": epoch, "train_l1": train_l1, "val_mae": val_mae}
         history.append(row)
         if on_epoch:
             on_epoch(row)
-        score = sum(val_mae.values()) / len(val_mae)
         if score < best[0]:
             best = (score, epoch, {k: v.clone() for k, v in model.state_dict().items()})
         elif patience is not None and epoch - best[1] >= patience:
             break
+    if best[1] == 0:
+        raise ProducerError(f"no epoch was trained (epochs={epochs}): the model would be its random init")
     model.load_state_dict(best[2])
     model.eval()
     return {"epochs_run": len(history), "best_epoch": best[1], "history": history}
@@ -232,6 +256,16 @@ def _metrics(model: torch.nn.Module, train_set: Split, val_set: Split) -> dict[s
     }
 
 
+def _largest_value(dataset: Any) -> str:
+    """Where the data's largest magnitude is (the usual cause of a diverging loss): record, field, value."""
+    index, column = divmod(int(np.argmax(np.abs(dataset.deltas))), 2)
+    where, value = f"field {DELTA_FIELDS[column]}", dataset.deltas[index, column]
+    f_index, f_column = divmod(int(np.argmax(np.abs(dataset.features))), dataset.features.shape[1])
+    if abs(dataset.features[f_index, f_column]) > abs(value):
+        index, where, value = f_index, f"field features.{f_column}", dataset.features[f_index, f_column]
+    return record_message(index, dataset.video_ids[index], f"{where} is {float(value):.6g}")
+
+
 def _publish(model: BoundaryRegressor, metrics: dict[str, Any], out_pth: Path) -> None:
     """OUT.safetensors, OUT.pth, then OUT.metrics.json: written whole in a scratch folder, then renamed in.
 
@@ -258,28 +292,28 @@ def train(
     batch_size: int = 64,
     feature_dim: int | None = None,
 ) -> dict[str, Any]:
-    """Train on user data; publishes OUT.pth, OUT.safetensors and OUT.metrics.json together (:func:`_publish`)."""
+    """Train on user data; publishes OUT.pth, OUT.safetensors and OUT.metrics.json together (:func:`_publish`).
+
+    Nothing is written unless training succeeds: bad data or a diverging loss raise DataError.
+    """
     if out_pth.suffix != ".pth":
         raise DataError(f"{out_pth}: the output must end in .pth (its .safetensors twin is written beside it)")
     if not 0 < val_fraction < 1:
         raise DataError(f"--val-fraction {val_fraction}: give a fraction between 0 and 1")
+    if epochs < 1:
+        raise DataError(f"--epochs {epochs}: give at least 1 (an untrained model is never saved)")
     dataset = load_dataset(data, feature_dim)
     train_set, val_set = _split(dataset, val_fraction, seed, data)
     torch.manual_seed(seed)
     model = BoundaryRegressor(dataset.features.shape[1])
     log.info("training on %d records, validating on %d (%s)", len(train_set[0]), len(val_set[0]), data)
-    with steps("training", epochs) as done:  # may stop early (patience)
-        result = fit(
-            model,
-            train_set,
-            val_set,
-            epochs=epochs,
-            seed=seed,
-            lr=lr,
-            batch_size=batch_size,
-            patience=patience,
-            on_epoch=_progress(done, epochs),
-        )
+    options = {"epochs": epochs, "seed": seed, "lr": lr, "batch_size": batch_size, "patience": patience}
+    try:
+        with steps("training", epochs) as done:  # may stop early (patience)
+            result = fit(model, train_set, val_set, **options, on_epoch=_progress(done, epochs))
+    except ProducerError as exc:
+        largest = _largest_value(dataset)
+        raise DataError(f"{data}: {exc}; nothing was written. Largest value: {largest}; scale the data") from None
     metrics = {**_metrics(model, train_set, val_set), "seed": seed, "data": str(data), **result}
     metrics["data_sha256"] = hashlib.sha256(data.read_bytes()).hexdigest()
     _publish(model, metrics, out_pth)
