@@ -24,10 +24,29 @@ from modelbake.bake import BakeError, Selection
 from modelbake.manifest import build_time, sha256_file
 from modelbake.params import SELECTION
 from modelbake.producers.common import publish, scratch_folder
-from modelbake.spec import parse_clip_list, parse_reranker_list
+from modelbake.spec import ORIGIN_FILE, parse_clip_list, parse_reranker_list
 
 REQUIREMENTS = Path(__file__).resolve().parents[1] / "build" / "requirements-build.txt"
 MOUNT = "/sources"
+MANIFEST = "bundle_manifest.json"
+
+
+def verify_bundle(folder: Path) -> int:
+    """Every file ``bundle_manifest.json`` lists, with its size and sha256: a file damaged in transit is
+    refused by name before a build uses it (the parity gate cannot see bad weights: torch and ONNX share
+    them). Returns the number of files checked."""
+    try:
+        doc = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError) as exc:
+        raise BakeError(f"{folder / MANIFEST}: unreadable ({exc}); copy the bundle again") from exc
+    for entry in doc["files"]:
+        path = folder / entry["path"]
+        if not path.is_file() or path.stat().st_size != entry["bytes"] or sha256_file(path) != entry["sha256"]:
+            raise BakeError(
+                f"{path}: missing or not the file the bundle lists (size/sha256 differ); "
+                "it was damaged in transit: copy the bundle again"
+            )
+    return len(doc["files"])
 
 
 def _copy(src: Path, dest: Path) -> None:
@@ -45,10 +64,11 @@ def _clip_sources(selection: Selection, sources: Path) -> list[str]:
         if spec.local is not None:
             _copy(Path(spec.local.path), dest)
             name = Path(spec.local.path).name
+            tag = f":{spec.tag}" if spec.tag else ""
             specs.append(
                 f"{spec.key}@dir:{MOUNT}/clip/{spec.key}"
                 if spec.local.kind == "dir"
-                else f"{spec.arch}@file:{MOUNT}/clip/{spec.key}/{name}"
+                else f"{spec.arch}{tag}@file:{MOUNT}/clip/{spec.key}/{name}"
             )
             continue
         import open_clip  # build extra: downloads the weights exactly as the stage would
@@ -58,7 +78,8 @@ def _clip_sources(selection: Selection, sources: Path) -> list[str]:
             raise BakeError(f"{spec.text!r}: OpenCLIP has no pretrained tag {spec.tag!r} for {spec.arch}")
         path = Path(open_clip.download_pretrained(cfg, cache_dir=str(sources / ".cache")))
         _copy(path, dest)
-        specs.append(f"{spec.arch}@file:{MOUNT}/clip/{spec.key}/{path.name}")
+        # The tag stays in the spec: its file names, preprocessing and activation (QuickGELU) go with it.
+        specs.append(f"{spec.arch}:{spec.tag}@file:{MOUNT}/clip/{spec.key}/{path.name}")
     shutil.rmtree(sources / ".cache", ignore_errors=True)
     return specs
 
@@ -70,10 +91,14 @@ def _reranker_sources(selection: Selection, sources: Path) -> list[str]:
         if spec.local is not None:
             _copy(Path(spec.local.path), dest)
         else:
-            from huggingface_hub import snapshot_download
+            from huggingface_hub import HfApi, snapshot_download
 
-            snapshot_download(spec.repo, revision=spec.revision, local_dir=dest)
+            # The commit the revision means now, recorded beside the files: the build names it as the origin.
+            commit = HfApi().model_info(spec.repo, revision=spec.revision).sha
+            snapshot_download(spec.repo, revision=commit, local_dir=dest)
             shutil.rmtree(dest / ".cache", ignore_errors=True)
+            origin = {"type": "hub", "id": spec.repo, "revision": commit}
+            (dest / ORIGIN_FILE).write_text(json.dumps(origin, indent=2) + "\n")
         specs.append(f"{spec.key}@dir:{MOUNT}/reranker/{spec.key}")
     return specs
 
@@ -107,6 +132,6 @@ def bundle(
             if p.is_file()
         ]
         doc = {"created": build_time(), "selection": {"clip": clip, "reranker": reranker}, "files": files}
-        (scratch / "bundle_manifest.json").write_text(json.dumps(doc, indent=2) + "\n")
+        (scratch / MANIFEST).write_text(json.dumps(doc, indent=2) + "\n")
         publish(scratch, [(scratch, out)])  # one rename: the whole bundle or nothing
     return doc

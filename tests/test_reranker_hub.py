@@ -114,3 +114,34 @@ def test_not_a_sequence_classification_model_is_a_clear_error(tmp_path: Path) ->
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     assert "clip-like" in proc.stderr and "sequence-classification" in proc.stderr
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").rglob("*")) == []
+
+
+def test_bundle_pins_the_hub_commit_and_a_damaged_bundle_is_refused(
+    hub: Hub, tmp_path: Path, tiny_specs: dict[str, str]
+) -> None:
+    """`modelbake bundle` downloads from the hub (loopback here) at the commit the revision means, keeps it
+    as the model's origin through the offline build, and a file damaged in transit stops the build by name."""
+    bundle = tmp_path / "bundle"
+    env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_OFFLINE": "0"}
+    clip = tiny_specs["clip"].split(",")[0]
+    proc = run_cli("bundle", str(bundle), "--no-wheels", "--clip", clip, "--reranker", "acme/tiny-ce", env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    commit = hub.repos["acme/tiny-ce"].commit
+    folder = bundle / "sources" / "reranker" / "acme__tiny-ce"
+    assert json.loads((folder / "modelbake_origin.json").read_text())["revision"] == commit
+    assert 'reranker = "acme__tiny-ce@dir:/sources/reranker/acme__tiny-ce"' in (bundle / "selection.toml").read_text()
+    # The stage on the bundled folder (offline) records where the model came from.
+    out = tmp_path / "out"
+    proc = run_cli("--reranker", f"acme__tiny-ce@dir:{folder}", "--out", str(out), script="reranker_cache.py")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _model(out)["source"]["origin"] == {"type": "hub", "id": "acme/tiny-ce", "revision": commit}
+    assert _model(out)["name"] == "acme__tiny-ce"
+    proc = run_cli("bake", "--dry-run", "--config", str(bundle / "selection.toml"))
+    assert proc.returncode == 0 and "files checked" in proc.stderr, proc.stderr
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    weights.write_bytes(bytes(data))
+    proc = run_cli("bake", "--dry-run", "--config", str(bundle / "selection.toml"))
+    assert proc.returncode == 1 and "model.safetensors: missing or not the file the bundle lists" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -4,6 +4,7 @@ offline use and exported to ONNX with its score contract (activation, labels, ma
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,7 @@ from modelbake.producers.common import ProducerError, hub_offline, log, model_re
 from modelbake.producers.onnx_export import OnnxExport, export_variants
 from modelbake.producers.progress import steps
 from modelbake.runtime.sessions import session
-from modelbake.spec import RERANKER_DIR, RerankerSpec, parse_reranker_list, reranker_onnx_name
+from modelbake.spec import ORIGIN_FILE, RERANKER_DIR, RerankerSpec, parse_reranker_list, reranker_onnx_name
 
 STAGE = "reranker-cache"
 LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, ImportError)
@@ -55,7 +56,10 @@ def _fetch(spec: RerankerSpec, scratch: Path) -> tuple[Path, dict[str, Any]]:
         path = Path(spec.local.path)
         if not (path / "config.json").is_file():
             raise ProducerError(f"{spec.text!r}: {path} holds no config.json; point at a Hugging Face model folder")
-        return path, {"type": "dir", "id": str(path)}
+        source: dict[str, Any] = {"type": "dir", "id": str(path)}
+        if (path / ORIGIN_FILE).is_file():  # a bundled hub model: its repository and pinned commit
+            source["origin"] = json.loads((path / ORIGIN_FILE).read_text())
+        return path, source
     from huggingface_hub import HfApi, snapshot_download
     from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
 
@@ -89,8 +93,6 @@ def _fetch(spec: RerankerSpec, scratch: Path) -> tuple[Path, dict[str, Any]]:
 
 def _check_architecture(spec: RerankerSpec, path: Path) -> None:
     """Refuse, before loading, a model type that has no sequence-classification form in transformers."""
-    import json
-
     from transformers.models.auto.modeling_auto import MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES
 
     model_type = json.loads((path / "config.json").read_text()).get("model_type")
