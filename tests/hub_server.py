@@ -99,11 +99,20 @@ class Hub:
             return self._error(h, "RevisionNotFound", f"Invalid rev id: {revision}")
         if api and api[2] != "tree":
             siblings = [{"rfilename": f} for f in repo.files]
-            return self._json(h, {"id": name, "modelId": name, "sha": repo.commit, "siblings": siblings,
-                                  "private": False, "tags": []}, body)  # fmt: skip
+            return self._json(
+                h,
+                {"id": name, "modelId": name, "sha": repo.commit, "siblings": siblings, "private": False, "tags": []},
+                body,
+            )
         if api:
-            return self._json(h, [{"type": "file", "path": f, "size": len(v), "oid": hashlib.sha1(v).hexdigest()}
-                                  for f, v in repo.files.items()], body)  # fmt: skip
+            return self._json(
+                h,
+                [
+                    {"type": "file", "path": f, "size": len(v), "oid": hashlib.sha1(v).hexdigest()}
+                    for f, v in repo.files.items()
+                ],
+                body,
+            )
         filename = resolve.group(3)
         if filename not in repo.files:
             return self._error(h, "EntryNotFound", f"{filename} does not exist")

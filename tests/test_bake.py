@@ -11,8 +11,17 @@ from conftest import run_cli
 
 
 def test_dry_run_prints_the_exact_command() -> None:
-    proc = run_cli("bake", "--dry-run", "--clip", "ViT-B/32,RN50", "--clip-int8", "runtime", "models",
-                   "--set", "*.platform=linux/amd64")  # fmt: skip
+    proc = run_cli(
+        "bake",
+        "--dry-run",
+        "--clip",
+        "ViT-B/32,RN50",
+        "--clip-int8",
+        "runtime",
+        "models",
+        "--set",
+        "*.platform=linux/amd64",
+    )
     assert proc.returncode == 0, proc.stderr
     line = proc.stdout.strip()
     # Every selection parameter of the table, explicit, in the table's order.
@@ -56,8 +65,18 @@ def test_no_engine_is_named_with_the_fix(monkeypatch: pytest.MonkeyPatch) -> Non
 
 
 def test_regressor_flags_become_bake_variables_and_are_checked() -> None:
-    proc = run_cli("bake", "--dry-run", "--clip", "RN50", "--regressor-feature-dim", "1024", "--regressor-seed", "7",
-                   "--regressor-epochs", "5")  # fmt: skip
+    proc = run_cli(
+        "bake",
+        "--dry-run",
+        "--clip",
+        "RN50",
+        "--regressor-feature-dim",
+        "1024",
+        "--regressor-seed",
+        "7",
+        "--regressor-epochs",
+        "5",
+    )
     assert proc.returncode == 0, proc.stderr
     assert "REGRESSOR_FEATURE_DIM=1024 REGRESSOR_SEED=7 REGRESSOR_EPOCHS=5" in proc.stdout
     proc = run_cli("bake", "--dry-run", "--regressor-feature-dim", "big")

@@ -86,8 +86,11 @@ def test_a_step_that_ran_twice_counts_both_runs() -> None:
 def test_a_step_announced_but_never_started_is_not_a_step() -> None:
     # As bake announced the models target's last RUN when the step after it came from the cache: the
     # vertex is listed (digest, inputs, name) and never started; plain progress does not show it.
-    unused = {"digest": "sha256:" + "9" * 64, "inputs": ["sha256:" + "8" * 64],
-              "name": "[models manifest 4/4] RUN python build/merge_manifest.py /models --drop-fragments"}  # fmt: skip
+    unused = {
+        "digest": "sha256:" + "9" * 64,
+        "inputs": ["sha256:" + "8" * 64],
+        "name": "[models manifest 4/4] RUN python build/merge_manifest.py /models --drop-fragments",
+    }
     steps = parse_rawjson(json.dumps({"vertexes": [unused]}) + "\n" + CAPTURE)
     assert steps == parse_rawjson(CAPTURE) and stage_runs(steps, "manifest") == []
 
@@ -172,8 +175,16 @@ def test_fed_line_by_line_each_step_is_shown_once_when_it_finishes() -> None:
     ],
 )
 def test_stage_and_instruction_from_the_name(name: str, stage: str | None, instruction: str | None) -> None:
-    status = {"vertexes": [{"digest": "sha256:1", "name": name, "started": "2026-01-01T00:00:00Z",
-                            "completed": "2026-01-01T00:00:02.5Z"}]}  # fmt: skip
+    status = {
+        "vertexes": [
+            {
+                "digest": "sha256:1",
+                "name": name,
+                "started": "2026-01-01T00:00:00Z",
+                "completed": "2026-01-01T00:00:02.5Z",
+            }
+        ]
+    }
     (step,) = parse_rawjson(json.dumps(status))
     assert (step.stage, step.instruction, step.seconds, step.cached) == (stage, instruction, 2.5, False)
 
@@ -182,9 +193,14 @@ def test_a_step_shared_by_two_targets_ran_if_either_ran_it() -> None:
     name = "[runtime clip-export 3/3] RUN x"
     updates = [
         {"digest": "sha256:1", "name": name, "started": "2026-01-01T00:00:00Z", "completed": "2026-01-01T00:00:04Z"},
-        {"digest": "sha256:1", "name": "[models clip-export 3/3] RUN x", "started": "2026-01-01T00:00:01Z",
-         "completed": "2026-01-01T00:00:05Z", "cached": True},
-    ]  # fmt: skip
+        {
+            "digest": "sha256:1",
+            "name": "[models clip-export 3/3] RUN x",
+            "started": "2026-01-01T00:00:01Z",
+            "completed": "2026-01-01T00:00:05Z",
+            "cached": True,
+        },
+    ]
     (step,) = parse_rawjson("\n".join(json.dumps({"vertexes": [u]}) for u in updates))
     assert step.name == name and not step.cached and ran([step], "clip-export")
     assert step.seconds == 5.0  # overlapping runs count once

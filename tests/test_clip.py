@@ -24,8 +24,19 @@ UNICODE = "éàüñçøß東京日本語한국어😀🚀ﬁ–—“”‘’"
 def _texts(n: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     alphabet = string.ascii_letters + string.digits + string.punctuation + " \t\n" + UNICODE
-    fixed = ["", " ", "dog", "A Photo of a CAT!!", "don't it's we've", "café naïve 東京 🚀", "&amp;lt;b&amp;gt; x",
-             "word " * 100, "x" * 400, "ＦＵＬＬＷＩＤＴＨ", "a <END_OF_TEXT> b"]  # fmt: skip
+    fixed = [
+        "",
+        " ",
+        "dog",
+        "A Photo of a CAT!!",
+        "don't it's we've",
+        "café naïve 東京 🚀",
+        "&amp;lt;b&amp;gt; x",
+        "word " * 100,
+        "x" * 400,
+        "ＦＵＬＬＷＩＤＴＨ",
+        "a <END_OF_TEXT> b",
+    ]
     return fixed + ["".join(rng.choice(alphabet) for _ in range(rng.randint(0, 150))) for _ in range(n)]
 
 

@@ -38,8 +38,13 @@ def _free_port() -> int:
 def _demo(*args: str, timeout: float = 3600) -> tuple[subprocess.CompletedProcess, float]:
     """`python -m modelbake.demo ARGS` in a fresh interpreter, from outside the checkout; (result, seconds)."""
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "modelbake.demo", *args], capture_output=True, text=True,
-                          cwd=Path.home(), timeout=timeout)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "modelbake.demo", *args],
+        capture_output=True,
+        text=True,
+        cwd=Path.home(),
+        timeout=timeout,
+    )
     return proc, time.monotonic() - start
 
 

@@ -185,8 +185,12 @@ def test_container_structure(baked: dict[str, str]) -> None:
     binary = shutil.which("container-structure-test") or str(Path(sys.executable).parent / "container-structure-test")
     if not Path(binary).exists():
         _missing("container-structure-test is not installed (build/requirements-dev.txt)")
-    proc = subprocess.run([binary, "test", "--image", IMAGE, "--config", str(REPO / "docker" / "structure-test.yaml")],
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+    proc = subprocess.run(
+        [binary, "test", "--image", IMAGE, "--config", str(REPO / "docker" / "structure-test.yaml")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert "FAIL" not in proc.stdout
 
@@ -194,10 +198,25 @@ def test_container_structure(baked: dict[str, str]) -> None:
 def test_bake_driver_builds_inspects_and_verifies(baked: dict[str, str]) -> None:
     env = {k: v for k, v in baked.items() if k not in ("CLIP_MODELS", "RERANKER_MODELS")}
     proc = subprocess.run(
-        [sys.executable, "-m", "modelbake.cli", "bake", "runtime", "--clip", baked["CLIP_MODELS"],
-         "--reranker", baked["RERANKER_MODELS"], "--clip-int8", "--reranker-int8"],
-        capture_output=True, text=True, env=env, cwd=REPO, timeout=1800,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "modelbake.cli",
+            "bake",
+            "runtime",
+            "--clip",
+            baked["CLIP_MODELS"],
+            "--reranker",
+            baked["RERANKER_MODELS"],
+            "--clip-int8",
+            "--reranker-int8",
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=1800,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert f"image      {IMAGE}" in proc.stdout
     assert "models     clip:tiny-vit, clip:tiny-rn, regressor:boundary_regressor, reranker:tiny-bert" in proc.stdout
@@ -211,8 +230,15 @@ def test_bake_driver_builds_inspects_and_verifies(baked: dict[str, str]) -> None
         json.loads(_docker("image", "inspect", IMAGE).stdout)[0]["Config"]["Labels"]["io.modelbake.manifest-digest"]
         == digest
     )
-    for stage in ("runtime base image", "runtime-base", "clip-export", "reranker-cache", "regressor-seed",
-                  "models layer", "runtime image"):  # fmt: skip
+    for stage in (
+        "runtime base image",
+        "runtime-base",
+        "clip-export",
+        "reranker-cache",
+        "regressor-seed",
+        "models layer",
+        "runtime image",
+    ):
         assert f"size       {stage}" in proc.stdout, stage
 
 
@@ -221,8 +247,13 @@ def test_python_api_bakes_and_reports_sizes(baked: dict[str, str], monkeypatch: 
 
     for key, value in baked.items():
         monkeypatch.setenv(key, value)
-    selection = Selection(clip=baked["CLIP_MODELS"].split(","), reranker=[baked["RERANKER_MODELS"]],
-                          clip_int8=True, reranker_int8=True, regressor_epochs=3)  # fmt: skip
+    selection = Selection(
+        clip=baked["CLIP_MODELS"].split(","),
+        reranker=[baked["RERANKER_MODELS"]],
+        clip_int8=True,
+        reranker_int8=True,
+        regressor_epochs=3,
+    )
     result = bake(selection, ["runtime"])
     assert result.image == IMAGE and result.verify_ok, result.verify_output
     assert result.labels["io.modelbake.manifest-digest"] == result.manifest_digest
@@ -249,12 +280,26 @@ def test_host_cli_makes_the_same_tree_as_the_image_build(
 ) -> None:
     host = tmp_path / "host"
     clip = ",".join(f"{n}@dir:{tiny_sources / 'clip' / n}" for n in ("tiny-vit", "tiny-rn"))
-    run_cli("download", "--clip", clip, "--reranker", f"tiny-bert@dir:{tiny_sources / 'reranker' / 'tiny-bert'}",
-            "--int8", "--regressor-epochs", baked["REGRESSOR_EPOCHS"], "--out", str(host), check=True)  # fmt: skip
+    run_cli(
+        "download",
+        "--clip",
+        clip,
+        "--reranker",
+        f"tiny-bert@dir:{tiny_sources / 'reranker' / 'tiny-bert'}",
+        "--int8",
+        "--regressor-epochs",
+        baked["REGRESSOR_EPOCHS"],
+        "--out",
+        str(host),
+        check=True,
+    )
 
     def digests(root: Path) -> dict[str, str]:
-        return {p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-                for p in root.rglob("*") if p.is_file() and ".manifest.d" not in p.parts}  # fmt: skip
+        return {
+            p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in root.rglob("*")
+            if p.is_file() and ".manifest.d" not in p.parts
+        }
 
     image_tree, host_tree = digests(Path(baked["MODELS_OUT"])), digests(host)
     assert set(image_tree) == set(host_tree)
@@ -265,8 +310,12 @@ def test_host_cli_makes_the_same_tree_as_the_image_build(
 
     def files(root: Path) -> dict[str, tuple[str, int]]:
         doc = json.loads((root / "model_manifest.json").read_text())
-        return {f["path"]: (f["sha256"], f["bytes"]) for m in doc["models"] for f in m["files"]
-                if f["path"] != "reranker/tiny-bert/README.md"}  # fmt: skip
+        return {
+            f["path"]: (f["sha256"], f["bytes"])
+            for m in doc["models"]
+            for f in m["files"]
+            if f["path"] != "reranker/tiny-bert/README.md"
+        }
 
     assert files(host) == files(Path(baked["MODELS_OUT"]))
 
@@ -277,8 +326,17 @@ def test_air_gapped_bundle_builds_with_no_index(
     """`modelbake bundle` gathers wheels + sources; the build then uses nothing else (PIP_OFFLINE=1)."""
     out = tmp_path / "bundle"
     # pip is pointed at the test wheelhouse; on a connected machine it downloads from the index.
-    run_cli("bundle", str(out), "--clip", tiny_specs["clip"], "--reranker", tiny_specs["reranker"],
-            f"--pip-arg=--find-links={baked['WHEELHOUSE']}", "--pip-arg=--no-index", check=True)  # fmt: skip
+    run_cli(
+        "bundle",
+        str(out),
+        "--clip",
+        tiny_specs["clip"],
+        "--reranker",
+        tiny_specs["reranker"],
+        f"--pip-arg=--find-links={baked['WHEELHOUSE']}",
+        "--pip-arg=--no-index",
+        check=True,
+    )
     selection = (out / "selection.toml").read_text()
     assert 'clip = "tiny-vit@dir:/sources/clip/tiny-vit,tiny-rn@dir:/sources/clip/tiny-rn"' in selection
     assert "reranker_int8 = false" in selection and "regressor_epochs = 20" in selection  # every field, explicit
@@ -291,8 +349,14 @@ def test_air_gapped_bundle_builds_with_no_index(
     )
     env = {k: v for k, v in baked.items() if k not in ("CLIP_MODELS", "RERANKER_MODELS", "CLIP_INT8", "RERANKER_INT8")}
     env.update({"WHEELHOUSE": str(out / "wheelhouse"), "MODEL_SOURCES": str(out / "sources"), "TAG": "bundle"})
-    proc = subprocess.run([sys.executable, "-m", "modelbake.cli", "bake", "--config", str(out / "selection.toml")],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=2400)  # fmt: skip
+    proc = subprocess.run(
+        [sys.executable, "-m", "modelbake.cli", "bake", "--config", str(out / "selection.toml")],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=2400,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "verify     passed in a container with no network" in proc.stdout
     # BuildKit prints each RUN with its args: the base stage installed from the bundle alone.
@@ -335,8 +399,23 @@ def _exec_json(container: str, method: str, path: str, body: object = None) -> t
 
 def test_runtime_image_becomes_healthy_under_its_own_healthcheck(baked: dict[str, str]) -> None:
     name = f"modelbake-health-{uuid.uuid4().hex[:8]}"
-    _docker("run", "-d", "--name", name, "--network", "none", "--read-only", "--cap-drop", "ALL",
-            "--health-interval", "1s", "--entrypoint", "sleep", IMAGE, "infinity")  # fmt: skip
+    _docker(
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--network",
+        "none",
+        "--read-only",
+        "--cap-drop",
+        "ALL",
+        "--health-interval",
+        "1s",
+        "--entrypoint",
+        "sleep",
+        IMAGE,
+        "infinity",
+    )
     try:
         assert _wait_healthy(name) == "healthy"
         log = json.loads(_docker("inspect", name).stdout)[0]["State"]["Health"]["Log"][-1]
@@ -392,9 +471,23 @@ def test_example_service_from_compose_becomes_healthy_and_serves(baked: dict[str
 def test_base_image_builds_with_plain_docker_build_for_debugging(baked: dict[str, str]) -> None:
     """`docker build --target base-image` works without bake (offline here: wheelhouse as a context)."""
     tag = f"modelbake-base:{TAG}-debug"
-    _docker("build", "-f", "Dockerfile.models", "--target", "base-image", "-t", tag,
-            "--build-context", f"wheelhouse={baked['WHEELHOUSE']}", "--build-arg", "PIP_OFFLINE=1",
-            "--build-arg", f"BASE_IMAGE={baked['BASE_IMAGE']}", ".", env=baked)  # fmt: skip
+    _docker(
+        "build",
+        "-f",
+        "Dockerfile.models",
+        "--target",
+        "base-image",
+        "-t",
+        tag,
+        "--build-context",
+        f"wheelhouse={baked['WHEELHOUSE']}",
+        "--build-arg",
+        "PIP_OFFLINE=1",
+        "--build-arg",
+        f"BASE_IMAGE={baked['BASE_IMAGE']}",
+        ".",
+        env=baked,
+    )
     try:
         imports = "import torch, open_clip, onnx, onnxsim, sentence_transformers; print(torch.__version__)"
         proc = _run("--entrypoint", "python", tag, "-c", imports)
@@ -416,8 +509,9 @@ def test_no_pip_survives_from_a_python_slim_style_base(baked: dict[str, str], tm
     _docker("build", "-q", "-t", base, str(tmp_path))
     try:
         env = {**baked, "RUNTIME_BASE_IMAGE": base, "TAG": "slim-layout"}
-        _docker("buildx", "bake", "--progress=plain", "runtime-base", "--set", "runtime-base.output=type=docker",
-                env=env)  # fmt: skip
+        _docker(
+            "buildx", "bake", "--progress=plain", "runtime-base", "--set", "runtime-base.output=type=docker", env=env
+        )
         probe = "ls /usr/local/bin/pip* /usr/local/lib/python3.11/site-packages/pip /opt/venv/bin/pip 2>&1; true"
         proc = _run("--entrypoint", "sh", "modelbake-runtime-base:slim-layout", "-c", probe, check=True)
         assert proc.stdout.count("No such file") == 3, proc.stdout

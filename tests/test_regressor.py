@@ -136,8 +136,11 @@ def test_the_sample_file_is_valid() -> None:
 
 
 def _sha256s(folder: Path) -> dict[str, str]:
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file() and ".manifest.d" not in p.parts}  # fmt: skip
+    return {
+        p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and ".manifest.d" not in p.parts
+    }
 
 
 def test_seed_weights_are_deterministic_across_processes(tmp_path: Path) -> None:
@@ -148,9 +151,12 @@ def test_seed_weights_are_deterministic_across_processes(tmp_path: Path) -> None
             "regressor-seed", "--regressor-feature-dim", "64", "--regressor-epochs", "2", "--out", str(out), check=True
         )
         runs.append(_sha256s(out))
-    assert set(runs[0]) == {"regressor/boundary_regressor_pretrained.safetensors",
-                            "regressor/boundary_regressor_pretrained.pth",
-                            "onnx/boundary_regressor.onnx", "golden/boundary_regressor.npz"}  # fmt: skip
+    assert set(runs[0]) == {
+        "regressor/boundary_regressor_pretrained.safetensors",
+        "regressor/boundary_regressor_pretrained.pth",
+        "onnx/boundary_regressor.onnx",
+        "golden/boundary_regressor.npz",
+    }
     assert runs[0] == runs[1]
 
 

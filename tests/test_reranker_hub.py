@@ -26,8 +26,12 @@ def hub(tiny_sources: Path, tmp_path: Path) -> Hub:
 def _cache(hub: Hub, tmp_path: Path, models: str) -> tuple[object, Path]:
     out = tmp_path / "out"
     # Online towards the loopback hub only; a fresh HF_HOME so nothing comes from an earlier run's cache.
-    env = {"HF_ENDPOINT": hub.url, "HF_HOME": str(tmp_path / "hf-home"), "HF_HUB_DISABLE_TELEMETRY": "1",
-           "HF_HUB_OFFLINE": "0"}  # fmt: skip
+    env = {
+        "HF_ENDPOINT": hub.url,
+        "HF_HOME": str(tmp_path / "hf-home"),
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "HF_HUB_OFFLINE": "0",
+    }
     proc = run_cli("--reranker", models, "--out", str(out), script="reranker_cache.py", env=env)
     return proc, out
 

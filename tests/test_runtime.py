@@ -160,8 +160,11 @@ def test_open_models_without_a_manifest_finds_files_by_the_seed_names(
     assert "not verified" in caplog.text
     checked = open_models(built_tree)
     features = checked.default_clip.encode_text(["a dog on a beach"])
-    np.testing.assert_allclose(found.clip["tiny-vit"].encode_text(["a dog on a beach"]),
-                               checked.clip["tiny-vit"].encode_text(["a dog on a beach"]), atol=1e-6)  # fmt: skip
+    np.testing.assert_allclose(
+        found.clip["tiny-vit"].encode_text(["a dog on a beach"]),
+        checked.clip["tiny-vit"].encode_text(["a dog on a beach"]),
+        atol=1e-6,
+    )
     feature_dim = found.regressor.feature_dim
     probe = np.resize(features, (3, feature_dim)).astype(np.float32)
     np.testing.assert_array_equal(found.regressor.predict(probe), checked.regressor.predict(probe))
@@ -184,8 +187,9 @@ def test_hash_cache_file_spares_a_restart_the_hashing_and_stat_changes_invalidat
     cache = tmp_path / "cache" / "sha256.json"
     env = {**os.environ, "MODELBAKE_HASH_CACHE": str(cache)}
     opens = [sys.executable, "-c", f"from modelbake.runtime.models import open_models; open_models({str(root)!r})"]
-    subprocess.run([sys.executable, "-m", "modelbake.runtime", "verify", str(root)], env=env, check=True,
-                   capture_output=True)  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "modelbake.runtime", "verify", str(root)], env=env, check=True, capture_output=True
+    )
     listed = json.loads((root / "model_manifest.json").read_text())["models"]
     rows = json.loads(cache.read_text())["files"]
     assert len(rows) == sum(len(m["files"]) for m in listed)
@@ -200,8 +204,9 @@ def test_hash_cache_file_spares_a_restart_the_hashing_and_stat_changes_invalidat
     assert subprocess.run(opens, env=env, capture_output=True).returncode == 0
     no_cache = subprocess.run(opens, capture_output=True, text=True)
     assert no_cache.returncode == 1 and "does not match the manifest" in no_cache.stderr
-    full = subprocess.run([sys.executable, "-m", "modelbake.runtime", "verify", str(root)], env=env,
-                          capture_output=True, text=True)  # fmt: skip
+    full = subprocess.run(
+        [sys.executable, "-m", "modelbake.runtime", "verify", str(root)], env=env, capture_output=True, text=True
+    )
     assert full.returncode == 1 and golden.name in full.stdout
     # A new mtime (any rewrite) misses the cache and is hashed again.
     golden.touch()
