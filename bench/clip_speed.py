@@ -2,6 +2,8 @@
 """CLIP encoders: PyTorch eager vs onnxruntime variants, measured side by side in one process.
 
 For the image encoder (batch 1 and 16) and the text encoder (batch 1 and 32): equal thread counts,
+each side as users run it (PyTorch: open_clip's encode_text on 77 positions; onnxruntime: the ids cut
+after the batch's longest end-of-text token, as modelbake.runtime does when the manifest says so),
 rounds interleaved (the order rotates each round), medians of per-call times. Prints, per variant, the
 speed-up over PyTorch (PyTorch time / variant time) and its parity (min cosine, max abs difference).
 
@@ -32,6 +34,7 @@ from safetensors.torch import save_file
 
 from modelbake.params import defaults, for_stage
 from modelbake.producers.clip import run
+from modelbake.runtime.clip import cut_after_eot
 from modelbake.spec import clip_onnx_name, parse_clip
 
 
@@ -77,7 +80,8 @@ def main() -> None:
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, work / "ckpt.safetensors")
     spec = parse_clip(f"{args.arch}@file:{work / 'ckpt.safetensors'}")
     print(f"exporting {args.arch} (fp32 + int8) ...", flush=True)
-    run(work / "models", defaults(for_stage("clip-export")) | {"CLIP_MODELS": spec.text, "CLIP_INT8": True})
+    (record,) = run(work / "models", defaults(for_stage("clip-export")) | {"CLIP_MODELS": spec.text, "CLIP_INT8": True})
+    text_cut = record["preprocessing"]["text_cut"] == "eot"
     tokenizer = open_clip.get_tokenizer(args.arch)
     size = model.visual.image_size
     size = size[0] if isinstance(size, tuple) else size
@@ -110,6 +114,7 @@ def main() -> None:
         cases.append(("text", batch, "input_ids", tokenizer(texts).numpy(), model.encode_text))
 
     print(
+        f"text cut after end-of-text: {'yes' if text_cut else 'no'}; "
         f"torch {torch.__version__}, onnxruntime {ort.__version__}, {args.threads} threads, "
         f"{args.rounds} interleaved rounds, medians"
     )
@@ -125,8 +130,9 @@ def main() -> None:
         with torch.inference_mode():
             reference = torch_fn(torch.from_numpy(x)).numpy()
         calls: dict[str, Callable[[], object]] = {"pytorch": lambda f=torch_fn, x=x: f(torch.from_numpy(x))}
+        feeds = {input_name: cut_after_eot(x) if tower == "text" and text_cut else x}
         for name, sess in sessions.items():
-            calls[name] = lambda sess=sess, feeds={input_name: x}: sess.run(None, feeds)
+            calls[name] = lambda sess=sess, feeds=feeds: sess.run(None, feeds)
         n = max(1, int(0.5 / max(per_call(calls["pytorch"], 1), 1e-4)))  # about half a second per measurement
         times: dict[str, list[float]] = {k: [] for k in calls}
         names = list(calls)
@@ -138,7 +144,7 @@ def main() -> None:
         print(f"{tower:<6} {batch:>5} {'pytorch eager':<20} {base * 1e3:>9.2f} {'1.00x':>11} {'':>9} {'':>8}")
         for name, sess in sessions.items():
             t = statistics.median(times[name])
-            out = sess.run(None, {input_name: x})[0]
+            out = sess.run(None, feeds)[0]
             diff = float(np.max(np.abs(out - reference)))
             cos = cosine(out, reference)
             print(f"{'':<6} {'':>5} {name:<20} {t * 1e3:>9.2f} {base / t:>10.2f}x {cos:>9.5f} {diff:>8.1e}")

@@ -72,6 +72,26 @@ def test_preprocessing_is_exact(tiny_sources: Path, name: str) -> None:
         np.testing.assert_array_equal(preprocess_image(image, cfg), transform(image).numpy())
 
 
+@pytest.mark.parametrize("name", ["tiny-vit", "tiny-rn"])
+def test_text_cut_after_end_of_text_equals_open_clips_77_positions(
+    built_tree: Path, tiny_sources: Path, name: str
+) -> None:
+    """The run time feeds only the positions up to the batch's longest end-of-text token; open_clip's
+    encode_text sees all 77. Short queries in one batch, and one over the context length."""
+    from modelbake.runtime.clip import cut_after_eot
+
+    model = open_clip.create_model(f"local-dir:{tiny_sources / 'clip' / name}").eval()
+    tokenizer = open_clip.get_tokenizer(f"local-dir:{tiny_sources / 'clip' / name}")
+    encoder = ClipEncoder.from_folder(built_tree, name)
+    assert encoder.preprocessing["text_cut"] == "eot"
+    for texts in (["a dog", "two people cooking in a small kitchen", ""], ["dog " * 100, "cat"]):
+        with torch.no_grad():
+            expected = model.encode_text(tokenizer(texts)).numpy()
+        np.testing.assert_allclose(encoder.encode_text(texts, normalize=False), expected, atol=1e-5)
+    assert cut_after_eot(encoder.tokenizer(["a dog", ""])).shape == (2, 4)  # start, a, dog, end
+    assert cut_after_eot(encoder.tokenizer(["dog " * 100])).shape == (1, 77)
+
+
 def test_runtime_encoder_matches_open_clip(built_tree: Path, tiny_sources: Path, tmp_path: Path) -> None:
     model, _, transform = open_clip.create_model_and_transforms(f"local-dir:{tiny_sources / 'clip' / 'tiny-rn'}")
     model.eval()  # the ResNet tower has BatchNorm
@@ -110,7 +130,10 @@ def test_manifest_records_what_a_loader_needs(built_tree: Path) -> None:
         assert files[key]["opset"] == 17
         assert files[key]["golden"] == f"golden/{Path(files[key]['path']).stem}.npz"
     text, image = files["text_encoder", "fp32"], files["image_encoder", "fp32"]
-    assert text["inputs"][0] == {"name": "input_ids", "shape": ["batch", 77], "dtype": "int64"}
+    # The text tower takes any number of positions: the run time cuts after the longest end-of-text token.
+    assert text["inputs"][0] == {"name": "input_ids", "shape": ["batch", "sequence"], "dtype": "int64"}
+    assert vit["preprocessing"]["text_cut"] == "eot" and vit["preprocessing"]["context_length"] == 77
+    assert text["parity"]["cut_positions"] < 77 and text["parity"]["cut_max_abs_diff"] < 1e-3
     assert image["outputs"][0] == {"name": "image_embeds", "shape": ["batch", 32], "dtype": "float32"}
     assert files["image_encoder", "int8"]["path"] == "onnx/clip_tiny-vit_image_encoder_int8.onnx"
     pre = vit["preprocessing"]

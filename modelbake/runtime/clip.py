@@ -36,6 +36,12 @@ def clean_text(text: str) -> str:
     return html.unescape(html.unescape(ftfy.fix_text(text))).strip()
 
 
+def cut_after_eot(ids: np.ndarray) -> np.ndarray:
+    """Token ids without the columns after the batch's longest end-of-text token (the largest id of each
+    row, where open_clip pools): a causal text tower gives the same embeddings on fewer positions."""
+    return ids[:, : int(ids.argmax(axis=1).max()) + 1] if len(ids) else ids
+
+
 class ClipTokenizer:
     """``tokenizer(texts) -> (n, context_length) int64``, id-exact with open_clip's tokenizer."""
 
@@ -229,8 +235,9 @@ class ClipEncoder(Loader):
         if self.tokenizer is None:
             raise RuntimeError(f"CLIP {self.name}: the build shipped no tokenizer; pass token ids to the ONNX model")
         ids = self.tokenizer(texts)
+        cut = cut_after_eot if self.preprocessing.get("text_cut") == "eot" else (lambda batch: batch)
         out = [
-            self.sessions["text"].run(None, {"input_ids": ids[i : i + batch_size]})[0]
+            self.sessions["text"].run(None, {"input_ids": cut(ids[i : i + batch_size])})[0]
             for i in range(0, len(ids), batch_size)
         ]
         return self._normalise(np.concatenate(out) if out else np.zeros((0, 0), np.float32), normalize)
@@ -296,7 +303,8 @@ def detect(folder: Path, name: str | None = None) -> dict[str, Any]:
             "std": list(OPENAI_STD),
             "interpolation": "bicubic",
             "resize_mode": "shortest",
-            "context_length": int(sessions["text"].get_inputs()[0].shape[1]),
+            # A graph with a dynamic sequence axis names it instead of a length: CLIP's 77 then.
+            "context_length": n if isinstance(n := sessions["text"].get_inputs()[0].shape[1], int) else 77,
             "tokenizer": tokenizer.relative_to(folder).as_posix() if tokenizer.is_file() else None,
         },
     }
