@@ -40,6 +40,7 @@ import docker
 
 from modelbake.bake import stage_sizes
 from modelbake.buildkit import parse_rawjson, ran, render, stage_seconds
+from modelbake.sources.tiny import MOUNTED_CLIP_SPECS, MOUNTED_RERANKER_SPEC
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = ("base-image", "clip-export", "reranker-cache", "regressor-seed", "manifest", "runtime-base", "runtime")
@@ -164,8 +165,8 @@ def main() -> None:
     env = {
         **os.environ,
         "MODEL_SOURCES": str(work / "sources"),
-        "CLIP_MODELS": "tiny-vit@dir:/sources/clip/tiny-vit,tiny-rn@dir:/sources/clip/tiny-rn",
-        "RERANKER_MODELS": "tiny-bert@dir:/sources/reranker/tiny-bert",
+        "CLIP_MODELS": MOUNTED_CLIP_SPECS,
+        "RERANKER_MODELS": MOUNTED_RERANKER_SPEC,
         "CLIP_INT8": "1",
         "REGRESSOR_EPOCHS": "3",
         "SOURCE_DATE_EPOCH": "1700000000",

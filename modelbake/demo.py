@@ -34,6 +34,7 @@ from typing import Any
 
 from modelbake.buildkit import TRANSIENT_ERROR
 from modelbake.params import BAKE, TABLE
+from modelbake.sources.tiny import MOUNTED_CLIP_SPECS, MOUNTED_RERANKER_SPEC
 from modelbake.spec import DEFAULT_CLIP_MODELS, DEFAULT_RERANKER_MODELS
 
 REPO = Path(__file__).resolve().parents[1]
@@ -45,8 +46,6 @@ SERVICE_IMAGE = f"{IMAGE}-search:{TAG}"
 CONTAINER = "modelbake-demo"
 # The specs point into the MODEL_SOURCES folder, which the producing stages see at /sources.
 TINY_CLIP = ("tiny-vit", "tiny-rn")
-CLIP_SPECS = ",".join(f"{name}@dir:/sources/clip/{name}" for name in TINY_CLIP)
-RERANKER_SPEC = "tiny-bert@dir:/sources/reranker/tiny-bert"
 REGRESSOR_EPOCHS = "3"  # seconds of training instead of a minute: the demo shows the plumbing, not accuracy
 STEPS = 6
 QUERY = "a dog runs on the beach"
@@ -268,9 +267,9 @@ def bake_runtime(inputs: dict[str, str], sources: Path, workdir: Path, quiet: bo
         "bake",
         "runtime",
         "--clip",
-        CLIP_SPECS,
+        MOUNTED_CLIP_SPECS,
         "--reranker",
-        RERANKER_SPEC,
+        MOUNTED_RERANKER_SPEC,
         "--regressor-epochs",
         REGRESSOR_EPOCHS,
     ]

@@ -20,6 +20,7 @@ from conftest import REPO, run_cli
 
 from modelbake.buildkit import TRANSIENT_ERROR, parse_rawjson, ran, render, stage_runs
 from modelbake.manifest import check_files, read_manifest
+from modelbake.sources.tiny import MOUNTED_CLIP_SPECS, MOUNTED_RERANKER_SPEC
 
 pytestmark = pytest.mark.docker
 TAG = "e2e"
@@ -64,10 +65,10 @@ def bake_env(tiny_sources: Path, tmp_path_factory: pytest.TempPathFactory) -> di
         "BASE_IMAGE": base,
         "WHEELHOUSE": wheelhouse,
         "MODEL_SOURCES": str(tiny_sources),
-        "CLIP_MODELS": "tiny-vit@dir:/sources/clip/tiny-vit,tiny-rn@dir:/sources/clip/tiny-rn",
+        "CLIP_MODELS": MOUNTED_CLIP_SPECS,
         "CLIP_INT8": "1",
         "RERANKER_INT8": "1",
-        "RERANKER_MODELS": "tiny-bert@dir:/sources/reranker/tiny-bert",
+        "RERANKER_MODELS": MOUNTED_RERANKER_SPEC,
         "REGRESSOR_EPOCHS": "3",
         "TAG": TAG,
         "MODELS_OUT": str(tmp_path_factory.mktemp("models-out")),

@@ -234,9 +234,9 @@ def test_a_hostile_request_gets_its_status(
     assert isinstance(reply.get("error"), str) and message in reply["error"], reply
 
 
-def _stalled(port: int, data: bytes) -> tuple[int, dict[str, Any], float]:
-    """Send ``data`` and then nothing; (status, reply, seconds until the service answered and closed)."""
-    start = time.monotonic()
+def _stalled(port: int, data: bytes) -> tuple[int, dict[str, Any]]:
+    """Send ``data`` and then nothing; (status, reply) once the service answered and closed. A service that
+    waited for the client would never answer: the client's own 60 s timeout then fails the test."""
     with socket.create_connection(("127.0.0.1", port), timeout=60) as sock:
         if data:
             sock.sendall(data)
@@ -245,7 +245,7 @@ def _stalled(port: int, data: bytes) -> tuple[int, dict[str, Any], float]:
         reply = json.loads(response.read())
         closed = sock.recv(1) == b""  # the service closed the connection after its reply
     assert closed
-    return response.status, reply, time.monotonic() - start
+    return response.status, reply
 
 
 @pytest.mark.parametrize(
@@ -258,27 +258,27 @@ def _stalled(port: int, data: bytes) -> tuple[int, dict[str, Any], float]:
     ],
 )
 def test_a_slow_client_is_cut_off(service: Service, data: bytes) -> None:
-    status, reply, seconds = _stalled(service.port, data)
+    status, reply = _stalled(service.port, data)
     COUNTS[status] += 1
     assert status == 408 and "not received within 2 s" in reply["error"], reply
-    assert seconds < READ_TIMEOUT + 20, seconds  # liveness, not speed: it did not wait for the client
 
 
 def test_a_trickling_client_is_cut_off_all_the_same(service: Service) -> None:
     """One header byte every 0.3 s: the deadline counts from the first byte, so trickling does not extend it."""
-    start = time.monotonic()
     line = b"GET /models HTTP/1.1\r\nX-Slow: " + b"a" * 200
+    sent = 0
     with socket.create_connection(("127.0.0.1", service.port), timeout=60) as sock:
         for byte in line:
             if select.select([sock], [], [], 0.3)[0]:
-                break
+                break  # the service answered while the client was still sending
             sock.sendall(bytes([byte]))
+            sent += 1
         response = http.client.HTTPResponse(sock)
         response.begin()
         reply = json.loads(response.read())
     COUNTS[response.status] += 1
     assert response.status == 408, reply
-    assert time.monotonic() - start < len(line) * 0.3, "the trickle was let through to its end"
+    assert sent < len(line), "the trickle was let through to its end"
 
 
 def test_the_service_stays_healthy_and_its_memory_bounded(service: Service) -> None:

@@ -199,6 +199,12 @@ def make_tiny_xlmr_cross_encoder(dest: Path, seed: int = 0) -> Path:
     return dest
 
 
+# The tiny models as the producing stages see a MODEL_SOURCES folder made by make_tiny_sources (at /sources):
+# the selection the Docker tests, the demo and the image bench bake.
+MOUNTED_CLIP_SPECS = "tiny-vit@dir:/sources/clip/tiny-vit,tiny-rn@dir:/sources/clip/tiny-rn"
+MOUNTED_RERANKER_SPEC = "tiny-bert@dir:/sources/reranker/tiny-bert"
+
+
 def make_tiny_sources(dest: Path) -> dict[str, Path]:
     """Both tiny models under ``dest``; returns {name: folder}."""
     made = {name: make_tiny_clip(dest / "clip" / name, name) for name in TINY_CLIP_CFGS}
