@@ -75,10 +75,12 @@ setup_engine() {
   ln -sf "$plugins/docker-compose" /usr/local/bin/docker-compose
   if ! timeout 10 docker info >/dev/null 2>&1; then
     # BuildKit's cache grows with every distinct build (the wheelhouse context alone is 3 GB a copy) and
-    # filled this kind of disk more than once: an explicit garbage-collection policy keeps it bounded.
-    printf '{"builder": {"gc": {"enabled": true, "defaultKeepStorage": "%s"}}}\n' "${MODELBAKE_BUILD_CACHE:-20GB}" \
+    # filled this kind of disk more than once: an explicit garbage-collection policy keeps it bounded. At
+    # 20 GB it pruned stage results mid-suite (the torch venv layer is 6.3 GB, each wheelhouse copy 3.2 GB),
+    # and reran stages then disagreed with images built before.
+    printf '{"builder": {"gc": {"enabled": true, "defaultKeepStorage": "%s"}}}\n' "${MODELBAKE_BUILD_CACHE:-40GB}" \
       >"$cache/daemon.json"
-    say "starting dockerd (log: $cache/dockerd.log, build cache kept under ${MODELBAKE_BUILD_CACHE:-20GB})"
+    say "starting dockerd (log: $cache/dockerd.log, build cache kept under ${MODELBAKE_BUILD_CACHE:-40GB})"
     PATH="$root/usr/sbin:$root/usr/bin:$PATH" nohup dockerd --config-file "$cache/daemon.json" \
       >"$cache/dockerd.log" 2>&1 &
     for _ in $(seq 60); do timeout 5 docker info >/dev/null 2>&1 && break; sleep 1; done

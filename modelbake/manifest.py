@@ -151,7 +151,7 @@ def _dump(doc: dict[str, Any], path: Path) -> None:
 
 
 def write_fragment(root: Path, stage: str, models: list[dict[str, Any]]) -> Path:
-    fragment = {"schema_version": SCHEMA_VERSION, "stage": stage, "models": models}
+    fragment = {"schema_version": SCHEMA_VERSION, "stage": stage, "created": build_time(), "models": models}
     _validate(fragment, "fragment", f"fragment of stage {stage}")
     path = root / FRAGMENTS_DIR / f"{stage}.json"
     _dump(fragment, path)
@@ -193,6 +193,7 @@ def merge_fragments(root: Path) -> dict[str, Any]:
     if not paths:
         raise ManifestError(f"no manifest fragments in {fragment_dir}; did any producing stage run?")
     models: list[dict[str, Any]] = []
+    times: list[str] = []
     for path in paths:
         try:
             fragment = json.loads(path.read_text())
@@ -200,6 +201,7 @@ def merge_fragments(root: Path) -> dict[str, Any]:
             raise ManifestError(f"{path.name}: not valid JSON ({exc}); rerun the stage that wrote it") from exc
         _validate(fragment, "fragment", path.name)
         models.extend(fragment["models"])
+        times.append(fragment["created"])
     seen_names: dict[tuple[str, str], str] = {}
     seen_paths: dict[str, str] = {}
     for model in models:
@@ -217,7 +219,9 @@ def merge_fragments(root: Path) -> dict[str, Any]:
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "modelbake_version": __version__,
-        "created": build_time(),
+        # Not "now": merging the same fragments again must give the same bytes, or a build whose merge step
+        # reran (BuildKit's cache pruned) would disagree with an image that kept the older merge.
+        "created": max(times),
         # Stage by stage (fragments sorted by name), each in selection order: the first CLIP model
         # selected is the services' default, as CLIP_MODELS documents.
         "models": models,

@@ -40,6 +40,20 @@ def test_merged_manifest_lists_every_file_with_its_hash(built_tree: Path) -> Non
     check_files(built_tree, manifest["models"])
 
 
+def test_merging_the_same_fragments_again_gives_the_same_bytes(
+    built_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The merged time is the latest stage's, not the merge's: when BuildKit reruns only the merge (its cache
+    pruned), the tree must not differ from the one an image built earlier holds."""
+    root = _tree(built_tree, tmp_path)
+    before = (root / MANIFEST_NAME).read_bytes()
+    stamps = [json.loads(p.read_text())["created"] for p in (root / FRAGMENTS_DIR).glob("*.json")]
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "4102444800")  # 2100-01-01: a merge "now" would show it
+    merge_fragments(root)
+    assert (root / MANIFEST_NAME).read_bytes() == before
+    assert json.loads(before)["created"] == max(stamps)
+
+
 def test_merge_refuses_a_file_altered_after_its_stage(built_tree: Path, tmp_path: Path) -> None:
     root = _tree(built_tree, tmp_path)
     target = next((root / "onnx").glob("clip_*_text_encoder.onnx"))
@@ -78,7 +92,7 @@ def test_merge_without_fragments_and_with_a_broken_one(tmp_path: Path) -> None:
     with pytest.raises(ManifestError, match="not valid JSON"):
         merge_fragments(tmp_path)
     (tmp_path / FRAGMENTS_DIR / "x.json").write_text(
-        json.dumps({"schema_version": SCHEMA_VERSION, "stage": "x", "models": [{"name": "n"}]})
+        json.dumps({"schema_version": SCHEMA_VERSION, "stage": "x", "created": "", "models": [{"name": "n"}]})
     )
     with pytest.raises(ManifestError, match="invalid at models/0"):
         merge_fragments(tmp_path)
