@@ -30,6 +30,9 @@ from modelbake.buildkit import TRANSIENT_ERROR
 from modelbake.params import BY_NAME, SELECTION
 from modelbake.spec import SpecError, parse_clip_list, parse_reranker_list
 
+# The same key docker-bake.hcl labels when MODELS_MANIFEST_DIGEST is given.
+DIGEST_LABEL = "io.modelbake.manifest-digest"
+
 
 class BakeError(Exception):
     """The build cannot start or did not succeed; the message names the fix."""
@@ -171,7 +174,7 @@ def stage_sizes(client: Any, image: str, manifest: dict[str, Any], base_image: s
     files as the manifest lists them (their sum is the models layer, plus the manifest itself)."""
     history = client.images.get(image).history()  # newest layer first
     sizes: dict[str, int] = {}
-    models_at = next((i for i, h in enumerate(history) if h["CreatedBy"].startswith("COPY / /models/")), None)
+    models_at = next((i for i, h in enumerate(history) if h["CreatedBy"].startswith("COPY /models/ /models/")), None)
     below = sum(h["Size"] for h in history[models_at + 1 :]) if models_at is not None else 0
     if base_image:
         try:
@@ -226,8 +229,7 @@ def bake(
     """Validate, bake, then inspect ``image`` (default ``$IMAGE:$TAG``) with the Docker SDK.
 
     When ``runtime`` is among the targets, the sha256 of the manifest in the built image is labelled on it
-    by a second, cached bake (``io.modelbake.manifest-digest``; the runtime stage refuses a label that does
-    not match its manifest).
+    (``io.modelbake.manifest-digest``) by a build that adds only that label to the image just built.
     """
     variables = selection.variables()
     targets = targets or ["runtime"]
@@ -246,12 +248,27 @@ def bake(
     result.manifest = json.loads(raw)
     result.manifest_digest = "sha256:" + hashlib.sha256(raw).hexdigest()
     if env.get("MODELS_MANIFEST_DIGEST") != result.manifest_digest:
-        # Label the image with the digest of the manifest it holds: the same build again, every stage from
-        # the cache, and the runtime stage checks the label against its manifest (a mismatch fails).
-        _run_bake(command(["runtime"], overrides), {**env, "MODELS_MANIFEST_DIGEST": result.manifest_digest})
+        _label(result.image, DIGEST_LABEL, result.manifest_digest, env)
     if inspect:
         _inspect(client, result, env)
     return result
+
+
+def _label(image: str, key: str, value: str, env: dict[str, str]) -> None:
+    """Add one label to ``image`` without building anything else: ``FROM image`` + the label, same tag.
+
+    Not a second bake with the digest as a build arg: that one is only as good as BuildKit's cache, and a
+    cache pruned in between reruns a stage, whose new tree then disagrees with the digest (seen in CI).
+    """
+    proc = subprocess.run(
+        ["docker", "build", "--quiet", "--network", "none", "--label", f"{key}={value}", "-t", image, "-"],
+        input=f"FROM {image}\n",
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    if proc.returncode != 0:
+        raise BakeError(f"labelling {image} with {key} failed: {proc.stderr.strip()[-2000:]}")
 
 
 def _setting(env: dict[str, str], name: str) -> str:

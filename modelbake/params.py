@@ -99,7 +99,11 @@ class Param:
         return self.value(os.environ.get(self.name) or self.default)
 
     def as_arg(self, value: Any) -> str:
-        """A typed value written back as a build arg."""
+        """A typed value written back as a build arg: the default's own spelling when it is the default, so
+        `modelbake bake` and a plain `docker buildx bake` pass the same string and share BuildKit's cache
+        (1e-3 and 0.001 are one value but two cache keys; the rerun stage then re-times its variants)."""
+        if value == self.value(self.default):
+            return self.default
         if isinstance(value, bool):
             return "1" if value else "0"
         return _models(value) if isinstance(value, list | tuple) else str(value)
@@ -152,11 +156,11 @@ TABLE: tuple[Param, ...] = (
     Param("PIP_OFFLINE", "0", "1 = install from the wheelhouse alone (on when WHEELHOUSE is given)", _BOOL,
           ("base-image", "runtime-base"), bake_default='notequal(WHEELHOUSE, "") ? "1" : "0"'),
     Param("RUNTIME_UID", "10001", "uid/gid of the non-root service user", _number(int, 1),
-          ("runtime-base", "runtime"), where=frozenset({ARG})),
+          ("runtime-base", "runtime-verified"), where=frozenset({ARG})),
     Param("SOURCE_DATE_EPOCH", "", "reproducible builds: every time in the tree and manifest (empty: now)",
           stages=(*PRODUCING_STAGES, "manifest")),
     Param("MODELS_MANIFEST_DIGEST", "", "sha256 of the runtime image's manifest; `modelbake bake` sets it",
-          stages=("runtime",), where=frozenset({ARG, BAKE})),
+          stages=("runtime-verified",), where=frozenset({ARG, BAKE})),
     # --- bake only: inputs, names and labels ----------------------------------------------------------
     Param("WHEELHOUSE", "", "a wheel folder for offline pip (named context)", where=BAKE_ONLY),
     Param("MODEL_SOURCES", "", "a folder of local model sources, mounted at /sources", where=BAKE_ONLY),

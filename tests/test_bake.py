@@ -25,7 +25,7 @@ def test_dry_run_prints_the_exact_command() -> None:
     assert proc.returncode == 0, proc.stderr
     line = proc.stdout.strip()
     # Every selection parameter of the table, explicit, in the table's order.
-    assert line.startswith("CLIP_MODELS=ViT-B/32,RN50 CLIP_INT8=1 CLIP_KEEP_PYTORCH=0 CLIP_PARITY_ATOL=0.001 ")
+    assert line.startswith("CLIP_MODELS=ViT-B/32,RN50 CLIP_INT8=1 CLIP_KEEP_PYTORCH=0 CLIP_PARITY_ATOL=1e-3 ")
     assert (
         " RERANKER_MODELS=cross-encoder/ms-marco-MiniLM-L-6-v2 RERANKER_INT8=0 " in line and " ONNX_OPSET=17 " in line
     )

@@ -441,9 +441,13 @@ def test_example_service_from_compose_becomes_healthy_and_serves(baked: dict[str
     image = f"modelbake-search:{TAG}"
     probe = "import importlib.util as u; print([m for m in ('pip', 'torch') if u.find_spec(m)])"
     assert _run("--entrypoint", "python", image, "-c", probe, check=True).stdout.strip() == "[]"
-    mount = ["-v", f"{baked['MODELS_OUT']}:/models:ro"] if models == "mounted" else []
-    if mount:  # the service user (uid 10001) must be able to read the tree; pytest made the folder 0700
+    mount = []
+    if models == "mounted":  # the service user (uid 10001) must be able to read the tree; pytest made it 0700
         Path(baked["MODELS_OUT"]).chmod(0o755)
+        # A mounted tree states its own digest (README): it need not be the tree the image was built with,
+        # and after the other tests' bakes the image may hold another build of it (timings differ).
+        digest = hashlib.sha256((Path(baked["MODELS_OUT"]) / "model_manifest.json").read_bytes()).hexdigest()
+        mount = ["-v", f"{baked['MODELS_OUT']}:/models:ro", "-e", f"MODELBAKE_MANIFEST_SHA256=sha256:{digest}"]
     name = f"modelbake-search-{uuid.uuid4().hex[:8]}"
     isolated = ["--network", "none", "--read-only", "--cap-drop", "ALL", "--health-interval", "1s"]
     _docker("run", "-d", "--name", name, *isolated, *mount, image)
