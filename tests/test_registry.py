@@ -64,7 +64,7 @@ class Doubler(Loader):
 
     def __init__(self, folder: Path, model: dict[str, Any], **kwargs: Any) -> None:
         super().__init__(folder, model, **kwargs)
-        self.session = session(resolve_inside(folder, onnx_entry(model, Role.MODEL, self.variant)["path"]))
+        self.session = session(resolve_inside(folder, self.onnx(model, Role.MODEL)["path"]))
 
     def __call__(self, numbers: list[list[int]]) -> np.ndarray:
         return self.session.run(None, {"x": np.asarray(numbers, dtype=np.float32)})[0]

@@ -93,7 +93,7 @@ def test_reranker_runtime_matches_sentence_transformers(built_tree: Path) -> Non
 
     from modelbake.runtime.reranker import Reranker
 
-    reranker = Reranker.from_folder(built_tree)
+    reranker = Reranker.from_folder(built_tree, variant="fp32")
     query = "who is walking the dog"
     passages = ["a man is walking his dog", "", "dog " * 300, "café 東京 🚀", "people dance on the beach at night"]
     expected = CrossEncoder(str(built_tree / "reranker" / "tiny-bert")).predict([(query, p) for p in passages])

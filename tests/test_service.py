@@ -196,7 +196,11 @@ def tiff() -> bytes:
 def test_every_route_answers(service: Service) -> None:
     port = service.port
     status, _, body = request(port, b"GET /models HTTP/1.1\r\nHost: t\r\n\r\n")
+    variants = body.pop("variants")
     assert status == 200 and body == {"clip": {"tiny-vit": 32, "tiny-rn": 32}, "reranker": True, "regressor": True}
+    assert set(variants["clip"]["tiny-vit"]) == {"text_encoder", "image_encoder"}
+    assert variants["regressor"] == {"boundary_regressor": {"regressor": "fp32"}}
+    assert {v for roles in variants["clip"].values() for v in roles.values()} <= {"fp32", "int8"}
     status, _, body = request(port, *post("/embed/text", doc({"texts": ["a dog", "x" * 4096, ""]})))
     assert status == 200 and np.asarray(body["embeddings"]).shape == (3, 32)
     status, _, body = request(port, *post("/embed/text", doc({"texts": []})))
@@ -215,10 +219,13 @@ def test_every_route_answers(service: Service) -> None:
 
 
 def test_the_embeddings_are_the_librarys(service: Service, built_tree: Path) -> None:
-    clip = open_models(built_tree).default_clip
+    clip = open_models(built_tree).default_clip  # the variant the service runs (auto)
     texts = [f"text {i}" for i in range(20)]
     _, _, body = request(service.port, *post("/embed/text", doc({"texts": texts})))
-    np.testing.assert_allclose(body["embeddings"], clip.encode_text(texts), atol=1e-6)
+    # In the service's batches of 16: a dynamic-int8 graph quantises activations per call, so its output
+    # for a text moves (cosine > 0.99) with the other texts of the batch; fp32 would not care.
+    library = np.concatenate([clip.encode_text(texts[:16]), clip.encode_text(texts[16:])])
+    np.testing.assert_allclose(body["embeddings"], library, atol=1e-6)
     data = png(90, 40, seed=3)
     _, _, body = request(service.port, *post("/embed/image", doc({"images": [b64(data)]})))
     np.testing.assert_allclose(body["embeddings"], clip.encode_image([Image.open(io.BytesIO(data))]), atol=1e-6)
@@ -412,7 +419,8 @@ def test_encoded_bytes_preprocess_as_the_image_does(built_tree: Path) -> None:
 
 
 def test_reranker_scores_are_the_same_in_any_batch_size(built_tree: Path) -> None:
-    reranker = open_models(built_tree).reranker
+    # fp32: dynamic int8 quantises activations per run, so its scores move a little with the batch's content
+    reranker = open_models(built_tree, variant="fp32").reranker
     passages = [f"passage {i} " * (i % 9 + 1) for i in range(50)]
     whole = reranker.score("a query", passages, batch_size=len(passages))
     for size in (1, 7, 32):

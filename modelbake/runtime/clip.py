@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
-from modelbake.manifest import Role, Variant, onnx_entry, require_manifest, resolve_inside
+from modelbake.manifest import Role, Variant, require_manifest, resolve_inside
 from modelbake.runtime.registry import Loader, register_loader
 from modelbake.runtime.sessions import session
 
@@ -180,7 +180,7 @@ class ClipEncoder(Loader):
         super().__init__(folder, model, **kwargs)
         self.preprocessing = model["preprocessing"]
         self.sessions = {
-            tower: session(resolve_inside(folder, onnx_entry(model, role, self.variant)["path"]), kwargs.get("threads"))
+            tower: session(resolve_inside(folder, self.onnx(model, role)["path"]), kwargs.get("threads"))
             for tower, role in self.ROLES.items()
         }
         tokenizer = self.preprocessing.get("tokenizer")

@@ -12,6 +12,7 @@ from modelbake.runtime.clip import ClipEncoder, detect, detected_pairs
 from modelbake.runtime.registry import loader_for
 from modelbake.runtime.regressor import BoundaryRegressorONNX, WeightsNotFound
 from modelbake.runtime.reranker import Reranker
+from modelbake.runtime.variants import AUTO, requested
 from modelbake.spec import REGRESSOR_ONNX
 
 
@@ -39,6 +40,13 @@ class Models:
     def regressor(self) -> BoundaryRegressorONNX | None:
         return self.first(BoundaryRegressorONNX.kind)
 
+    def variants(self) -> dict[str, dict[str, dict[str, str]]]:
+        """What each model runs: {kind: {name: {role: variant}}}."""
+        return {
+            kind: {name: dict(getattr(model, "chosen", {})) for name, model in models.items()}
+            for kind, models in self.by_kind.items()
+        }
+
     @property
     def default_clip(self) -> ClipEncoder:
         if not self.clip:
@@ -49,6 +57,7 @@ class Models:
 def open_models(
     folder: Path | str,
     *,
+    variant: str = AUTO,
     int8: bool = False,
     threads: int | None = None,
     manifest_sha256: str | None = None,
@@ -61,7 +70,10 @@ def open_models(
     itself. A folder without a manifest is refused unless ``allow_unverified`` (or
     $MODELBAKE_ALLOW_UNVERIFIED=1): then it is searched as the seed's services did, CLIP ONNX pairs by name
     and the regressor by its look-up order, nothing verified and no reranker.
-    ``int8=True`` loads the int8 variants (built with CLIP_INT8 / RERANKER_INT8) where a kind has them.
+    ``variant``: ``auto`` runs, per ONNX role, the variant the build measured fastest at batch 1 when this
+    CPU has the build machine's kernels (same ISA flags), else fp32; ``fp32`` or ``int8`` (built with
+    CLIP_INT8 / RERANKER_INT8; ``int8=True`` is the same) asks for one where a kind has it. Each loader's
+    ``chosen`` says what it runs.
     """
     folder = Path(folder)
     if not require_manifest(folder, allow_unverified):
@@ -71,8 +83,10 @@ def open_models(
     models = Models()
     for model in manifest["models"]:
         loader = loader_for(model["kind"])
-        int8_here = int8 and Variant.INT8 in loader.variants
-        models.add(model["kind"], loader(folder, model, int8=int8_here, threads=threads))
+        asked = requested(variant, int8)
+        if asked not in (AUTO, *loader.variants):  # e.g. int8 for a kind that only has fp32
+            asked = Variant.FP32
+        models.add(model["kind"], loader(folder, model, variant=asked, threads=threads))
     return models
 
 

@@ -1,7 +1,8 @@
 """Run-time loaders by model kind: ``open_models`` and ``verify`` find each manifest model's loader here.
 
-A kind is one class: built from its manifest entry (``Loader(folder, model, variant=..., threads=...)``)
-and owning the replay of its own input pipeline (tokenizer, image preprocessing) on the raw probe inputs
+A kind is one class: built from its manifest entry (``Loader(folder, model, variant=..., threads=...)``),
+opening each ONNX role's file through :meth:`Loader.onnx` (the variant choice of :mod:`.variants`), and
+owning the replay of its own input pipeline (tokenizer, image preprocessing) on the raw probe inputs
 ``verify`` reads from the golden files. The built-in kinds register themselves on import; a new kind
 registers with :func:`register_loader` and needs nothing else at run time.
 """
@@ -15,6 +16,7 @@ from typing import Any, ClassVar, Self, TypeVar
 import numpy as np
 
 from modelbake.manifest import Variant, checked_model
+from modelbake.runtime.variants import choose, requested
 
 BUILTIN = ("modelbake.runtime.clip", "modelbake.runtime.reranker", "modelbake.runtime.regressor")
 LOADERS: dict[str, type[Loader]] = {}
@@ -36,7 +38,20 @@ class Loader:
         threads: int | None = None,
     ) -> None:
         self.name = model["name"]
-        self.variant = variant_of(variant, int8)
+        self.requested = requested(variant, int8)
+        self.chosen: dict[str, str] = {}  # role -> the variant each ONNX role runs
+
+    def onnx(self, model: dict[str, Any], role: str) -> dict[str, Any]:
+        """The ONNX entry of ``role`` this loader runs (``variant`` as asked, ``auto`` by the build's timings)."""
+        entry = choose(model, role, self.requested)
+        self.chosen[role] = entry.get("variant", Variant.FP32)
+        return entry
+
+    @property
+    def variant(self) -> str:
+        """The variant every role runs, or ``mixed`` (see ``chosen``)."""
+        used = set(self.chosen.values())
+        return used.pop() if len(used) == 1 else ("mixed" if used else self.requested)
 
     @classmethod
     def from_folder(
@@ -76,8 +91,3 @@ def loader_for(kind: str) -> type[Loader]:
             "use the modelbake release that built the tree"
         )
     return LOADERS[kind]
-
-
-def variant_of(variant: str | None, int8: bool) -> Variant:
-    """``int8=True`` is the shorthand for ``variant="int8"``."""
-    return Variant(variant or (Variant.INT8 if int8 else Variant.FP32))

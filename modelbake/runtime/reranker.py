@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from modelbake.manifest import ManifestError, Role, Variant, onnx_entry, resolve_inside
+from modelbake.manifest import ManifestError, Role, Variant, resolve_inside
 from modelbake.runtime.registry import Loader, register_loader
 from modelbake.runtime.sessions import session
 
@@ -63,7 +63,7 @@ class Reranker(Loader):
     def __init__(self, folder: Path, model: dict[str, Any], **kwargs: Any) -> None:
         super().__init__(folder, model, **kwargs)
         self.contract = {**model["preprocessing"], **model["details"]}
-        entry = onnx_entry(model, Role.RERANKER, self.variant)
+        entry = self.onnx(model, Role.RERANKER)
         self.session = session(resolve_inside(folder, entry["path"]), kwargs.get("threads"))
         self.tokenizer = pair_tokenizer(folder, self.contract)
 
