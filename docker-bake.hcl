@@ -14,6 +14,7 @@ variable "RERANKER_MODELS" { default = "cross-encoder/ms-marco-MiniLM-L-6-v2" }
 variable "RERANKER_INT8" { default = "0" }
 variable "RERANKER_INT8_ATOL" { default = "0.02" }
 variable "RERANKER_STRICT" { default = "0" }
+variable "INT8_EVEN_IF_SLOWER" { default = "0" }
 variable "CLIP_INT8" { default = "0" }
 variable "CLIP_KEEP_PYTORCH" { default = "0" }
 variable "CLIP_PARITY_ATOL" { default = "1e-3" }
@@ -63,6 +64,7 @@ target "_common" {
     RERANKER_INT8         = RERANKER_INT8
     RERANKER_INT8_ATOL    = RERANKER_INT8_ATOL
     RERANKER_STRICT       = RERANKER_STRICT
+    INT8_EVEN_IF_SLOWER   = INT8_EVEN_IF_SLOWER
     REGRESSOR_FEATURE_DIM = REGRESSOR_FEATURE_DIM
     REGRESSOR_SEED        = REGRESSOR_SEED
     REGRESSOR_EPOCHS      = REGRESSOR_EPOCHS

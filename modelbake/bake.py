@@ -148,6 +148,12 @@ class BakeResult:
         lines = [f"image      {self.image}{size}", f"models     {models}"]
         for model in (self.manifest or {}).get("models", []):  # e.g. why a reranker fallback was taken
             lines += [f"note       {model['kind']}:{model['name']}: {note}" for note in model.get("notes", [])]
+            for entry in model["files"]:  # variants the build timed slower than fp32 here
+                lines += [
+                    f"note       {model['kind']}:{model['name']}: {entry['role']} {d['variant']} ({d['method']}) "
+                    f"not shipped: {d['why']}"
+                    for d in entry.get("speed", {}).get("not_shipped", [])
+                ]
         lines += [f"label      {key}={self.labels[key]}" for key in sorted(self.labels)]
         lines += [f"size       {stage:<36} {n / 1e6:10.1f} MB" for stage, n in self.stage_sizes.items()]
         if self.verify_ok is not None:

@@ -120,7 +120,7 @@ TABLE: tuple[Param, ...] = (
     # --- model selection and stage settings: CLI flags, Selection fields, build args ---------------------
     Param("CLIP_MODELS", DEFAULT_CLIP_MODELS, "comma-separated CLIP specs (README: model specs)",
           _clip_models, (*_CLIP, *_REGRESSOR), "--clip"),
-    Param("CLIP_INT8", "0", "also ship dynamic-int8 variants (*_int8.onnx), each gated on its own parity",
+    Param("CLIP_INT8", "0", "also ship int8 variants (*_int8.onnx) where gated and faster than fp32 here",
           _BOOL, _CLIP, "--clip-int8"),
     Param("CLIP_KEEP_PYTORCH", "0", "also keep the PyTorch weights in models/clip/ (not needed at run time)",
           _BOOL, _CLIP, "--clip-keep-pytorch"),
@@ -132,7 +132,7 @@ TABLE: tuple[Param, ...] = (
           _number(float, -1), _CLIP, "--clip-int8-min-cosine"),
     Param("RERANKER_MODELS", DEFAULT_RERANKER_MODELS, "ordered fallback list of cross-encoders",
           _reranker_models, _RERANKER, "--reranker"),
-    Param("RERANKER_INT8", "0", "also ship a dynamic-int8 variant, gated on its scores and ranking",
+    Param("RERANKER_INT8", "0", "also ship an int8 variant, gated on its scores and ranking, if faster here",
           _BOOL, _RERANKER, "--reranker-int8"),
     Param("RERANKER_INT8_ATOL", "0.02", "max score difference of int8 against sentence-transformers",
           _number(float, 0), _RERANKER, "--reranker-int8-atol"),
@@ -144,6 +144,8 @@ TABLE: tuple[Param, ...] = (
           _number(int, 0), _REGRESSOR, "--regressor-seed"),
     Param("REGRESSOR_EPOCHS", "20", "training epochs of the seed weights",
           _number(int, 1), _REGRESSOR, "--regressor-epochs"),
+    Param("INT8_EVEN_IF_SLOWER", "0", "1 = ship a gated int8 variant even when it measured slower than fp32 at "
+          "batch 1 on the build machine", _BOOL, (*_CLIP, *_RERANKER), "--int8-even-if-slower"),
     Param("ONNX_OPSET", "17", "ONNX opset of every exported graph",
           _number(int, 7), PRODUCING_STAGES, "--opset"),
     # --- the image build: build args without a CLI flag ------------------------------------------------

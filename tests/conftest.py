@@ -44,6 +44,7 @@ def download_run(tmp_path_factory: pytest.TempPathFactory, tiny_specs: dict[str,
         "--reranker",
         tiny_specs["reranker"],
         "--int8",
+        "--int8-even-if-slower",  # the tests need every int8 file; test_speed covers the decision itself
         "--regressor-epochs",
         "3",
         "--out",

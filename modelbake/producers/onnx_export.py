@@ -9,10 +9,12 @@ against. Every ONNX manifest entry carries its gate's figures as ``parity``.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import tempfile
 import warnings
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +25,7 @@ import torch
 
 from modelbake.manifest import Role, Variant, file_entry
 from modelbake.producers.common import ProducerError, log
+from modelbake.producers.speed import Candidate, decide, measure, record
 from modelbake.runtime.sessions import session
 from modelbake.spec import ONNX_DIR, golden_path, variant_name
 
@@ -55,6 +58,8 @@ class OnnxExport:
     # Raw inputs (texts, images) stored with the golden file, so the runtime can replay its own
     # tokenizer / preprocessing too: written as ``raw:<name>``.
     raw_golden: dict[str, np.ndarray] = field(default_factory=dict)
+    # Inputs to calibrate static int8 on (convolutional graphs only): the probe plus generated ones.
+    calibration: dict[str, torch.Tensor] | None = None
 
 
 def _tensor_info(values: list[onnx.ValueInfoProto]) -> list[dict[str, Any]]:
@@ -143,32 +148,89 @@ def export_variants(
     opset: int = DEFAULT_OPSET,
     int8: bool = False,
     int8_min_cosine: float = 0.99,
+    int8_even_if_slower: bool = False,
     extra_gate: ExtraGate | None = None,
     done: Callable[[str], None] = lambda _: None,
 ) -> list[dict[str, Any]]:
-    """Export ``export`` as ``root/onnx/<onnx_name>`` and, with ``int8``, its dynamic-int8 twin.
+    """Export ``export`` as ``root/onnx/<onnx_name>`` and, with ``int8``, its int8 twin.
 
     Each variant passes the parity gate against PyTorch (and ``extra_gate``, e.g. a reranker's score
-    contract) before anything is written; returns the manifest entries: per variant its ONNX file (with
-    ``parity``) and its golden file. Raises :class:`ParityError` naming the figures.
+    contract) before anything is written. int8 candidates: dynamic, and static QDQ for convolutional graphs
+    given calibration inputs; the gated ones are timed beside fp32 on this machine and the fastest ships,
+    unless it is slower than fp32 at batch 1 (:mod:`.speed`). Returns the manifest entries: per shipped
+    variant its ONNX file (with ``parity``, and ``speed`` when there was a choice) and its golden file.
+    Raises :class:`ParityError` naming the figures when fp32, or every int8 candidate, fails its gate.
     """
     reference = torch_outputs(export.module.eval(), export.probe)
-    fp32_path = root / ONNX_DIR / onnx_name
     data, graph_info = _export(export, opset)
-    gates = (export.atol, export.min_cosine)
-    files = _ship(export, Variant.FP32, data, fp32_path, root, reference, gates, extra_gate, opset, graph_info)
+    bounds = (export.atol, export.min_cosine)
+    fp32 = Candidate(
+        Variant.FP32, data, _gate_all(export, Variant.FP32, data, reference, extra_gate, bounds) | graph_info
+    )
     done(f"{export.role} exported, parity checked")
+    shipped, dropped = [fp32], []
     if int8:
-        # int8 is not meant to match fp32 bit for bit: cosine against PyTorch is its gate.
-        data, info = (
-            _quantize(fp32_path),
-            {"method": "quantize_dynamic", "weight_type": "int8", "per_channel": True, "reduce_range": True},
-        )
-        int8_path = fp32_path.with_name(variant_name(onnx_name, Variant.INT8))
-        gates = (float("inf"), int8_min_cosine)
-        files += _ship(export, Variant.INT8, data, int8_path, root, reference, gates, extra_gate, opset, info)
-        done(f"{export.role} int8 checked")
+        candidates = _int8_candidates(export, data, reference, int8_min_cosine, extra_gate)
+        measure([fp32, *candidates], _numpy(export.probe))
+        ships, dropped = decide(fp32, candidates, int8_even_if_slower)
+        for d in dropped:
+            log.warning("%s %s (%s) not shipped: %s", export.role, d["variant"], d["method"], d["why"])
+        shipped += ships
+        done(f"{export.role} int8 checked and timed")
+    files: list[dict[str, Any]] = []
+    for candidate in shipped:
+        speed = record(candidate, fp32, None) if int8 else None
+        if speed is not None and candidate is fp32 and dropped:
+            speed["not_shipped"] = dropped
+        path = root / ONNX_DIR / variant_name(onnx_name, candidate.variant)
+        files += _write(export, candidate, path, root, reference, opset, speed)
     return files
+
+
+def _numpy(inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    return {name: t.detach().cpu().numpy() for name, t in inputs.items()}
+
+
+def _gate_all(
+    export: OnnxExport,
+    variant: Variant,
+    data: bytes,
+    reference: list[np.ndarray],
+    extra_gate: ExtraGate | None,
+    bounds: tuple[float, float],
+) -> dict[str, Any]:
+    """Every gate of one variant: parity with PyTorch within ``bounds`` (atol, min cosine), then ``extra_gate``."""
+    figures = _gate(export, data, reference, *bounds)
+    if extra_gate is not None:
+        figures.update(extra_gate(data, variant))
+    log.info(
+        "%s %s: parity max|d|=%.2e min cos=%.6f", export.role, variant, figures["max_abs_diff"], figures["min_cosine"]
+    )
+    return figures
+
+
+def _int8_candidates(
+    export: OnnxExport, fp32: bytes, reference: list[np.ndarray], min_cosine: float, extra_gate: ExtraGate | None
+) -> list[Candidate]:
+    """Every int8 graph that passes its gates; ParityError with each failure when none does."""
+    makers = [("quantize_dynamic", _quantize)]
+    if export.calibration is not None and _convolutional(fp32):
+        makers.append(("quantize_static_qdq", lambda d: _quantize_static(d, export.calibration)))
+    passed, failures = [], []
+    for method, make in makers:
+        data, info = make(fp32)
+        try:
+            # int8 is not meant to match fp32 bit for bit: cosine against PyTorch is its gate
+            bounds = (float("inf"), min_cosine)
+            figures = _gate_all(export, Variant.INT8, data, reference, extra_gate, bounds)
+        except ParityError as exc:
+            log.warning("%s int8 (%s) refused by its gate: %s", export.role, method, exc)
+            failures.append(f"{method}: {exc}")
+            continue
+        passed.append(Candidate(Variant.INT8, data, figures | info))
+    if not passed:
+        raise ParityError("; ".join(failures))
+    return passed
 
 
 def _export(export: OnnxExport, opset: int) -> tuple[bytes, dict[str, Any]]:
@@ -201,8 +263,8 @@ def _export(export: OnnxExport, opset: int) -> tuple[bytes, dict[str, Any]]:
     return model.SerializeToString(), graph_info
 
 
-def _quantize(fp32_path: Path) -> bytes:
-    """onnxruntime's dynamic int8 (per channel, 7-bit weights) of a written fp32 graph.
+def _quantize(fp32: bytes) -> tuple[bytes, dict[str, Any]]:
+    """onnxruntime's dynamic int8 (per channel, 7-bit weights) of an fp32 graph.
 
     reduce_range: on CPUs without VNNI (AVX2 only) onnxruntime's u8 x s8 kernels saturate 16-bit sums with
     8-bit weights; measured on tiny-vit's text tower, per-channel cosine fell to 0.975 (0.9989 with 7 bits).
@@ -210,42 +272,78 @@ def _quantize(fp32_path: Path) -> bytes:
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    tmp = fp32_path.with_name(f".{fp32_path.name}.int8.tmp")
-    try:
-        quantize_dynamic(str(fp32_path), str(tmp), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True)
-        return tmp.read_bytes()
-    finally:
-        tmp.unlink(missing_ok=True)
+    with _scratch_files(fp32) as (src, dst):
+        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True)
+        data = dst.read_bytes()
+    return data, {"method": "quantize_dynamic", "weight_type": "int8", "per_channel": True, "reduce_range": True}
 
 
-def _ship(
+def _quantize_static(fp32: bytes, calibration: dict[str, torch.Tensor]) -> tuple[bytes, dict[str, Any]]:
+    """onnxruntime's static int8 in QDQ form, activations calibrated (min-max) on ``calibration``, weights
+    per channel with 7 bits (see :func:`_quantize`): the form onnxruntime recommends for CNNs, whose
+    convolutions then run as fused int8 kernels instead of dynamic int8's float glue around each one."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+
+    inputs = _numpy(calibration)
+    rows = len(next(iter(inputs.values())))
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self.rows = iter(range(rows))
+
+        def get_next(self) -> dict[str, np.ndarray] | None:
+            i = next(self.rows, None)
+            return None if i is None else {k: v[i : i + 1] for k, v in inputs.items()}
+
+    with _scratch_files(fp32) as (src, dst):
+        quantize_static(
+            str(src),
+            str(dst),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            reduce_range=True,
+        )
+        data = dst.read_bytes()
+    info = {"method": "quantize_static_qdq", "weight_type": "int8", "per_channel": True, "reduce_range": True}
+    return data, info | {"calibration_inputs": rows}
+
+
+def _convolutional(data: bytes) -> bool:
+    """More than one Conv: a CNN (a ViT has exactly one, its patch embedding)."""
+    return sum(node.op_type == "Conv" for node in onnx.load_from_string(data).graph.node) > 1
+
+
+@contextlib.contextmanager
+def _scratch_files(data: bytes) -> Iterator[tuple[Path, Path]]:
+    """(a file holding ``data``, a path for the quantiser's output), both removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix="modelbake-quant-") as tmp:
+        src = Path(tmp) / "fp32.onnx"
+        src.write_bytes(data)
+        yield src, Path(tmp) / "int8.onnx"
+
+
+def _write(
     export: OnnxExport,
-    variant: Variant,
-    data: bytes,
+    candidate: Candidate,
     onnx_path: Path,
     root: Path,
     reference: list[np.ndarray],
-    gates: tuple[float, float],
-    extra_gate: ExtraGate | None,
     opset: int,
-    info: dict[str, Any],
+    speed: dict[str, Any] | None,
 ) -> list[dict[str, Any]]:
-    """Gate one variant's graph, then write it and its golden file: its two manifest entries."""
-    atol, min_cosine = gates
-    figures = _gate(export, data, reference, atol, min_cosine)
-    if extra_gate is not None:
-        figures.update(extra_gate(data, variant))
-    figures.update(info)
-    log.info(
-        "%s %s: parity max|d|=%.2e min cos=%.6f", export.role, variant, figures["max_abs_diff"], figures["min_cosine"]
-    )
+    """Write one gated variant and its golden file: its two manifest entries."""
+    figures = candidate.figures
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
-    onnx_path.write_bytes(data)
-    model = onnx.load_from_string(data)
+    onnx_path.write_bytes(candidate.data)
+    model = onnx.load_from_string(candidate.data)
     # fp32 must replay within the build's tolerance; int8 within twice its measured error.
-    replay_atol = atol if variant == Variant.FP32 else float(f"{2 * figures['max_abs_diff'] + 1e-3:.3g}")
+    fp32 = candidate.variant == Variant.FP32
+    replay_atol = export.atol if fp32 else float(f"{2 * figures['max_abs_diff'] + 1e-3:.3g}")
     golden = root / golden_path(onnx_path.name)
-    arrays = {f"input:{k}": v.detach().cpu().numpy() for k, v in export.probe.items()}
+    arrays = {f"input:{k}": v for k, v in _numpy(export.probe).items()}
     arrays |= {f"output:{n}": v for n, v in zip(export.output_names, reference, strict=True)}
     arrays |= {f"raw:{k}": v for k, v in export.raw_golden.items()}
     write_npz(golden, arrays)
@@ -254,13 +352,14 @@ def _ship(
         onnx_path,
         role=export.role,
         fmt="onnx",
-        variant=str(variant),
+        variant=str(candidate.variant),
         opset=opset,
         inputs=_tensor_info(list(model.graph.input)),
         outputs=_tensor_info(list(model.graph.output)),
         golden=golden.relative_to(root).as_posix(),
         tolerance={"atol": replay_atol},
         parity={**figures, **export.details},
+        **({"speed": speed} if speed else {}),
     )
     return [entry, file_entry(root, golden, role=Role.GOLDEN, fmt="npz")]
 

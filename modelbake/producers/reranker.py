@@ -198,6 +198,7 @@ def _export(ce: Any, key: str, root: Path, values: Values, done: Callable[[str],
         opset=values["ONNX_OPSET"],
         int8=values["RERANKER_INT8"],
         int8_min_cosine=-1.0,
+        int8_even_if_slower=values["INT8_EVEN_IF_SLOWER"],
         extra_gate=scores_gate,
         done=done,
     )

@@ -1,0 +1,180 @@
+"""Variants measured where they are built, shipped only when faster, chosen at run time from the table.
+
+Timings are injected where a decision is tested (never a wall-clock threshold); the real timer runs once
+to show it records every batch size for every candidate.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from modelbake.manifest import Role, Variant
+from modelbake.producers import onnx_export
+from modelbake.producers.onnx_export import OnnxExport, ParityError, export_variants
+from modelbake.producers.speed import BATCHES, Candidate, decide, measure
+from modelbake.runtime.registry import Loader
+from modelbake.runtime.variants import AUTO, choose, machine, requested, same_kernels
+
+
+class _Cnn(torch.nn.Module):
+    """Three convolutions: a CNN to the exporter (static int8 is tried for it)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.body = torch.nn.Sequential(
+            torch.nn.Conv2d(3, 16, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(16, 16, 3, padding=1),
+            torch.nn.ReLU(),
+            torch.nn.Conv2d(16, 8, 3, stride=2),
+            torch.nn.AdaptiveAvgPool2d(1),
+            torch.nn.Flatten(),
+        )
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.body(pixel_values)
+
+
+def _cnn_export(calibrate: bool = True) -> OnnxExport:
+    gen = torch.Generator().manual_seed(1)
+    images = torch.rand(20, 3, 16, 16, generator=gen)
+    return OnnxExport(
+        role=Role.IMAGE_ENCODER,
+        module=_Cnn(),
+        example={"pixel_values": images[:2]},
+        probe={"pixel_values": images[2:5]},
+        output_names=["image_embeds"],
+        dynamic_axes={"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}},
+        atol=1e-4,
+        calibration={"pixel_values": images[5:]} if calibrate else None,
+    )
+
+
+def _fake_timer(ms: dict[str, float]):
+    """A stand-in for speed.measure: batch-1 ms by quantisation method ('export' is fp32)."""
+
+    def fake(candidates: list[Candidate], probe: dict[str, np.ndarray], *args: Any, **kwargs: Any) -> None:
+        for c in candidates:
+            c.batch_ms = {str(b): ms[c.method] * b for b in BATCHES}
+
+    return fake
+
+
+def test_decide_drops_a_variant_slower_than_fp32_unless_forced() -> None:
+    fp32 = Candidate(Variant.FP32, b"", {}, {"1": 10.0, "8": 60.0})
+    dynamic = Candidate(Variant.INT8, b"", {"method": "quantize_dynamic"}, {"1": 30.0, "8": 200.0})
+    static = Candidate(Variant.INT8, b"", {"method": "quantize_static_qdq"}, {"1": 12.0, "8": 50.0})
+    ships, dropped = decide(fp32, [dynamic, static], keep_slower=False)
+    assert ships == []
+    assert [(d["method"], d["why"].split(" (")[0]) for d in dropped] == [
+        ("quantize_dynamic", "quantize_static_qdq was faster at batch 1"),
+        ("quantize_static_qdq", "1.20x slower than fp32 at batch 1 on the build machine"),
+    ]
+    assert "INT8_EVEN_IF_SLOWER=1" in dropped[1]["why"]
+    ships, _ = decide(fp32, [dynamic, static], keep_slower=True)
+    assert ships == [static]
+    static.batch_ms["1"] = 7.0
+    ships, dropped = decide(fp32, [dynamic, static], keep_slower=False)
+    assert ships == [static] and [d["method"] for d in dropped] == ["quantize_dynamic"]
+
+
+def test_the_timer_records_every_batch_size_for_every_candidate() -> None:
+    export = _cnn_export()
+    data = onnx_export._export(export, 17)[0]
+    candidates = [Candidate(Variant.FP32, data, {}), Candidate(Variant.INT8, onnx_export._quantize(data)[0], {})]
+    measure(candidates, {"pixel_values": export.probe["pixel_values"].numpy()}, threads=1, rounds=2)
+    for c in candidates:
+        assert set(c.batch_ms) == {str(b) for b in BATCHES} and all(v > 0 for v in c.batch_ms.values())
+
+
+def test_a_slower_int8_is_not_shipped_and_the_fp32_entry_says_why(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(onnx_export, "measure", _fake_timer({"export": 1.0, "quantize_dynamic": 3.0}))
+    files = export_variants(_cnn_export(calibrate=False), "cnn.onnx", tmp_path, int8=True)
+    onnx_files = [f for f in files if f["format"] == "onnx"]
+    assert [f["variant"] for f in onnx_files] == ["fp32"] and not (tmp_path / "onnx" / "cnn_int8.onnx").exists()
+    speed = onnx_files[0]["speed"]
+    assert speed["batch_ms"] == {"1": 1.0, "8": 8.0} and speed["machine"] == machine()
+    (dropped,) = speed["not_shipped"]
+    assert dropped["method"] == "quantize_dynamic" and dropped["why"].startswith("3.00x slower than fp32")
+    # Forced, it ships, with its ratio to fp32 recorded.
+    files = export_variants(_cnn_export(calibrate=False), "cnn.onnx", tmp_path, int8=True, int8_even_if_slower=True)
+    int8 = next(f for f in files if f.get("variant") == "int8")
+    assert int8["speed"]["vs_fp32"] == {"1": pytest.approx(1 / 3, abs=1e-3), "8": pytest.approx(1 / 3, abs=1e-3)}
+
+
+def test_a_cnn_gets_a_static_qdq_candidate_and_the_faster_one_ships(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    timings = {"export": 5.0, "quantize_dynamic": 9.0, "quantize_static_qdq": 2.0}
+    monkeypatch.setattr(onnx_export, "measure", _fake_timer(timings))
+    files = export_variants(_cnn_export(), "cnn.onnx", tmp_path, int8=True)
+    int8 = next(f for f in files if f.get("variant") == "int8")
+    assert int8["parity"]["method"] == "quantize_static_qdq" and int8["parity"]["calibration_inputs"] == 15
+    assert int8["parity"]["min_cosine"] >= 0.99
+    ops = {n.op_type for n in onnx.load(str(tmp_path / int8["path"])).graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    fp32 = next(f for f in files if f.get("variant") == "fp32")
+    assert [d["method"] for d in fp32["speed"]["not_shipped"]] == ["quantize_dynamic"]
+
+
+def test_every_int8_candidate_refused_fails_the_stage(tmp_path: Path) -> None:
+    with pytest.raises(ParityError, match=r"quantize_dynamic: .*quantize_static_qdq: "):
+        export_variants(_cnn_export(), "cnn.onnx", tmp_path, int8=True, int8_min_cosine=1.01)
+    assert not (tmp_path / "onnx").exists()
+
+
+def _model(ms: dict[str, float], isa: list[str]) -> dict[str, Any]:
+    where = {**machine(), "isa": isa}
+    return {
+        "name": "m",
+        "kind": "clip",
+        "files": [
+            {
+                "path": f"{v}.onnx",
+                "role": Role.IMAGE_ENCODER,
+                "variant": v,
+                "speed": {"batch_ms": {"1": t}, "machine": where},
+            }
+            for v, t in ms.items()
+        ],
+    }
+
+
+def test_auto_picks_what_the_table_says_on_the_same_kernels_and_fp32_elsewhere() -> None:
+    here = {**machine(), "isa": ["avx2", "fma"]}
+    faster_int8 = _model({"fp32": 4.0, "int8": 2.5}, ["avx2", "fma"])
+    assert choose(faster_int8, Role.IMAGE_ENCODER, AUTO, here)["variant"] == "int8"
+    assert (
+        choose(_model({"fp32": 4.0, "int8": 5.0}, ["avx2", "fma"]), Role.IMAGE_ENCODER, AUTO, here)["variant"] == "fp32"
+    )
+    # Measured on a VNNI machine: its int8 kernels are not the ones that would run here.
+    vnni = _model({"fp32": 4.0, "int8": 1.0}, ["avx2", "avx512_vnni", "fma"])
+    assert choose(vnni, Role.IMAGE_ENCODER, AUTO, here)["variant"] == "fp32"
+    assert choose(vnni, Role.IMAGE_ENCODER, "int8", here)["variant"] == "int8"  # asked for by name
+    assert not same_kernels({"arch": here["arch"], "isa": []}, here)  # no flags recorded: never trusted
+    with pytest.raises(ValueError, match="use auto or one of fp32, int8"):
+        requested("fp16")
+    assert requested(None, int8=True) == "int8" and requested(None) == AUTO
+
+
+def test_a_loader_reports_the_variant_of_each_role(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(onnx_export, "measure", _fake_timer({"export": 5.0, "quantize_dynamic": 1.0}))
+    files = export_variants(_cnn_export(calibrate=False), "cnn.onnx", tmp_path, int8=True)
+    model = {"name": "cnn", "kind": "test", "files": files}
+    if same_kernels(machine()):  # the table was recorded here, so auto trusts it
+        loader = Loader(tmp_path, model)
+        assert loader.onnx(model, Role.IMAGE_ENCODER)["variant"] == "int8" and loader.chosen == {
+            "image_encoder": "int8"
+        }
+    loader = Loader(tmp_path, model, variant="fp32")
+    loader.onnx(model, Role.IMAGE_ENCODER)
+    assert loader.variant == "fp32"
