@@ -104,6 +104,17 @@ def test_reranker_runtime_matches_sentence_transformers(built_tree: Path) -> Non
         reranker.score("q", "not a list")  # type: ignore[arg-type]
 
 
+def test_reranker_batches_pairs_of_similar_length() -> None:
+    from modelbake.runtime.reranker import length_batches
+
+    lengths = np.array([50, 9, 10, 200, 11, 48, 12, 13, 60, 10])
+    batches = length_batches(lengths, batch_size=3)
+    assert sorted(np.concatenate(batches).tolist()) == list(range(len(lengths)))  # each row once
+    assert [lengths[b].tolist() for b in batches] == [[9, 10, 10], [11, 12, 13], [48, 50, 60], [200]]
+    assert all(lengths[b].max() <= 1.25 * lengths[b].min() for b in batches)
+    assert [len(b) for b in length_batches(np.full(70, 7), batch_size=32)] == [32, 32, 6]
+
+
 def test_every_artifact_flipped_or_truncated_is_caught_by_load_and_verify(built_tree: Path, tmp_path: Path) -> None:
     from modelbake.manifest import ManifestError, read_manifest
     from modelbake.runtime.models import open_models
