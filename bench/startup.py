@@ -35,7 +35,7 @@ t0 = time.perf_counter()
 import numpy as np
 from modelbake.runtime.models import open_models
 t1 = time.perf_counter()
-models = open_models(sys.argv[1], int8=sys.argv[2] == "int8", threads=2)
+models = open_models(sys.argv[1], variant=sys.argv[2], threads=2)
 t2 = time.perf_counter()
 clip = models.default_clip
 clip.encode_text(["a dog runs along the beach"])
@@ -74,6 +74,7 @@ def build_tree(work: Path) -> Path:
             "--reranker",
             f"minilm@dir:{minilm}",
             "--int8",
+            "--int8-even-if-slower",  # both variants in the tree, whatever the build's timing said
             "--out",
             str(tree),
         ],
