@@ -178,3 +178,25 @@ def test_a_loader_reports_the_variant_of_each_role(tmp_path: Path, monkeypatch: 
     loader = Loader(tmp_path, model, variant="fp32")
     loader.onnx(model, Role.IMAGE_ENCODER)
     assert loader.variant == "fp32"
+
+
+def test_a_reranker_int8_its_score_gate_refuses_fails_the_stage(tmp_path: Path, tiny_specs: dict[str, str]) -> None:
+    """The reranker's own gate (the score contract) refuses the int8 candidate: one error naming the method
+    and the figures, and nothing written."""
+    from conftest import run_cli
+
+    out = tmp_path / "out"
+    proc = run_cli(
+        "--reranker",
+        tiny_specs["reranker"],
+        "--reranker-int8",
+        "--reranker-int8-atol",
+        "1e-9",
+        "--reranker-strict",
+        "--out",
+        str(out),
+        script="reranker_cache.py",
+    )
+    assert proc.returncode == 1, proc.stderr
+    assert "quantize_dynamic: ONNX scores differ from sentence-transformers beyond 1e-09" in proc.stderr
+    assert list(out.rglob("*")) == []

@@ -223,7 +223,7 @@ def _int8_candidates(
             # int8 is not meant to match fp32 bit for bit: cosine against PyTorch is its gate
             bounds = (float("inf"), min_cosine)
             figures = _gate_all(export, Variant.INT8, data, reference, extra_gate, bounds)
-        except ParityError as exc:
+        except ProducerError as exc:  # ParityError, or an extra gate's own (the reranker's score contract)
             log.warning("%s int8 (%s) refused by its gate: %s", export.role, method, exc)
             failures.append(f"{method}: {exc}")
             continue
