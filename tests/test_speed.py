@@ -200,3 +200,19 @@ def test_a_reranker_int8_its_score_gate_refuses_fails_the_stage(tmp_path: Path, 
     assert proc.returncode == 1, proc.stderr
     assert "quantize_dynamic: ONNX scores differ from sentence-transformers beyond 1e-09" in proc.stderr
     assert list(out.rglob("*")) == []
+
+
+def test_verify_says_what_auto_runs_here_and_why() -> None:
+    from modelbake.runtime.verify import _auto
+
+    def timed(isa: list[str]) -> dict[str, Any]:
+        model = _model({"fp32": 4.0, "int8": 2.5}, isa)
+        for f in model["files"]:
+            f["speed"]["vs_fp32"] = {"1": 4.0 / f["speed"]["batch_ms"]["1"]}
+        return model
+
+    (row,) = _auto(timed(["avx512_vnni", "amx_int8"] if "amx_int8" not in machine()["isa"] else ["avx2"]))
+    assert row.ok and row.what == "auto image_encoder" and row.detail.startswith("runs fp32: this CPU's ISA flags")
+    if machine()["isa"]:  # Linux: the flags are known, so a table recorded here is trusted here
+        (row,) = _auto(timed(machine()["isa"]))
+        assert row.detail.startswith("runs int8: 1.6x fp32 at batch 1 on the build machine")

@@ -13,6 +13,7 @@ import numpy as np
 from modelbake.manifest import ManifestError, check_files, read_manifest, resolve_inside
 from modelbake.runtime.registry import loader_for
 from modelbake.runtime.sessions import session
+from modelbake.runtime.variants import AUTO, choose, machine, same_kernels
 
 
 @dataclass
@@ -74,7 +75,24 @@ def verify(root: Path, *, quick: bool = False) -> list[Check]:
             checks.append(Check(name, "files", False, _reason(exc)))
             continue
         if not quick:
-            checks += [replace(check, model=name) for check in _inference(root, model)]
+            checks += [replace(check, model=name) for check in _inference(root, model) + _auto(model)]
+    return checks
+
+
+def _auto(model: dict[str, Any]) -> list[Check]:
+    """What ``variant="auto"`` runs here for each role the build timed, and why (an information row)."""
+    checks = []
+    for role in dict.fromkeys(e["role"] for e in model["files"] if "speed" in e):
+        entry = choose(model, role, AUTO)
+        recorded = entry["speed"]["machine"]
+        if same_kernels(recorded):
+            ratio = entry["speed"]["vs_fp32"]["1"]
+            why = "fastest" if entry.get("variant") == "fp32" else f"{ratio:g}x fp32"
+            why += f" at batch 1 on the build machine ({recorded['cpu']}), whose ISA flags this CPU shares"
+        else:
+            why = f"this CPU's ISA flags ({' '.join(machine()['isa']) or 'unknown'}) are not the build machine's"
+            why += f" ({' '.join(recorded['isa'])}): fp32, whose timings do not transfer"
+        checks.append(Check("", f"auto {role}", True, f"runs {entry.get('variant', 'fp32')}: {why}"))
     return checks
 
 
