@@ -31,7 +31,7 @@ from sentence_transformers import CrossEncoder
 
 from modelbake.manifest import merge_fragments
 from modelbake.params import defaults, for_stage
-from modelbake.producers.reranker import run
+from modelbake.producers.reranker import kendall_tau, run
 from modelbake.runtime.reranker import Reranker
 
 WORDS = (
@@ -144,12 +144,6 @@ def main() -> None:
             f"{label:<28} {t * 1e3:>8.1f} {base / t:>10.2f}x {diff:>13.1e} {same!s:>13} {top5!s:>6} "
             f"{kendall_tau(scores, reference):>6.3f}"
         )
-
-
-def kendall_tau(a: np.ndarray, b: np.ndarray) -> float:
-    """Kendall's tau-a: (concordant - discordant) / all pairs."""
-    i, j = np.triu_indices(len(a), 1)
-    return float(np.sum(np.sign(a[i] - a[j]) * np.sign(b[i] - b[j])) / len(i))
 
 
 if __name__ == "__main__":

@@ -199,7 +199,13 @@ def test_a_reranker_int8_its_score_gate_refuses_fails_the_stage(tmp_path: Path, 
     )
     assert proc.returncode == 1, proc.stderr
     assert "quantize_dynamic: ONNX scores differ from sentence-transformers beyond 1e-09" in proc.stderr
+    assert "'top3_same': " in proc.stderr and "'kendall_tau': " in proc.stderr  # the ranking figures, named
     assert list(out.rglob("*")) == []
+    from modelbake.producers.reranker import kendall_tau
+
+    scores = np.array([0.9, 0.5, 0.1, 0.3])
+    assert kendall_tau(scores, scores) == 1.0 and kendall_tau(scores, -scores) == -1.0
+    assert kendall_tau(scores, np.array([0.9, 0.5, 0.3, 0.1])) == pytest.approx(4 / 6)  # one pair of 6 swapped
 
 
 def test_verify_says_what_auto_runs_here_and_why() -> None:

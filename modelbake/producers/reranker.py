@@ -140,15 +140,24 @@ def _score_gate(
     flipped = (gap > 2 * atol) & (scores[:, None] - scores[None, :] <= 0)
     ranks = [np.argsort(np.argsort(-s, kind="stable")) for s in (scores, st_scores)]
     spearman = float(np.corrcoef(*ranks)[0, 1]) if len(scores) > 1 else 1.0
+    order, st_order = np.argsort(-scores, kind="stable"), np.argsort(-st_scores, kind="stable")
     figures = {
         "score_max_abs_diff": float(np.max(np.abs(scores - st_scores))),
-        "same_ranking": bool(np.array_equal(np.argsort(-scores, kind="stable"), np.argsort(-st_scores, kind="stable"))),
+        "top3_same": bool(np.array_equal(order[:3], st_order[:3])),
+        "kendall_tau": kendall_tau(scores, st_scores),
+        "same_ranking": bool(np.array_equal(order, st_order)),
         "rank_correlation": spearman,
         "order_violations": int(flipped.sum()),
     }
     if figures["score_max_abs_diff"] > atol or figures["order_violations"]:
         raise ProducerError(f"ONNX scores differ from sentence-transformers beyond {atol:g}: {figures}")
     return figures
+
+
+def kendall_tau(a: np.ndarray, b: np.ndarray) -> float:
+    """Kendall's tau-a of two score lists: (concordant - discordant pairs) / all pairs."""
+    i, j = np.triu_indices(len(a), 1)
+    return float(np.sum(np.sign(a[i] - a[j]) * np.sign(b[i] - b[j])) / max(len(i), 1))
 
 
 def _load_saved(spec: RerankerSpec, path: Path, root: Path) -> tuple[Any, Path]:
