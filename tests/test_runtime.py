@@ -169,7 +169,7 @@ def test_open_models_without_a_manifest_finds_files_by_the_seed_names(
         found = open_models(flat, allow_unverified=True)
     assert sorted(found.clip) == ["tiny-rn", "tiny-vit"] and found.reranker is None
     assert "not verified" in caplog.text
-    checked = open_models(built_tree)
+    checked = open_models(built_tree, variant="fp32")  # the files copied above
     features = checked.default_clip.encode_text(["a dog on a beach"])
     np.testing.assert_allclose(
         found.clip["tiny-vit"].encode_text(["a dog on a beach"]),
