@@ -1,8 +1,8 @@
 """Time the gated variants of one ONNX role side by side on the build machine, and decide what ships.
 
 A variant that is slower than fp32 at batch 1 here is not shipped unless the build forces it: int8 is not
-faster everywhere (dynamic int8 made a real-size RN50 image tower 5.3x slower than fp32 on a 2-core AVX2
-machine, because its convolutions run as integer kernels with float glue around each one).
+faster everywhere (dynamic int8 made a real-size RN50 image tower 3.7-5.3x slower than fp32 on 2-core
+machines, because its convolutions run as integer kernels with float glue around each one).
 """
 
 from __future__ import annotations
