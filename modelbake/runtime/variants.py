@@ -13,7 +13,7 @@ import platform
 from functools import lru_cache
 from typing import Any
 
-from modelbake.manifest import Variant
+from modelbake.manifest import Variant, onnx_entry
 
 AUTO = "auto"
 # The extensions onnxruntime's CPU kernels dispatch on (int8 GEMM above all): two CPUs that agree on these
@@ -72,8 +72,6 @@ def choose(model: dict[str, Any], role: str, variant: str = AUTO, here: dict[str
     An explicit variant must exist (LookupError naming what does). ``auto``: the entry with the smallest
     recorded batch-1 latency when the recording machine has this one's kernels, otherwise fp32.
     """
-    from modelbake.manifest import onnx_entry
-
     if variant != AUTO:
         return onnx_entry(model, role, variant)
     fp32 = onnx_entry(model, role, Variant.FP32)
