@@ -24,6 +24,7 @@ variable "REGRESSOR_FEATURE_DIM" { default = "auto" }
 variable "REGRESSOR_SEED" { default = "0" }
 variable "REGRESSOR_EPOCHS" { default = "20" }
 variable "ONNX_OPSET" { default = "17" }
+variable "ONNX_EXTERNAL_DATA_BYTES" { default = "2000000000" }
 
 # Optional local inputs: a wheelhouse folder (offline pip) and a model-sources folder (mounted at /sources).
 variable "WHEELHOUSE" { default = "" }
@@ -69,6 +70,7 @@ target "_common" {
     REGRESSOR_SEED        = REGRESSOR_SEED
     REGRESSOR_EPOCHS      = REGRESSOR_EPOCHS
     ONNX_OPSET            = ONNX_OPSET
+    ONNX_EXTERNAL_DATA_BYTES = ONNX_EXTERNAL_DATA_BYTES
     SOURCE_DATE_EPOCH     = SOURCE_DATE_EPOCH
     MODELS_MANIFEST_DIGEST = MODELS_MANIFEST_DIGEST
   }

@@ -61,11 +61,11 @@ def variants(
         f"int8 built ({picked})": (fp32.with_name(f"{fp32.stem}_int8.onnx"), all_opt),
     }
     dynamic = work / f"{fp32.stem}_int8_dynamic.onnx"
-    dynamic.write_bytes(_quantize(fp32.read_bytes())[0])
+    _quantize(fp32, dynamic)
     out["int8 dynamic"] = (dynamic, all_opt)
     if calibration is not None:
         static = work / f"{fp32.stem}_int8_static.onnx"
-        static.write_bytes(_quantize_static(fp32.read_bytes(), calibration)[0])
+        _quantize_static(fp32, static, calibration)
         out["int8 static qdq"] = (static, all_opt)
     per_tensor = work / f"{fp32.stem}_int8_tensor.onnx"
     quantize_dynamic(str(fp32), str(per_tensor), weight_type=QuantType.QInt8, per_channel=False)

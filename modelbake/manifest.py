@@ -33,6 +33,7 @@ class Role(StrEnum):
     RERANKER = "reranker"
     REGRESSOR = "regressor"
     MODEL = "model"  # the one graph of a kind that has a single ONNX file
+    ONNX_DATA = "onnx_data"  # the weights of a graph too large for one file; its entry's ``external_data``
     GOLDEN = "golden"  # probe inputs and outputs an ONNX entry's ``golden`` names
     TOKENIZER = "tokenizer"
     WEIGHTS = "weights"

@@ -146,6 +146,9 @@ TABLE: tuple[Param, ...] = (
           _number(int, 1), _REGRESSOR, "--regressor-epochs"),
     Param("INT8_EVEN_IF_SLOWER", "0", "1 = ship a gated int8 variant even when it measured slower than fp32 at "
           "batch 1 on the build machine", _BOOL, (*_CLIP, *_RERANKER), "--int8-even-if-slower"),
+    Param("ONNX_EXTERNAL_DATA_BYTES", "2000000000", "graphs whose weights pass this many bytes ship as NAME.onnx "
+          "+ NAME.onnx.data (protobuf caps one file at 2 GiB)", _number(int, 1), (*_CLIP, *_RERANKER),
+          "--onnx-external-data-bytes"),
     Param("ONNX_OPSET", "17", "ONNX opset of every exported graph",
           _number(int, 7), PRODUCING_STAGES, "--opset"),
     # --- the image build: build args without a CLI flag ------------------------------------------------

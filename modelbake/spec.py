@@ -172,6 +172,11 @@ def variant_name(onnx_name: str, variant: str) -> str:
     return onnx_name if variant == "fp32" else onnx_name.removesuffix(".onnx") + f"_{variant}.onnx"
 
 
+def external_data_name(onnx_name: str) -> str:
+    """``x.onnx.data``: the weights of a graph too large for one file, beside it (ONNX external data)."""
+    return f"{onnx_name}.data"
+
+
 def golden_path(onnx_name: str) -> str:
     """Where the golden probe file of an ONNX graph lives, relative to the models root."""
     return f"{GOLDEN_DIR}/{PurePosixPath(onnx_name).stem}.npz"

@@ -12,6 +12,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 # Kept between runs (git-ignored) so BuildKit sees identical sources and reuses its cache.
 CACHE = Path(os.environ.get("MODELBAKE_TEST_CACHE", REPO / ".cache"))
+# The tiny graphs whose weights pass 1 MB (the text towers, tiny-rn's fp32 image tower) ship as NAME.onnx +
+# NAME.onnx.data, the others as one file: every tree the tests build, on the host or in Docker, has both kinds.
+EXTERNAL_DATA_BYTES = "1000000"
 
 
 @pytest.fixture(scope="session")
@@ -47,6 +50,8 @@ def download_run(tmp_path_factory: pytest.TempPathFactory, tiny_specs: dict[str,
         "--int8-even-if-slower",  # the tests need every int8 file; test_speed covers the decision itself
         "--regressor-epochs",
         "3",
+        "--onnx-external-data-bytes",
+        EXTERNAL_DATA_BYTES,
         "--out",
         str(out),
         check=True,

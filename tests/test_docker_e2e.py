@@ -16,7 +16,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import REPO, run_cli
+from conftest import EXTERNAL_DATA_BYTES, REPO, run_cli
 
 from modelbake.buildkit import TRANSIENT_ERROR, parse_rawjson, ran, render, stage_runs
 from modelbake.manifest import check_files, read_manifest
@@ -69,6 +69,7 @@ def bake_env(tiny_sources: Path, tmp_path_factory: pytest.TempPathFactory) -> di
         "CLIP_INT8": "1",
         "RERANKER_INT8": "1",
         "INT8_EVEN_IF_SLOWER": "1",  # tiny graphs: int8 may time slower; the tests need every int8 file
+        "ONNX_EXTERNAL_DATA_BYTES": EXTERNAL_DATA_BYTES,  # the image carries graph + data pairs too
         "RERANKER_MODELS": MOUNTED_RERANKER_SPEC,
         "REGRESSOR_EPOCHS": "3",
         "TAG": TAG,
@@ -292,6 +293,8 @@ def test_host_cli_makes_the_same_tree_as_the_image_build(
         f"tiny-bert@dir:{tiny_sources / 'reranker' / 'tiny-bert'}",
         "--int8",
         "--int8-even-if-slower",
+        "--onnx-external-data-bytes",
+        EXTERNAL_DATA_BYTES,
         "--regressor-epochs",
         baked["REGRESSOR_EPOCHS"],
         "--out",

@@ -68,9 +68,9 @@ def _fake_timer(ms: dict[str, float]):
 
 
 def test_decide_drops_a_variant_slower_than_fp32_unless_forced() -> None:
-    fp32 = Candidate(Variant.FP32, b"", {}, {"1": 10.0, "8": 60.0})
-    dynamic = Candidate(Variant.INT8, b"", {"method": "quantize_dynamic"}, {"1": 30.0, "8": 200.0})
-    static = Candidate(Variant.INT8, b"", {"method": "quantize_static_qdq"}, {"1": 12.0, "8": 50.0})
+    fp32 = Candidate(Variant.FP32, Path("a.onnx"), {}, {"1": 10.0, "8": 60.0})
+    dynamic = Candidate(Variant.INT8, Path("b.onnx"), {"method": "quantize_dynamic"}, {"1": 30.0, "8": 200.0})
+    static = Candidate(Variant.INT8, Path("c.onnx"), {"method": "quantize_static_qdq"}, {"1": 12.0, "8": 50.0})
     ships, dropped = decide(fp32, [dynamic, static], keep_slower=False)
     assert ships == []
     assert [(d["method"], d["why"].split(" (")[0]) for d in dropped] == [
@@ -85,10 +85,11 @@ def test_decide_drops_a_variant_slower_than_fp32_unless_forced() -> None:
     assert ships == [static] and [d["method"] for d in dropped] == ["quantize_dynamic"]
 
 
-def test_the_timer_records_every_batch_size_for_every_candidate() -> None:
+def test_the_timer_records_every_batch_size_for_every_candidate(tmp_path: Path) -> None:
     export = _cnn_export()
-    data = onnx_export._export(export, 17)[0]
-    candidates = [Candidate(Variant.FP32, data, {}), Candidate(Variant.INT8, onnx_export._quantize(data)[0], {})]
+    fp32, _ = onnx_export._export(export, 17, tmp_path, "cnn.onnx", onnx_export.EXTERNAL_DATA_BYTES)
+    onnx_export._quantize(fp32, tmp_path / "cnn_int8.onnx")
+    candidates = [Candidate(Variant.FP32, fp32, {}), Candidate(Variant.INT8, tmp_path / "cnn_int8.onnx", {})]
     measure(candidates, {"pixel_values": export.probe["pixel_values"].numpy()}, threads=1, rounds=2)
     for c in candidates:
         assert set(c.batch_ms) == {str(b) for b in BATCHES} and all(v > 0 for v in c.batch_ms.values())

@@ -20,7 +20,15 @@ from PIL import Image
 from modelbake.manifest import Role, Variant, file_entry, sha256_file, write_fragment
 from modelbake.producers import Values
 from modelbake.producers.common import ProducerError, log, model_record, staged_output
-from modelbake.producers.onnx_export import DEFAULT_OPSET, ExtraGate, OnnxExport, ParityError, compare, export_variants
+from modelbake.producers.onnx_export import (
+    DEFAULT_OPSET,
+    EXTERNAL_DATA_BYTES,
+    ExtraGate,
+    OnnxExport,
+    ParityError,
+    compare,
+    export_variants,
+)
 from modelbake.producers.progress import steps
 from modelbake.runtime.clip import cut_after_eot
 from modelbake.runtime.sessions import session
@@ -257,6 +265,7 @@ class ClipOptions:
     min_cosine: float = 0.999
     int8_min_cosine: float = 0.99
     int8_even_if_slower: bool = False
+    external_data_bytes: int = EXTERNAL_DATA_BYTES
 
     @classmethod
     def from_values(cls, values: Values) -> ClipOptions:
@@ -268,6 +277,7 @@ class ClipOptions:
             min_cosine=values["CLIP_PARITY_MIN_COSINE"],
             int8_min_cosine=values["CLIP_INT8_MIN_COSINE"],
             int8_even_if_slower=values["INT8_EVEN_IF_SLOWER"],
+            external_data_bytes=values["ONNX_EXTERNAL_DATA_BYTES"],
         )
 
 
@@ -336,8 +346,8 @@ def _cut_gate(model: torch.nn.Module, tokenizer: Any, options: ClipOptions) -> E
         reference = [model.encode_text(full).numpy()]
     cut = cut_after_eot(full.numpy())
 
-    def gate(data: bytes, variant: Variant) -> dict[str, Any]:
-        figures = compare(reference, session(data).run(["text_embeds"], {"input_ids": cut}))
+    def gate(graph: Path, variant: Variant) -> dict[str, Any]:
+        figures = compare(reference, session(graph).run(["text_embeds"], {"input_ids": cut}))
         fp32 = variant == Variant.FP32
         atol, min_cosine = (options.atol, options.min_cosine) if fp32 else (inf, options.int8_min_cosine)
         if figures["max_abs_diff"] > atol or figures["min_cosine"] < min_cosine:
@@ -371,6 +381,7 @@ def export_one(spec: ClipSpec, root: Path, options: ClipOptions) -> dict[str, An
                 int8=options.int8,
                 int8_min_cosine=options.int8_min_cosine,
                 int8_even_if_slower=options.int8_even_if_slower,
+                external_data_bytes=options.external_data_bytes,
                 extra_gate=_cut_gate(model, tokenizer, options) if tower == "text" and cut else None,
                 done=done,
             )

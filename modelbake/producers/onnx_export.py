@@ -5,16 +5,22 @@ inputs, names, dynamic axes, tolerance); :func:`export_variants` exports it, che
 it with onnxsim, compares onnxruntime with PyTorch on the probe inputs (the parity gate), optionally makes
 and gates a dynamic-int8 twin, and writes for each variant the golden file the runtime verifies itself
 against. Every ONNX manifest entry carries its gate's figures as ``parity``.
+
+Graphs go through files in a scratch folder, never through one in-memory protobuf: protobuf caps a
+serialised model at 2 GiB, which large towers (ViT-H-14's image tower, about 2.5 GB) exceed. A graph whose
+weights pass ``external_data_bytes`` ships as ``NAME.onnx`` plus ``NAME.onnx.data`` (ONNX external data,
+relative location), both listed in the manifest.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
+import os
+import shutil
 import tempfile
 import warnings
 import zipfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,9 +33,11 @@ from modelbake.manifest import Role, Variant, file_entry
 from modelbake.producers.common import ProducerError, log
 from modelbake.producers.speed import Candidate, decide, measure, record
 from modelbake.runtime.sessions import session
-from modelbake.spec import ONNX_DIR, golden_path, variant_name
+from modelbake.spec import ONNX_DIR, external_data_name, golden_path, variant_name
 
 DEFAULT_OPSET = 17
+# Protobuf refuses to serialise a model over 2 GiB; the graph itself needs some room beside the weights.
+EXTERNAL_DATA_BYTES = 2_000_000_000
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
@@ -82,18 +90,49 @@ def _assert_dynamic_batch(model: onnx.ModelProto, role: str) -> None:
             )
 
 
-def _simplify(model: onnx.ModelProto, role: str) -> tuple[onnx.ModelProto, dict[str, Any]]:
-    nodes_before = len(model.graph.node)
+def _simplify(raw: Path, role: str) -> tuple[onnx.ModelProto, dict[str, Any]]:
+    """onnxsim on the exported file (it reads external data by path); the unsimplified graph when it fails."""
+    nodes_before = len(onnx.load(raw, load_external_data=False).graph.node)
     try:
         import onnxsim
 
-        simplified, ok = onnxsim.simplify(model)
+        simplified, ok = onnxsim.simplify(str(raw))
         if not ok:
             raise RuntimeError("onnxsim's own check failed")
     except Exception as exc:  # onnxsim fails on some graphs; the unsimplified graph is still correct
-        warnings.warn(f"{role}: onnxsim failed ({exc}); shipping the unsimplified graph", stacklevel=2)
-        return model, {"simplified": False, "nodes": nodes_before, "simplify_error": str(exc)}
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        warnings.warn(f"{role}: onnxsim failed ({first}); shipping the unsimplified graph", stacklevel=2)
+        return onnx.load(raw), {"simplified": False, "nodes": nodes_before, "simplify_error": first}
     return simplified, {"simplified": True, "nodes_before": nodes_before, "nodes": len(simplified.graph.node)}
+
+
+def weight_bytes(model: onnx.ModelProto) -> int:
+    """The bytes of a loaded graph's initializers: what decides a single file or external data."""
+    return sum(t.ByteSize() for t in model.graph.initializer)
+
+
+def save_graph(model: onnx.ModelProto, path: Path, external_data_bytes: int = EXTERNAL_DATA_BYTES) -> dict[str, Any]:
+    """Write ``model`` as ``path``, or, when its weights pass ``external_data_bytes``, as ``path`` plus
+    ``path.data`` (one file, location relative to the graph, so the pair moves as a folder). Returns the
+    graph facts for the manifest (``external_data`` when it made the pair)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if weight_bytes(model) <= external_data_bytes:
+        onnx.save_model(model, path)
+        return {}
+    onnx.save_model(
+        model,
+        path,
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=external_data_name(path.name),
+        size_threshold=1024,  # small tensors (shapes, scales) stay in the graph
+        convert_attribute=True,
+    )
+    return {"external_data": True}
+
+
+def has_external_data(path: Path) -> bool:
+    return (path.parent / external_data_name(path.name)).is_file()
 
 
 def _flat(x: np.ndarray) -> np.ndarray:
@@ -137,7 +176,8 @@ def torch_outputs(module: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> l
     return [o.detach().cpu().numpy() for o in outs]
 
 
-ExtraGate = Callable[[bytes, Variant], dict[str, Any]]
+# Called with the graph's file (external data beside it) and its variant; raises ProducerError to refuse it.
+ExtraGate = Callable[[Path, Variant], dict[str, Any]]
 
 
 def export_variants(
@@ -149,6 +189,7 @@ def export_variants(
     int8: bool = False,
     int8_min_cosine: float = 0.99,
     int8_even_if_slower: bool = False,
+    external_data_bytes: int = EXTERNAL_DATA_BYTES,
     extra_gate: ExtraGate | None = None,
     done: Callable[[str], None] = lambda _: None,
 ) -> list[dict[str, Any]]:
@@ -157,33 +198,40 @@ def export_variants(
     Each variant passes the parity gate against PyTorch (and ``extra_gate``, e.g. a reranker's score
     contract) before anything is written. int8 candidates: dynamic, and static QDQ for convolutional graphs
     given calibration inputs; the gated ones are timed beside fp32 on this machine and the fastest ships,
-    unless it is slower than fp32 at batch 1 (:mod:`.speed`). Returns the manifest entries: per shipped
-    variant its ONNX file (with ``parity``, and ``speed`` when there was a choice) and its golden file.
-    Raises :class:`ParityError` naming the figures when fp32, or every int8 candidate, fails its gate.
+    unless it is slower than fp32 at batch 1 (:mod:`.speed`). A graph whose weights pass
+    ``external_data_bytes`` ships with its weights in ``<name>.onnx.data``. Returns the manifest entries:
+    per shipped variant its ONNX file (with ``parity``, and ``speed`` when there was a choice), its external
+    data file if any, and its golden file. Raises :class:`ParityError` naming the figures when fp32, or every
+    int8 candidate, fails its gate.
     """
     reference = torch_outputs(export.module.eval(), export.probe)
-    data, graph_info = _export(export, opset)
-    bounds = (export.atol, export.min_cosine)
-    fp32 = Candidate(
-        Variant.FP32, data, _gate_all(export, Variant.FP32, data, reference, extra_gate, bounds) | graph_info
-    )
-    done(f"{export.role} exported, parity checked")
-    shipped, dropped = [fp32], []
-    if int8:
-        candidates = _int8_candidates(export, data, reference, int8_min_cosine, extra_gate)
-        measure([fp32, *candidates], _numpy(export.probe))
-        ships, dropped = decide(fp32, candidates, int8_even_if_slower)
-        for d in dropped:
-            log.warning("%s %s (%s) not shipped: %s", export.role, d["variant"], d["method"], d["why"])
-        shipped += ships
-        done(f"{export.role} int8 checked and timed")
-    files: list[dict[str, Any]] = []
-    for candidate in shipped:
-        speed = record(candidate, fp32, None) if int8 else None
-        if speed is not None and candidate is fp32 and dropped:
-            speed["not_shipped"] = dropped
-        path = root / ONNX_DIR / variant_name(onnx_name, candidate.variant)
-        files += _write(export, candidate, path, root, reference, opset, speed)
+    # Scratch inside ``root`` (a stage's staging folder): same filesystem, so shipping a graph is a rename.
+    with tempfile.TemporaryDirectory(prefix=".onnx-work-", dir=root) as tmp:
+        work = Path(tmp)
+        graph, graph_info = _export(export, opset, work, onnx_name, external_data_bytes)
+        bounds = (export.atol, export.min_cosine)
+        fp32 = Candidate(
+            Variant.FP32, graph, _gate_all(export, Variant.FP32, graph, reference, extra_gate, bounds) | graph_info
+        )
+        done(f"{export.role} exported, parity checked")
+        shipped, dropped = [fp32], []
+        if int8:
+            candidates = _int8_candidates(
+                export, graph, reference, int8_min_cosine, extra_gate, work, external_data_bytes
+            )
+            measure([fp32, *candidates], _numpy(export.probe))
+            ships, dropped = decide(fp32, candidates, int8_even_if_slower)
+            for d in dropped:
+                log.warning("%s %s (%s) not shipped: %s", export.role, d["variant"], d["method"], d["why"])
+            shipped += ships
+            done(f"{export.role} int8 checked and timed")
+        files: list[dict[str, Any]] = []
+        for candidate in shipped:
+            speed = record(candidate, fp32, None) if int8 else None
+            if speed is not None and candidate is fp32 and dropped:
+                speed["not_shipped"] = dropped
+            path = root / ONNX_DIR / variant_name(onnx_name, candidate.variant)
+            files += _write(export, candidate, path, root, reference, opset, speed)
     return files
 
 
@@ -194,15 +242,15 @@ def _numpy(inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
 def _gate_all(
     export: OnnxExport,
     variant: Variant,
-    data: bytes,
+    graph: Path,
     reference: list[np.ndarray],
     extra_gate: ExtraGate | None,
     bounds: tuple[float, float],
 ) -> dict[str, Any]:
     """Every gate of one variant: parity with PyTorch within ``bounds`` (atol, min cosine), then ``extra_gate``."""
-    figures = _gate(export, data, reference, *bounds)
+    figures = _gate(export, graph, reference, *bounds)
     if extra_gate is not None:
-        figures.update(extra_gate(data, variant))
+        figures.update(extra_gate(graph, variant))
     log.info(
         "%s %s: parity max|d|=%.2e min cos=%.6f", export.role, variant, figures["max_abs_diff"], figures["min_cosine"]
     )
@@ -210,39 +258,56 @@ def _gate_all(
 
 
 def _int8_candidates(
-    export: OnnxExport, fp32: bytes, reference: list[np.ndarray], min_cosine: float, extra_gate: ExtraGate | None
+    export: OnnxExport,
+    fp32: Path,
+    reference: list[np.ndarray],
+    min_cosine: float,
+    extra_gate: ExtraGate | None,
+    work: Path,
+    external_data_bytes: int,
 ) -> list[Candidate]:
     """Every int8 graph that passes its gates; ParityError with each failure when none does."""
-    makers = [("quantize_dynamic", _quantize)]
+    makers: list[tuple[str, Callable[[Path, Path], dict[str, Any]]]] = [("quantize_dynamic", _quantize)]
     if export.calibration is not None and _convolutional(fp32):
-        makers.append(("quantize_static_qdq", lambda d: _quantize_static(d, export.calibration)))
+        makers.append(("quantize_static_qdq", lambda src, dst: _quantize_static(src, dst, export.calibration)))
     passed, failures = [], []
     for method, make in makers:
-        data, info = make(fp32)
+        # Named as it ships: an external-data location inside the graph names the final file.
+        graph = work / method / variant_name(fp32.name, Variant.INT8)
+        with tempfile.TemporaryDirectory(prefix="quantized-", dir=work) as tmp:
+            quantized = Path(tmp) / "int8.onnx"
+            info = make(fp32, quantized)
+            # usually far smaller than fp32: a single file again, unless it is still over the threshold
+            info |= save_graph(onnx.load(quantized), graph, external_data_bytes)
         try:
             # int8 is not meant to match fp32 bit for bit: cosine against PyTorch is its gate
             bounds = (float("inf"), min_cosine)
-            figures = _gate_all(export, Variant.INT8, data, reference, extra_gate, bounds)
+            figures = _gate_all(export, Variant.INT8, graph, reference, extra_gate, bounds)
         except ProducerError as exc:  # ParityError, or an extra gate's own (the reranker's score contract)
             log.warning("%s int8 (%s) refused by its gate: %s", export.role, method, exc)
             failures.append(f"{method}: {exc}")
             continue
-        passed.append(Candidate(Variant.INT8, data, figures | info))
+        passed.append(Candidate(Variant.INT8, graph, figures | info))
     if not passed:
         raise ParityError("; ".join(failures))
     return passed
 
 
-def _export(export: OnnxExport, opset: int) -> tuple[bytes, dict[str, Any]]:
-    """The legacy exporter, checked, with a symbolic batch, simplified: (graph bytes, graph facts)."""
-    buf = io.BytesIO()
+def _export(
+    export: OnnxExport, opset: int, work: Path, name: str, external_data_bytes: int
+) -> tuple[Path, dict[str, Any]]:
+    """The legacy exporter to a file, checked, with a symbolic batch, simplified, saved as ``work/fp32/<name>``
+    (and its external data): (the graph's path, graph facts)."""
+    raw = work / "exported" / "graph.onnx"
+    raw.parent.mkdir(parents=True)
     try:
         # Under torch.no_grad the legacy exporter fails on open_clip's image tower
-        # (aten::_native_multi_head_attention), so export without no_grad.
+        # (aten::_native_multi_head_attention), so export without no_grad. To a path: over 2 GiB the
+        # exporter writes the weights as external data beside it.
         torch.onnx.export(
             export.module.eval(),
             tuple(export.example.values()),
-            buf,
+            str(raw),
             input_names=list(export.example),
             output_names=export.output_names,
             dynamic_axes=export.dynamic_axes,
@@ -250,21 +315,23 @@ def _export(export: OnnxExport, opset: int) -> tuple[bytes, dict[str, Any]]:
             do_constant_folding=True,
             dynamo=False,
         )
+        onnx.checker.check_model(str(raw))  # by path: the checker's way for graphs over 2 GiB
     except MemoryError:
         raise
     except Exception as exc:  # the exporter raises many types; one line names the graph and the cause
         first = (str(exc).strip().splitlines() or [""])[0]
         raise ProducerError(f"{export.role}: torch.onnx.export failed ({type(exc).__name__}: {first})") from exc
-    model = onnx.load_from_string(buf.getvalue())
-    onnx.checker.check_model(model)
+    _assert_dynamic_batch(onnx.load(raw, load_external_data=False), export.role)
+    model, graph_info = _simplify(raw, export.role)
     _assert_dynamic_batch(model, export.role)
-    model, graph_info = _simplify(model, export.role)
-    _assert_dynamic_batch(model, export.role)
-    return model.SerializeToString(), graph_info
+    shutil.rmtree(raw.parent)  # before the simplified copy is written: one copy on disk at a time
+    graph = work / "fp32" / name
+    graph_info |= save_graph(model, graph, external_data_bytes)
+    return graph, graph_info
 
 
-def _quantize(fp32: bytes) -> tuple[bytes, dict[str, Any]]:
-    """onnxruntime's dynamic int8 (per channel, 7-bit weights) of an fp32 graph.
+def _quantize(fp32: Path, out: Path) -> dict[str, Any]:
+    """onnxruntime's dynamic int8 (per channel, 7-bit weights) of an fp32 graph, written to ``out``.
 
     reduce_range: on CPUs without VNNI (AVX2 only) onnxruntime's u8 x s8 kernels saturate 16-bit sums with
     8-bit weights; measured on tiny-vit's text tower, per-channel cosine fell to 0.975 (0.9989 with 7 bits).
@@ -272,13 +339,18 @@ def _quantize(fp32: bytes) -> tuple[bytes, dict[str, Any]]:
     """
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    with _scratch_files(fp32) as (src, dst):
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, reduce_range=True)
-        data = dst.read_bytes()
-    return data, {"method": "quantize_dynamic", "weight_type": "int8", "per_channel": True, "reduce_range": True}
+    quantize_dynamic(
+        str(fp32),
+        str(out),
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        reduce_range=True,
+        use_external_data_format=has_external_data(fp32),
+    )
+    return {"method": "quantize_dynamic", "weight_type": "int8", "per_channel": True, "reduce_range": True}
 
 
-def _quantize_static(fp32: bytes, calibration: dict[str, torch.Tensor]) -> tuple[bytes, dict[str, Any]]:
+def _quantize_static(fp32: Path, out: Path, calibration: dict[str, torch.Tensor]) -> dict[str, Any]:
     """onnxruntime's static int8 in QDQ form, activations calibrated (min-max) on ``calibration``, weights
     per channel with 7 bits (see :func:`_quantize`): the form onnxruntime recommends for CNNs, whose
     convolutions then run as fused int8 kernels instead of dynamic int8's float glue around each one."""
@@ -295,34 +367,25 @@ def _quantize_static(fp32: bytes, calibration: dict[str, torch.Tensor]) -> tuple
             i = next(self.rows, None)
             return None if i is None else {k: v[i : i + 1] for k, v in inputs.items()}
 
-    with _scratch_files(fp32) as (src, dst):
-        quantize_static(
-            str(src),
-            str(dst),
-            Reader(),
-            quant_format=QuantFormat.QDQ,
-            activation_type=QuantType.QUInt8,
-            weight_type=QuantType.QInt8,
-            per_channel=True,
-            reduce_range=True,
-        )
-        data = dst.read_bytes()
+    quantize_static(
+        str(fp32),
+        str(out),
+        Reader(),
+        quant_format=QuantFormat.QDQ,
+        activation_type=QuantType.QUInt8,
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        reduce_range=True,
+        use_external_data_format=has_external_data(fp32),
+    )
     info = {"method": "quantize_static_qdq", "weight_type": "int8", "per_channel": True, "reduce_range": True}
-    return data, info | {"calibration_inputs": rows}
+    return info | {"calibration_inputs": rows}
 
 
-def _convolutional(data: bytes) -> bool:
+def _convolutional(graph: Path) -> bool:
     """More than one Conv: a CNN (a ViT has exactly one, its patch embedding)."""
-    return sum(node.op_type == "Conv" for node in onnx.load_from_string(data).graph.node) > 1
-
-
-@contextlib.contextmanager
-def _scratch_files(data: bytes) -> Iterator[tuple[Path, Path]]:
-    """(a file holding ``data``, a path for the quantiser's output), both removed afterwards."""
-    with tempfile.TemporaryDirectory(prefix="modelbake-quant-") as tmp:
-        src = Path(tmp) / "fp32.onnx"
-        src.write_bytes(data)
-        yield src, Path(tmp) / "int8.onnx"
+    nodes = onnx.load(graph, load_external_data=False).graph.node
+    return sum(node.op_type == "Conv" for node in nodes) > 1
 
 
 def _write(
@@ -334,11 +397,18 @@ def _write(
     opset: int,
     speed: dict[str, Any] | None,
 ) -> list[dict[str, Any]]:
-    """Write one gated variant and its golden file: its two manifest entries."""
-    figures = candidate.figures
+    """Move one gated variant into the tree and write its golden file: its manifest entries."""
+    figures = dict(candidate.figures)
+    if candidate.graph.name != onnx_path.name:  # an external-data location names the graph's final file
+        raise AssertionError(f"{candidate.graph.name} would ship as {onnx_path.name}")
     onnx_path.parent.mkdir(parents=True, exist_ok=True)
-    onnx_path.write_bytes(candidate.data)
-    model = onnx.load_from_string(candidate.data)
+    data_entries = []
+    if has_external_data(candidate.graph):
+        data_name = external_data_name(onnx_path.name)
+        os.replace(candidate.graph.parent / data_name, onnx_path.parent / data_name)
+        data_entries = [file_entry(root, onnx_path.parent / data_name, role=Role.ONNX_DATA, fmt="onnx-data")]
+    os.replace(candidate.graph, onnx_path)
+    model = onnx.load(onnx_path, load_external_data=False)
     # fp32 must replay within the build's tolerance; int8 within twice its measured error.
     fp32 = candidate.variant == Variant.FP32
     replay_atol = export.atol if fp32 else float(f"{2 * figures['max_abs_diff'] + 1e-3:.3g}")
@@ -359,15 +429,16 @@ def _write(
         golden=golden.relative_to(root).as_posix(),
         tolerance={"atol": replay_atol},
         parity={**figures, **export.details},
+        **({"external_data": data_entries[0]["path"]} if data_entries else {}),
         **({"speed": speed} if speed else {}),
     )
-    return [entry, file_entry(root, golden, role=Role.GOLDEN, fmt="npz")]
+    return [entry, *data_entries, file_entry(root, golden, role=Role.GOLDEN, fmt="npz")]
 
 
-def _gate(spec: OnnxExport, data: bytes, reference: list[np.ndarray], atol: float, min_cosine: float) -> dict[str, Any]:
+def _gate(spec: OnnxExport, graph: Path, reference: list[np.ndarray], atol: float, min_cosine: float) -> dict[str, Any]:
     """The parity gate: onnxruntime on the probe inputs against PyTorch's outputs."""
     feeds = {name: t.detach().cpu().numpy() for name, t in spec.probe.items()}
-    actual = session(data).run(spec.output_names, feeds)
+    actual = session(graph).run(spec.output_names, feeds)
     figures: dict[str, Any] = compare(reference, actual)
     figures["probe_batch"] = int(next(iter(spec.probe.values())).shape[0])
     if figures["max_abs_diff"] > atol or figures["min_cosine"] < min_cosine:

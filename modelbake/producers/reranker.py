@@ -125,14 +125,14 @@ def _tokenize(ce: Any, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
 
 
 def _score_gate(
-    data: bytes, feeds: dict[str, np.ndarray], st_scores: np.ndarray, activation: str, atol: float
+    graph: Path, feeds: dict[str, np.ndarray], st_scores: np.ndarray, activation: str, atol: float
 ) -> dict[str, Any]:
     """The score contract: sentence-transformers' predict, reproduced from the ONNX logits.
 
     Scores must agree within ``atol``, and every two passages whose reference scores differ by more
     than ``2 * atol`` must keep their order (passages the model itself cannot tell apart may swap).
     """
-    logits = session(data).run(["logits"], feeds)[0]
+    logits = session(graph).run(["logits"], feeds)[0]
     scores = (1 / (1 + np.exp(-logits)) if activation == "sigmoid" else logits).reshape(st_scores.shape)
     if not np.isfinite(scores).all():
         raise ProducerError("the ONNX scores hold NaN or inf on the probe pairs; nothing was written")
@@ -196,8 +196,8 @@ def _export(ce: Any, key: str, root: Path, values: Values, done: Callable[[str],
     st_scores, activation = np.asarray(ce.predict(pairs)), _activation(ce)
     atol = {Variant.FP32: 1e-4, Variant.INT8: values["RERANKER_INT8_ATOL"]}
 
-    def scores_gate(data: bytes, variant: Variant) -> dict[str, Any]:
-        return _score_gate(data, feeds, st_scores, activation, atol[variant])
+    def scores_gate(graph: Path, variant: Variant) -> dict[str, Any]:
+        return _score_gate(graph, feeds, st_scores, activation, atol[variant])
 
     # Logits are (n, 1): cosine says nothing there, the score gate is the int8 gate.
     return export_variants(
@@ -208,6 +208,7 @@ def _export(ce: Any, key: str, root: Path, values: Values, done: Callable[[str],
         int8=values["RERANKER_INT8"],
         int8_min_cosine=-1.0,
         int8_even_if_slower=values["INT8_EVEN_IF_SLOWER"],
+        external_data_bytes=values["ONNX_EXTERNAL_DATA_BYTES"],
         extra_gate=scores_gate,
         done=done,
     )

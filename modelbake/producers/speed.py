@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -23,10 +24,10 @@ ROUNDS = 5
 
 @dataclass
 class Candidate:
-    """One gated graph of a role: its variant, bytes, gate figures and how it was made."""
+    """One gated graph of a role: its variant, file (external data beside it), gate figures and how it was made."""
 
     variant: Variant
-    data: bytes
+    graph: Path
     figures: dict[str, Any]
     batch_ms: dict[str, float] = field(default_factory=dict)
 
@@ -49,7 +50,7 @@ def measure(
     Interleaved (every round runs every candidate, in a rotating order) so that a noisy neighbour or a
     frequency change hits all of them alike; one untimed warm-up run each.
     """
-    sessions = [session(c.data, threads) for c in candidates]
+    sessions = [session(c.graph, threads) for c in candidates]
     for size in BATCHES:
         feeds = batch_of(probe, size)
         for s in sessions:

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import onnxruntime as ort
 
+from modelbake.spec import external_data_name
+
 THREADS_ENV = "MODELBAKE_THREADS"
 
 
@@ -31,4 +33,13 @@ def session(model: Path | str | bytes, threads: int | None = None) -> ort.Infere
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
     source = model if isinstance(model, bytes) else str(model)
-    return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    try:
+        return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own Fail type; a graph whose weights file is gone is common
+        data = None if isinstance(model, bytes) else Path(model).with_name(external_data_name(Path(model).name))
+        if data is not None and "External data path" in str(exc) and not data.is_file():
+            raise FileNotFoundError(
+                f"{model}: its weights are in {data.name}, which is not beside it; keep NAME.onnx and "
+                "NAME.onnx.data together in one folder"
+            ) from exc
+        raise

@@ -1,0 +1,66 @@
+"""Models too large for one ONNX file: graph + external data, checked like every other file.
+
+Protobuf caps a serialised model at 2 GiB; the trees the tests build lower the threshold to 1 MB
+(conftest.EXTERNAL_DATA_BYTES), so the tiny text towers take the path ViT-H-14's image tower takes.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from conftest import EXTERNAL_DATA_BYTES
+
+from modelbake.manifest import ManifestError, Role, read_manifest
+from modelbake.runtime.models import open_models
+from modelbake.runtime.sessions import session
+from modelbake.runtime.verify import verify
+
+
+def _entries(root: Path) -> list[dict]:
+    return [f for m in read_manifest(root)["models"] for f in m["files"]]
+
+
+def test_graphs_over_the_threshold_ship_with_their_weights_beside_them(built_tree: Path) -> None:
+    entries = _entries(built_tree)
+    by_path = {f["path"]: f for f in entries}
+    onnx_entries = [f for f in entries if f["format"] == "onnx"]
+    paired = [f for f in onnx_entries if "external_data" in f]
+    # Both kinds in one tree: the text towers (13 MB) are pairs, tiny-vit's image tower (0.5 MB) is one file.
+    assert {f["path"] for f in paired} >= {
+        "onnx/clip_tiny-vit_text_encoder.onnx",
+        "onnx/clip_tiny-vit_text_encoder_int8.onnx",
+        "onnx/clip_tiny-rn_image_encoder.onnx",
+    }
+    assert "onnx/clip_tiny-vit_image_encoder.onnx" in {f["path"] for f in onnx_entries if f not in paired}
+    for entry in paired:
+        data = by_path[entry["external_data"]]
+        assert entry["external_data"] == entry["path"] + ".data"
+        assert data["role"] == Role.ONNX_DATA and data["format"] == "onnx-data"
+        assert entry["bytes"] < int(EXTERNAL_DATA_BYTES) < data["bytes"]
+        # Every external tensor names the data file by its bare name: the pair moves as a folder.
+        graph = onnx.load(built_tree / entry["path"], load_external_data=False)
+        locations = {kv.value for t in graph.graph.initializer for kv in t.external_data if kv.key == "location"}
+        assert locations == {Path(entry["path"]).name + ".data"}
+    for entry in onnx_entries:
+        if "external_data" not in entry:
+            assert not (built_tree / (entry["path"] + ".data")).exists()
+
+
+def test_a_moved_tree_loads_its_pairs_and_a_missing_data_file_is_named(built_tree: Path, tmp_path: Path) -> None:
+    root = tmp_path / "elsewhere" / "models"
+    shutil.copytree(built_tree, root)
+    here, there = open_models(built_tree, variant="fp32"), open_models(root, variant="fp32")
+    texts = ["a dog on a beach", ""]
+    np.testing.assert_array_equal(here.clip["tiny-vit"].encode_text(texts), there.clip["tiny-vit"].encode_text(texts))
+    assert all(c.ok for c in verify(root))
+    data = root / "onnx" / "clip_tiny-vit_text_encoder.onnx.data"
+    data.unlink()
+    with pytest.raises(ManifestError, match=r"clip_tiny-vit_text_encoder\.onnx\.data: listed .* but missing"):
+        open_models(root)
+    # Opened directly (no manifest in the way), the session names the file too, not onnxruntime's internals.
+    with pytest.raises(FileNotFoundError, match=r"clip_tiny-vit_text_encoder\.onnx\.data, which is not beside it"):
+        session(root / "onnx" / "clip_tiny-vit_text_encoder.onnx")
