@@ -40,6 +40,18 @@ TOOLS = ("torch", "open_clip_torch", "onnx", "onnxruntime", "onnxsim")
 # Texts and images of very different shapes: the probe set of the parity gate.
 PROBE_TEXTS = ["", "dog", "a person walking a dog along a beach at sunset " * 12, "café naïve 東京 🚀"]
 EXAMPLE_TEXTS = ["a photo of a cat", "two people cooking in a small kitchen"]
+# What the torch-free tokenizer must tokenize id for id as open_clip does: case, punctuation, entities,
+# underscores, typographic quotes and literal special tokens (SigLIP's cleaning drops some of them).
+TOKENIZER_TEXTS = [
+    *PROBE_TEXTS,
+    *EXAMPLE_TEXTS,
+    "A Photo Of A CAT!!! (test) #1 -- ok?",
+    "fish &amp; chips",
+    "snake_case_words",
+    "\u201ccurly quotes\u201d \u2018x\u2019",
+    "</s> <pad> <unk> <|endoftext|> literal specials",
+    "  tabs\tand\nnewlines  ",
+]
 # Short texts of different lengths: the cut gate runs them on as few positions as the run time will.
 CUT_PROBE_TEXTS = ["", "dog", "café naïve 東京 🚀", "a photo of a cat", "a person walks a dog on a beach at sunset"]
 
@@ -181,6 +193,7 @@ def load_clip(spec: ClipSpec) -> tuple[torch.nn.Module, Any, Any, dict[str, Any]
             name, pretrained = spec.arch, str(path)
             source = {"type": "file", "id": str(path), "sha256": sha256_file(path)}
             source |= {"tag": f"{spec.arch}:{spec.tag}"} if spec.tag else {}
+    tokenizer = load_tokenizer(spec)  # before the weights: a missing tokenizer fails in a second, not minutes
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             name, pretrained=pretrained, device="cpu", **tag_settings(spec)
@@ -191,7 +204,65 @@ def load_clip(spec: ClipSpec) -> tuple[torch.nn.Module, Any, Any, dict[str, Any]
             f"{spec.text!r}: OpenCLIP could not load it ({first_line}); "
             "check that the checkpoint belongs to this architecture"
         ) from exc
-    return model.eval(), open_clip.get_tokenizer(name), preprocess, source
+    return model.eval(), tokenizer, preprocess, source
+
+
+def _open_clip_name(spec: ClipSpec) -> str:
+    return f"local-dir:{spec.local.path}" if spec.local is not None and spec.local.kind == "dir" else spec.arch
+
+
+def _text_cfg(spec: ClipSpec) -> dict[str, Any]:
+    import json
+
+    import open_clip
+
+    if spec.local is not None and spec.local.kind == "dir":
+        config = Path(spec.local.path) / "open_clip_config.json"
+        return json.loads(config.read_text()).get("model_cfg", {}).get("text_cfg", {}) if config.is_file() else {}
+    return (open_clip.get_model_config(spec.arch) or {}).get("text_cfg", {})
+
+
+def tokenizer_folder(spec: ClipSpec) -> Path | None:
+    """A local copy of a Hugging Face tokenizer for a checkpoint file: the folder ``tokenizer`` beside it."""
+    if spec.local is None or spec.local.kind != "file":
+        return None
+    folder = Path(spec.local.path).parent / "tokenizer"
+    return folder if folder.is_dir() else None
+
+
+def load_tokenizer(spec: ClipSpec) -> Any:
+    """open_clip's tokenizer for ``spec``; a Hugging Face one (SigLIP's) from a local folder when there is one
+    (a local-dir's own files, or ``tokenizer/`` beside a checkpoint file), else from the hub. One line naming
+    what to provide when it cannot be had."""
+    import open_clip
+    from open_clip.tokenizer import HFTokenizer
+
+    text_cfg = _text_cfg(spec)
+    hub_name = text_cfg.get("hf_tokenizer_name", "")
+    try:
+        folder = tokenizer_folder(spec) if hub_name else None
+        if folder is not None:  # what open_clip.get_tokenizer builds, from the local folder instead of the hub
+            return HFTokenizer(
+                str(folder),
+                context_length=text_cfg.get("context_length", 77),
+                tokenizer_mode=text_cfg.get("tokenizer_mode"),
+                **text_cfg.get("tokenizer_kwargs", {}),
+            )
+        return open_clip.get_tokenizer(_open_clip_name(spec))
+    except Exception as exc:  # transformers / huggingface_hub raise many types for a missing tokenizer
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        where = (
+            f"its folder {spec.local.path} (beside open_clip_config.json)"
+            if spec.local is not None and spec.local.kind == "dir"
+            else f"a folder 'tokenizer' beside {spec.local.path}"
+            if spec.local is not None
+            else "a folder 'tokenizer' beside a local checkpoint (ARCH@file:PATH)"
+        )
+        raise ProducerError(
+            f"{spec.text!r}: its tokenizer ({hub_name or 'open_clip'}) could not be loaded ({type(exc).__name__}: "
+            f"{first}); build with access to the hub once, or put the tokenizer's files (tokenizer.json, "
+            f"tokenizer_config.json, ...) in {where}"
+        ) from exc
 
 
 def tag_settings(spec: ClipSpec) -> dict[str, Any]:
@@ -281,26 +352,39 @@ class ClipOptions:
         )
 
 
+def text_clean(tokenizer: Any) -> str | None:
+    """The run time's name of ``tokenizer``'s text cleaning (runtime.clip.TEXT_CLEAN), or None when the
+    tokenizer has no torch-free twin yet."""
+    from open_clip import tokenizer as oc
+
+    if isinstance(tokenizer, oc.SimpleTokenizer):
+        return "clip"
+    if isinstance(tokenizer, oc.HFTokenizer) and not tokenizer.tokenizer_mode and not tokenizer.strip_sep_token:
+        names = {oc._clean_canonicalize: "canonicalize", oc._clean_lower: "lower", oc._clean_whitespace: "whitespace"}
+        return names.get(tokenizer.clean_fn)
+    return None
+
+
 def _torch_free_inputs(
     root: Path, key: str, tokenizer: Any, preprocess: Any, pre: dict[str, Any], images: list[Image.Image]
 ) -> str | None:
     """Write the runtime tokenizer and prove it and the runtime preprocessing match open_clip's."""
-    from open_clip.tokenizer import SimpleTokenizer
-
-    from modelbake.producers.clip_tokenizer import tokenizer_json
+    from modelbake.producers.clip_tokenizer import hf_tokenizer_json, tokenizer_json
     from modelbake.runtime.clip import ClipTokenizer, preprocess_image
 
     mismatch = max(float(np.abs(preprocess(im).numpy() - preprocess_image(im, pre)).max()) for im in images)
     if mismatch > 1e-5:
         raise ProducerError(f"CLIP {key}: run-time image preprocessing differs from open_clip's by {mismatch:.2e}")
-    if not isinstance(tokenizer, SimpleTokenizer):
+    clean = pre["text_clean"]
+    if clean is None:
         log.warning("CLIP %s: tokenizer %s has no torch-free export yet", key, type(tokenizer).__name__)
         return None
-    texts = PROBE_TEXTS + EXAMPLE_TEXTS
+    texts = TOKENIZER_TEXTS
     path = root / CLIP_DIR / key / "tokenizer.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(tokenizer_json(tokenizer, pre["context_length"]))
-    ours, theirs = ClipTokenizer(path, pre["context_length"])(texts), tokenizer(texts).numpy()
+    make = tokenizer_json if clean == "clip" else hf_tokenizer_json
+    path.write_text(make(tokenizer if clean == "clip" else tokenizer.tokenizer, pre["context_length"]))
+    ours, theirs = ClipTokenizer(path, pre["context_length"], clean)(texts), tokenizer(texts).numpy()
     if not np.array_equal(ours, theirs):
         bad = [t for t, a, b in zip(texts, ours, theirs, strict=True) if not np.array_equal(a, b)]
         raise ProducerError(f"CLIP {key}: tokenizer.json differs from open_clip's tokenizer on {bad[:3]!r}")
@@ -366,7 +450,7 @@ def export_one(spec: ClipSpec, root: Path, options: ClipOptions) -> dict[str, An
     with steps(f"CLIP {spec.key}", 1 + 2 * (2 if options.int8 else 1)) as done:
         log.info("CLIP %s: loading", spec.text)
         model, tokenizer, preprocess, source = load_clip(spec)
-        pre = preprocessing(model)
+        pre = preprocessing(model) | {"text_clean": text_clean(tokenizer)}
         images = _probe_images(max(pre["image_size"]))
         tokenizer_path = _torch_free_inputs(root, spec.key, tokenizer, preprocess, pre, images)
         done("loaded, tokenizer + preprocessing checked")
@@ -396,10 +480,10 @@ def export_one(spec: ClipSpec, root: Path, options: ClipOptions) -> dict[str, An
         source=source,
         tools=TOOLS,
         files=files,
+        # text_clean: runtime.clip.clean_text's mode (ftfy, HTML entities, strip, then the tokenizer's own)
         preprocessing={
             **pre,
             "tokenizer": tokenizer_path,
-            "text_cleaning": "ftfy.fix_text, html.unescape x2, strip",
             "text_cut": cut,  # "eot": the run time may drop positions after the longest end-of-text token
         },
         details={"embed_dim": int(embed), "normalized": False, "architecture": spec.arch},

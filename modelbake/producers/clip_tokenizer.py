@@ -1,9 +1,12 @@
-"""open_clip's BPE tokenizer as a ``tokenizers`` tokenizer.json, so the run time needs no torch.
+"""open_clip's tokenizers as ``tokenizers`` tokenizer.json files, so the run time needs no torch.
 
-The equivalence holds when the text is first cleaned the way open_clip cleans it (``ftfy.fix_text``,
-``html.unescape`` twice, strip): ``modelbake.runtime.clip.ClipTokenizer`` does that, then this JSON does
-the rest (NFC, whitespace collapse, lowercase, CLIP's split regex, byte-level BPE with ``</w>``,
-start/end tokens, truncation to the context length keeping the end token, zero padding).
+The equivalence holds when the text is first cleaned the way open_clip cleans it: ``ftfy.fix_text``,
+``html.unescape`` twice, strip, and for Hugging Face tokenizers the model's own ``clean`` setting
+(``modelbake.runtime.clip.clean_text`` with the manifest's ``text_clean``). Then the JSON does the rest:
+for CLIP's BPE (:func:`tokenizer_json`) NFC, whitespace collapse, lowercase, CLIP's split regex, byte-level
+BPE with ``</w>``, start/end tokens, truncation keeping the end token, zero padding; for a Hugging Face
+tokenizer (:func:`hf_tokenizer_json`, SigLIP's SentencePiece) its own pipeline, truncated and padded to the
+context length as open_clip's ``HFTokenizer`` asks of it.
 """
 
 from __future__ import annotations
@@ -40,4 +43,22 @@ def tokenizer_json(simple_tokenizer: Any, context_length: int) -> str:
     )
     tok.enable_truncation(max_length=context_length)
     tok.enable_padding(length=context_length, pad_id=0, pad_token=simple_tokenizer.decoder[0])
+    return tok.to_str()
+
+
+def hf_tokenizer_json(hf_tokenizer: Any, context_length: int) -> str:
+    """A Hugging Face fast tokenizer (``open_clip.tokenizer.HFTokenizer.tokenizer``) with open_clip's call
+    (``max_length=context_length, padding="max_length", truncation=True``) written into it."""
+    # The backend as loaded, not the file on disk: transformers may rebuild it (T5's from its vocabulary).
+    tok = Tokenizer.from_str(hf_tokenizer.backend_tokenizer.to_str())
+    tok.no_truncation()
+    tok.no_padding()
+    tok.enable_truncation(max_length=context_length, direction=hf_tokenizer.truncation_side)
+    # SigLIP pads with its end token (id 1) and has no padding mask: the pad id changes the embeddings.
+    tok.enable_padding(
+        length=context_length,
+        direction=hf_tokenizer.padding_side,
+        pad_id=hf_tokenizer.pad_token_id,
+        pad_token=hf_tokenizer.pad_token,
+    )
     return tok.to_str()

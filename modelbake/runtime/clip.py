@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import html
 import io
+import string
 import struct
 import zlib
 from pathlib import Path
@@ -29,11 +30,23 @@ _RESAMPLE = {
 }
 
 
-def clean_text(text: str) -> str:
-    """open_clip's basic clean: ftfy, HTML entities (twice), strip."""
+# open_clip's text cleaning by name (the manifest's ``preprocessing.text_clean``): "clip" for its own BPE
+# tokenizer, the others are HFTokenizer's ``clean`` settings (SigLIP: canonicalize).
+TEXT_CLEAN = ("clip", "whitespace", "lower", "canonicalize")
+_PUNCTUATION = str.maketrans("", "", string.punctuation)
+
+
+def clean_text(text: str, mode: str = "clip") -> str:
+    """open_clip's cleaning: ftfy, HTML entities (twice), strip; then per ``mode`` whitespace collapsed,
+    lower case, or (canonicalize, big_vision's) underscores as spaces, ASCII punctuation removed, lower case."""
     import ftfy
 
-    return html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    text = html.unescape(html.unescape(ftfy.fix_text(text))).strip()
+    if mode == "canonicalize":
+        text = text.replace("_", " ").translate(_PUNCTUATION).lower()
+    if mode != "clip":
+        text = " ".join(text.split())
+    return text.lower() if mode == "lower" else text
 
 
 def cut_after_eot(ids: np.ndarray) -> np.ndarray:
@@ -45,17 +58,28 @@ def cut_after_eot(ids: np.ndarray) -> np.ndarray:
 class ClipTokenizer:
     """``tokenizer(texts) -> (n, context_length) int64``, id-exact with open_clip's tokenizer."""
 
-    def __init__(self, tokenizer_json: Path, context_length: int) -> None:
+    def __init__(self, tokenizer_json: Path, context_length: int, clean: str = "clip") -> None:
         from tokenizers import Tokenizer
 
+        if clean not in TEXT_CLEAN:
+            raise ValueError(f"text_clean {clean!r} is not one of {', '.join(TEXT_CLEAN)}; rebuild with this modelbake")
         self.tokenizer = Tokenizer.from_file(str(tokenizer_json))
-        self.context_length = context_length
+        self.context_length, self.clean = context_length, clean
+        self.pad_id = int((self.tokenizer.padding or {}).get("pad_id", 0))
+
+    @classmethod
+    def of(cls, root: Path, preprocessing: dict[str, Any]) -> ClipTokenizer | None:
+        """The tokenizer a manifest's CLIP ``preprocessing`` names, or None when the build shipped none."""
+        path = preprocessing.get("tokenizer")
+        if not path:
+            return None
+        return cls(resolve_inside(root, path), preprocessing["context_length"], preprocessing.get("text_clean", "clip"))
 
     def __call__(self, texts: list[str]) -> np.ndarray:
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise TypeError("texts must be a list of str")
-        encodings = self.tokenizer.encode_batch([clean_text(t) for t in texts])
-        ids = np.zeros((len(texts), self.context_length), dtype=np.int64)
+        encodings = self.tokenizer.encode_batch([clean_text(t, self.clean) for t in texts])
+        ids = np.full((len(texts), self.context_length), self.pad_id, dtype=np.int64)
         for row, enc in enumerate(encodings):
             ids[row, : len(enc.ids)] = enc.ids[: self.context_length]
         return ids
@@ -183,12 +207,7 @@ class ClipEncoder(Loader):
             tower: session(resolve_inside(folder, self.onnx(model, role)["path"]), kwargs.get("threads"))
             for tower, role in self.ROLES.items()
         }
-        tokenizer = self.preprocessing.get("tokenizer")
-        self.tokenizer = (
-            ClipTokenizer(resolve_inside(folder, tokenizer), self.preprocessing["context_length"])
-            if tokenizer
-            else None
-        )
+        self.tokenizer = ClipTokenizer.of(folder, self.preprocessing)
 
     @classmethod
     def from_folder(
@@ -211,8 +230,7 @@ class ClipEncoder(Loader):
         """The tokenizer on the probe texts, or the preprocessing on the probe images, against the golden inputs."""
         pre = model.get("preprocessing", {})
         if "raw:text" in golden and pre.get("tokenizer"):
-            tokenizer = ClipTokenizer(resolve_inside(root, pre["tokenizer"]), pre["context_length"])
-            ids = tokenizer(list(golden["raw:text"]))
+            ids = ClipTokenizer.of(root, pre)(list(golden["raw:text"]))
             same = np.array_equal(ids, golden["input:input_ids"])
             return same, f"tokenizer ids {'identical' if same else 'DIFFER'} on {len(ids)} probe texts"
         images = [golden[k] for k in sorted(golden) if k.startswith("raw:image:")]

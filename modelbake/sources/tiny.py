@@ -124,6 +124,61 @@ def make_tiny_clip(dest: Path, arch: str = "tiny-vit", seed: int = 0) -> Path:
     return dest
 
 
+# SigLIP's text side in miniature: no causal mask, pooled at the last position, a SentencePiece (Unigram)
+# tokenizer of Hugging Face's that pads with its end token, texts canonicalised (lower case, no punctuation).
+TINY_SIGLIP_CFG = {
+    "embed_dim": 32,
+    "init_logit_bias": -10,
+    "custom_text": True,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "head_width": 32, "patch_size": 8},
+    "text_cfg": {
+        "context_length": 16,
+        "hf_tokenizer_name": "local-dir",  # for a local-dir open_clip reads the tokenizer from the folder itself
+        "tokenizer_kwargs": {"clean": "canonicalize"},
+        "width": 64,
+        "heads": 2,
+        "layers": 2,
+        "no_causal_mask": True,
+        "proj_bias": True,
+        "pool_type": "last",
+        "norm_kwargs": {"eps": 1e-6},
+    },
+}
+
+
+def make_tiny_siglip_tokenizer(dest: Path) -> int:
+    """A T5-style SentencePiece tokenizer (SigLIP's layout: <pad> 0, </s> 1 also the padding, <unk> 2, no
+    start token) saved as Hugging Face files in ``dest``; returns its vocabulary size."""
+    from transformers import T5Tokenizer
+
+    letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
+    pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -3.0)]
+    pieces += [(f"\u2581{w}", -2.0) for w in _WORDS] + [(c, -5.0) for c in letters]
+    pieces += [(d, -6.0) for d in "0123456789"]
+    tokenizer = T5Tokenizer(
+        vocab=pieces, extra_ids=0, additional_special_tokens=[], eos_token="</s>", unk_token="<unk>", pad_token="</s>"
+    )
+    tokenizer.save_pretrained(str(dest))
+    return len(tokenizer)
+
+
+def make_tiny_siglip(dest: Path, seed: int = 0) -> Path:
+    """An OpenCLIP ``local-dir`` folder of a SigLIP-style model: config, weights and the tokenizer's files."""
+    import torch
+    from open_clip.model import CustomTextCLIP
+    from safetensors.torch import save_file
+
+    dest.mkdir(parents=True, exist_ok=True)
+    cfg = json.loads(json.dumps(TINY_SIGLIP_CFG))
+    cfg["text_cfg"]["vocab_size"] = make_tiny_siglip_tokenizer(dest)
+    torch.manual_seed(seed)
+    model = CustomTextCLIP(**{k: v for k, v in cfg.items() if k != "custom_text"})
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, dest / "open_clip_model.safetensors")
+    preprocess = {"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic", "resize_mode": "squash"}
+    (dest / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": preprocess}, indent=2))
+    return dest
+
+
 def make_tiny_cross_encoder(dest: Path, seed: int = 0) -> Path:
     """A Hugging Face folder holding a 2-layer BERT with a one-label classification head."""
     import torch
