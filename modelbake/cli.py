@@ -67,10 +67,12 @@ def _cmd_download(args: argparse.Namespace) -> int:
 
 
 def summary_table(manifest: dict, seconds: dict[str, float]) -> str:
-    """One row per model: stage, kind, name, files, size, worst parity difference, the stage's time."""
-    rows = [("stage", "kind", "name", "files", "MB", "max |onnx-torch|", "stage s")]
+    """One row per model: stage, kind, name, files, size, worst parity difference, peak memory while it was
+    built, the stage's time."""
+    rows = [("stage", "kind", "name", "files", "MB", "max |onnx-torch|", "peak GB", "stage s")]
     for model in manifest["models"]:
         diffs = [f["parity"]["max_abs_diff"] for f in model["files"] if "parity" in f]
+        peak = model.get("build", {}).get("peak_rss_bytes")
         rows.append(
             (
                 model["stage"],
@@ -79,6 +81,7 @@ def summary_table(manifest: dict, seconds: dict[str, float]) -> str:
                 str(len(model["files"])),
                 f"{sum(f['bytes'] for f in model['files']) / 1e6:.1f}",
                 f"{max(diffs):.1e}" if diffs else "-",
+                f"{peak / 1e9:.1f}" if peak else "-",
                 f"{seconds[model['stage']]:.1f}" if model["stage"] in seconds else "-",
             )
         )

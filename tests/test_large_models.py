@@ -64,3 +64,40 @@ def test_a_moved_tree_loads_its_pairs_and_a_missing_data_file_is_named(built_tre
     # Opened directly (no manifest in the way), the session names the file too, not onnxruntime's internals.
     with pytest.raises(FileNotFoundError, match=r"clip_tiny-vit_text_encoder\.onnx\.data, which is not beside it"):
         session(root / "onnx" / "clip_tiny-vit_text_encoder.onnx")
+
+
+def test_each_model_reports_its_peak_memory_in_the_manifest_and_the_summary(
+    download_run: tuple[Path, str, str],
+) -> None:
+    tree, stdout, _ = download_run
+    for model in read_manifest(tree)["models"]:
+        if model["stage"] in ("clip-export", "reranker-cache"):
+            # at least the interpreter with torch loaded, far below this machine's memory
+            assert 100e6 < model["build"]["peak_rss_bytes"] < 20e9 and model["build"]["seconds"] > 0
+    header = stdout.splitlines()[0].split()
+    assert "peak" in header and "GB" in header
+
+
+def test_a_model_too_large_for_the_memory_fails_in_one_line_before_loading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ViT-bigG-14's real parameter count (on the meta device) against a 16 GB machine's free memory."""
+    from modelbake.params import SELECTION, defaults
+    from modelbake.producers import clip, common
+    from modelbake.producers.common import ProducerError
+
+    checkpoint = tmp_path / "bigg.safetensors"
+    checkpoint.write_bytes(b"not loaded")
+    monkeypatch.setattr(common, "available_memory", lambda: 16_000_000_000)
+    values = defaults(SELECTION) | {"CLIP_MODELS": f"ViT-bigG-14@file:{checkpoint}"}
+    out = tmp_path / "models"
+    with pytest.raises(ProducerError) as caught:
+        clip.run(out, values)
+    message = str(caught.value)
+    assert "\n" not in message and "ViT-bigG-14" in message
+    assert "2.54 B parameters (10.2 GB in fp32) need about 26 GB" in message
+    assert "16.0 GB is available" in message and "smaller model" in message
+    assert not out.exists()
+    monkeypatch.setenv(common.SKIP_MEMORY_CHECK_ENV, "1")
+    with pytest.raises(ProducerError, match="OpenCLIP could not load it"):  # tried, and the dummy file fails
+        clip.run(out, values)

@@ -19,7 +19,7 @@ from PIL import Image
 
 from modelbake.manifest import Role, Variant, file_entry, sha256_file, write_fragment
 from modelbake.producers import Values
-from modelbake.producers.common import ProducerError, log, model_record, staged_output
+from modelbake.producers.common import ProducerError, check_memory, log, measured, model_record, staged_output
 from modelbake.producers.onnx_export import (
     DEFAULT_OPSET,
     EXTERNAL_DATA_BYTES,
@@ -265,6 +265,27 @@ def load_tokenizer(spec: ClipSpec) -> Any:
         ) from exc
 
 
+def parameter_count(spec: ClipSpec) -> int | None:
+    """The model's parameters, counted on PyTorch's meta device (its config only: no weights, no memory);
+    None when the model cannot be built that way (a Hugging Face text tower needs its hub config)."""
+    import json
+
+    import open_clip
+    from open_clip.model import CLIP, CustomTextCLIP
+
+    try:
+        with torch.device("meta"):
+            if spec.local is not None and spec.local.kind == "dir":
+                cfg = json.loads((Path(spec.local.path) / "open_clip_config.json").read_text())["model_cfg"]
+                model = (CustomTextCLIP if cfg.pop("custom_text", False) else CLIP)(**cfg)
+            else:
+                model = open_clip.create_model(spec.arch, device="meta")
+    except Exception as exc:  # a prediction only: the export itself still reports what went wrong
+        log.debug("CLIP %s: parameters not counted (%s)", spec.text, exc)
+        return None
+    return sum(p.numel() for p in model.parameters())
+
+
 def tag_settings(spec: ClipSpec) -> dict[str, Any]:
     """What a pretrained tag sets beyond its weights, for a local copy of them (``ARCH:TAG@file:PATH``):
     QuickGELU (the OpenAI weights) and the image preprocessing. Loading by tag from the hub applies them
@@ -447,7 +468,7 @@ def _cut_gate(model: torch.nn.Module, tokenizer: Any, options: ClipOptions) -> E
 def export_one(spec: ClipSpec, root: Path, options: ClipOptions) -> dict[str, Any]:
     """Export one CLIP model into ``root`` (a staging folder); returns its manifest entry."""
     # load + tokenizer/preprocessing check, then per tower: export+gate (and int8+gate)
-    with steps(f"CLIP {spec.key}", 1 + 2 * (2 if options.int8 else 1)) as done:
+    with measured() as build, steps(f"CLIP {spec.key}", 1 + 2 * (2 if options.int8 else 1)) as done:
         log.info("CLIP %s: loading", spec.text)
         model, tokenizer, preprocess, source = load_clip(spec)
         pre = preprocessing(model) | {"text_clean": text_clean(tokenizer)}
@@ -487,6 +508,7 @@ def export_one(spec: ClipSpec, root: Path, options: ClipOptions) -> dict[str, An
             "text_cut": cut,  # "eot": the run time may drop positions after the longest end-of-text token
         },
         details={"embed_dim": int(embed), "normalized": False, "architecture": spec.arch},
+        build=build,
     )
 
 
@@ -503,8 +525,10 @@ def run(out_root: Path, values: Values) -> list[dict[str, Any]]:
     """The clip-export stage: every selected model, all or nothing, plus the stage's manifest fragment."""
     specs = parse_clip_list(values["CLIP_MODELS"])
     options = ClipOptions.from_values(values)
-    for spec in specs:
-        validate(spec)  # all names are checked before the first (slow) export
+    for spec in specs:  # all names, and whether each fits in memory, before the first (slow) export
+        validate(spec)
+        if (parameters := parameter_count(spec)) is not None:
+            check_memory(f"CLIP {spec.text!r}", parameters)
     with staged_output(out_root) as staging:
         models = [export_one(spec, staging, options) for spec in specs]
         write_fragment(staging, STAGE, models)

@@ -11,6 +11,7 @@ import secrets
 import shutil
 import socket
 import stat
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from importlib import metadata
@@ -214,3 +215,66 @@ def hub_offline() -> Iterator[None]:
                 os.environ.pop(name, None)
             else:
                 os.environ[name] = value
+
+
+# Peak memory of one model's export over its fp32 weights, plus the interpreter and libraries: ViT-H-14 from
+# a checkpoint (3.94 GB of weights) peaked at 9.3 GB, 2.36x. Rounded up, so a prediction errs to "no".
+EXPORT_MEMORY_FACTOR = 2.5
+EXPORT_MEMORY_BASE = 1_000_000_000
+SKIP_MEMORY_CHECK_ENV = "MODELBAKE_SKIP_MEMORY_CHECK"
+
+
+def _peak_reset() -> None:
+    with suppress(OSError):  # Linux: "5" resets the peak resident set size (VmHWM) of this process
+        Path("/proc/self/clear_refs").write_text("5")
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes (since the last reset, where Linux allows one)."""
+    with suppress(OSError, ValueError, StopIteration):
+        status = Path("/proc/self/status").read_text().splitlines()
+        return int(next(line for line in status if line.startswith("VmHWM:")).split()[1]) * 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+@contextmanager
+def measured() -> Iterator[dict[str, Any]]:
+    """What one model's build took, filled in on leaving the block: wall seconds and peak resident memory
+    (reset at the start, so each model of a stage reports its own peak)."""
+    _peak_reset()
+    start = time.perf_counter()
+    record: dict[str, Any] = {}
+    yield record
+    record.update(seconds=round(time.perf_counter() - start, 1), peak_rss_bytes=peak_rss())
+
+
+def available_memory() -> int | None:
+    """Bytes this process may still use: the kernel's MemAvailable, capped by a cgroup v2 limit (a container's
+    or a Docker build's --memory); None when neither can be read."""
+    limits = []
+    with suppress(OSError, ValueError, StopIteration):
+        meminfo = Path("/proc/meminfo").read_text().splitlines()
+        limits.append(int(next(line for line in meminfo if line.startswith("MemAvailable:")).split()[1]) * 1024)
+    with suppress(OSError, ValueError):
+        cgroup = Path("/sys/fs/cgroup")
+        limit = (cgroup / "memory.max").read_text().strip()
+        if limit != "max":
+            limits.append(int(limit) - int((cgroup / "memory.current").read_text()))
+    return min(limits) if limits else None
+
+
+def check_memory(what: str, parameters: int) -> int:
+    """Fail in one line, before anything loads, when exporting a model of ``parameters`` cannot fit in the
+    memory available (predicted: EXPORT_MEMORY_FACTOR x its fp32 weights + EXPORT_MEMORY_BASE). Returns the
+    prediction in bytes. $MODELBAKE_SKIP_MEMORY_CHECK=1 skips the refusal."""
+    need = int(parameters * 4 * EXPORT_MEMORY_FACTOR + EXPORT_MEMORY_BASE)
+    have = available_memory()
+    if have is not None and need > have and os.environ.get(SKIP_MEMORY_CHECK_ENV) != "1":
+        raise ProducerError(
+            f"{what}: {parameters / 1e9:.2f} B parameters ({parameters * 4 / 1e9:.1f} GB in fp32) need about "
+            f"{need / 1e9:.0f} GB of memory to export, and {have / 1e9:.1f} GB is available here; use a machine "
+            f"(or a Docker memory limit) with more, or a smaller model ({SKIP_MEMORY_CHECK_ENV}=1 tries anyway)"
+        )
+    return need

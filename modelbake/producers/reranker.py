@@ -15,7 +15,7 @@ import torch
 
 from modelbake.manifest import Role, Variant, file_entry, write_fragment
 from modelbake.producers import Values
-from modelbake.producers.common import ProducerError, hub_offline, log, model_record, staged_output
+from modelbake.producers.common import ProducerError, hub_offline, log, measured, model_record, staged_output
 from modelbake.producers.onnx_export import OnnxExport, export_variants
 from modelbake.producers.progress import steps
 from modelbake.runtime.sessions import session
@@ -216,7 +216,7 @@ def _export(ce: Any, key: str, root: Path, values: Values, done: Callable[[str],
 
 def cache_one(spec: RerankerSpec, root: Path, values: Values) -> dict[str, Any]:
     """Fetch, save as a plain folder, reload offline, export and gate one candidate into ``root``."""
-    with steps(f"reranker {spec.key}", 3 + int(values["RERANKER_INT8"])) as done:
+    with measured() as build, steps(f"reranker {spec.key}", 3 + int(values["RERANKER_INT8"])) as done:
         path, source = _fetch(spec, root)
         done("fetched")
         ce, dest = _load_saved(spec, path, root)
@@ -246,6 +246,7 @@ def cache_one(spec: RerankerSpec, root: Path, values: Values) -> dict[str, Any]:
             "padding_side": ce.tokenizer.padding_side,
         },
         details={"activation": _activation(ce), "num_labels": int(ce.num_labels)},
+        build=build,
     )
 
 
