@@ -466,7 +466,17 @@ def _cut_gate(model: torch.nn.Module, tokenizer: Any, options: ClipOptions) -> E
 
 
 def export_one(spec: ClipSpec, root: Path, options: ClipOptions) -> dict[str, Any]:
-    """Export one CLIP model into ``root`` (a staging folder); returns its manifest entry."""
+    """Export one CLIP model into ``root`` (a staging folder); returns its manifest entry. A failure is one
+    ProducerError line naming the model and the stage."""
+    try:
+        return _export_one(spec, root, options)
+    except ProducerError as exc:
+        if str(exc).startswith(repr(spec.text)):  # already names the model (loading, tokenizer)
+            raise
+        raise type(exc)(f"{spec.text!r} ({STAGE}): {exc}") from exc  # ParityError stays one
+
+
+def _export_one(spec: ClipSpec, root: Path, options: ClipOptions) -> dict[str, Any]:
     # load + tokenizer/preprocessing check, then per tower: export+gate (and int8+gate)
     with measured() as build, steps(f"CLIP {spec.key}", 1 + 2 * (2 if options.int8 else 1)) as done:
         log.info("CLIP %s: loading", spec.text)

@@ -100,9 +100,9 @@ def _simplify(raw: Path, role: str) -> tuple[onnx.ModelProto, dict[str, Any]]:
         if not ok:
             raise RuntimeError("onnxsim's own check failed")
     except Exception as exc:  # onnxsim fails on some graphs; the unsimplified graph is still correct
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        warnings.warn(f"{role}: onnxsim failed ({first}); shipping the unsimplified graph", stacklevel=2)
-        return onnx.load(raw), {"simplified": False, "nodes": nodes_before, "simplify_error": first}
+        why = first_line(exc)
+        warnings.warn(f"{role}: onnxsim failed ({why}); shipping the unsimplified graph", stacklevel=2)
+        return onnx.load(raw), {"simplified": False, "nodes": nodes_before, "simplify_error": why}
     return simplified, {"simplified": True, "nodes_before": nodes_before, "nodes": len(simplified.graph.node)}
 
 
@@ -133,6 +133,11 @@ def save_graph(model: onnx.ModelProto, path: Path, external_data_bytes: int = EX
 
 def has_external_data(path: Path) -> bool:
     return (path.parent / external_data_name(path.name)).is_file()
+
+
+def first_line(exc: BaseException) -> str:
+    """``Type: first line of the message``: what a one-line error keeps of a library's exception."""
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
 
 
 def _flat(x: np.ndarray) -> np.ndarray:
@@ -315,12 +320,14 @@ def _export(
             do_constant_folding=True,
             dynamo=False,
         )
-        onnx.checker.check_model(str(raw))  # by path: the checker's way for graphs over 2 GiB
     except MemoryError:
         raise
     except Exception as exc:  # the exporter raises many types; one line names the graph and the cause
-        first = (str(exc).strip().splitlines() or [""])[0]
-        raise ProducerError(f"{export.role}: torch.onnx.export failed ({type(exc).__name__}: {first})") from exc
+        raise ProducerError(f"{export.role}: torch.onnx.export failed ({first_line(exc)})") from exc
+    try:
+        onnx.checker.check_model(str(raw))  # by path: the checker's way for graphs over 2 GiB
+    except onnx.checker.ValidationError as exc:
+        raise ProducerError(f"{export.role}: the exported graph fails onnx's checker ({first_line(exc)})") from exc
     _assert_dynamic_batch(onnx.load(raw, load_external_data=False), export.role)
     model, graph_info = _simplify(raw, export.role)
     _assert_dynamic_batch(model, export.role)
@@ -438,7 +445,12 @@ def _write(
 def _gate(spec: OnnxExport, graph: Path, reference: list[np.ndarray], atol: float, min_cosine: float) -> dict[str, Any]:
     """The parity gate: onnxruntime on the probe inputs against PyTorch's outputs."""
     feeds = {name: t.detach().cpu().numpy() for name, t in spec.probe.items()}
-    actual = session(graph).run(spec.output_names, feeds)
+    try:
+        actual = session(graph).run(spec.output_names, feeds)
+    except MemoryError:
+        raise
+    except Exception as exc:  # onnxruntime's own error types: the graph cannot be loaded or run here
+        raise ProducerError(f"{spec.role}: onnxruntime could not run {graph.name} ({first_line(exc)})") from exc
     figures: dict[str, Any] = compare(reference, actual)
     figures["probe_batch"] = int(next(iter(spec.probe.values())).shape[0])
     if figures["max_abs_diff"] > atol or figures["min_cosine"] < min_cosine:
