@@ -32,7 +32,7 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
     from modelbake.producers.clip import parameter_count
-    from modelbake.producers.common import EXPORT_MEMORY_BASE, EXPORT_MEMORY_FACTOR, available_memory
+    from modelbake.producers.common import available_memory, predicted_memory
     from modelbake.spec import parse_clip
 
     work = args.work or Path(tempfile.mkdtemp(prefix="large-export-"))
@@ -48,7 +48,7 @@ def main() -> None:
         del model
     spec = f"{args.arch}@file:{checkpoint}"
     parameters = parameter_count(parse_clip(spec)) or 0
-    predicted = parameters * 4 * EXPORT_MEMORY_FACTOR + EXPORT_MEMORY_BASE
+    predicted = predicted_memory(parameters, args.int8)
     print(f"{args.arch}: {parameters / 1e6:.0f} M parameters, {parameters * 4 / 1e9:.2f} GB in fp32")
     print(f"memory: predicted peak {predicted / 1e9:.1f} GB, available {(available_memory() or 0) / 1e9:.1f} GB")
     out = work / "models"

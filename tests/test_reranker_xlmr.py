@@ -27,9 +27,15 @@ def xlmr_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def xlmr_tree(tmp_path_factory: pytest.TempPathFactory, xlmr_source: Path) -> Path:
-    """`modelbake reranker-cache` of the tiny XLM-R, then `merge-manifest`: a model tree as a build makes it."""
+    """`modelbake reranker-cache` of the tiny XLM-R, then `merge-manifest`: a model tree as a build makes it.
+
+    With the external-data threshold at 10 kB, the graph ships as a bge-reranker-large's (2.2 GB) would:
+    NAME.onnx + NAME.onnx.data; every test below then loads and scores through the pair."""
     out = tmp_path_factory.mktemp("xlmr-models")
-    run_cli("reranker-cache", "--reranker", f"tiny-xlmr@dir:{xlmr_source}", "--out", str(out), check=True)
+    run_cli(
+        "reranker-cache", "--reranker", f"tiny-xlmr@dir:{xlmr_source}", "--onnx-external-data-bytes", "10000",
+        "--out", str(out), check=True,
+    )  # fmt: skip
     run_cli("merge-manifest", str(out), check=True)
     return out
 
@@ -48,6 +54,9 @@ def _model(root: Path) -> dict:
 
 def test_the_pad_token_is_recorded_from_the_model_and_type_ids_are_zeros(xlmr_tree: Path) -> None:
     model = _model(xlmr_tree)
+    graph = next(f for f in model["files"] if f["role"] == "reranker")
+    assert graph["external_data"] == "onnx/reranker_tiny-xlmr.onnx.data"
+    assert (xlmr_tree / graph["external_data"]).stat().st_size > graph["bytes"]  # the weights moved out
     pre = model["preprocessing"]
     assert (pre["pad_token"], pre["pad_id"], pre["padding_side"]) == ("<pad>", 1, "right")
     config = json.loads((xlmr_tree / "reranker" / "tiny-xlmr" / "config.json").read_text())

@@ -538,7 +538,7 @@ def run(out_root: Path, values: Values) -> list[dict[str, Any]]:
     for spec in specs:  # all names, and whether each fits in memory, before the first (slow) export
         validate(spec)
         if (parameters := parameter_count(spec)) is not None:
-            check_memory(f"CLIP {spec.text!r}", parameters)
+            check_memory(f"CLIP {spec.text!r}", parameters, options.int8)
     with staged_output(out_root) as staging:
         models = [export_one(spec, staging, options) for spec in specs]
         write_fragment(staging, STAGE, models)
