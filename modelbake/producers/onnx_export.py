@@ -197,7 +197,6 @@ def export_variants(
     external_data_bytes: int = EXTERNAL_DATA_BYTES,
     extra_gate: ExtraGate | None = None,
     done: Callable[[str], None] = lambda _: None,
-    exported: Callable[[], None] = lambda: None,
 ) -> list[dict[str, Any]]:
     """Export ``export`` as ``root/onnx/<onnx_name>`` and, with ``int8``, its int8 twin.
 
@@ -205,18 +204,16 @@ def export_variants(
     contract) before anything is written. int8 candidates: dynamic, and static QDQ for convolutional graphs
     given calibration inputs; the gated ones are timed beside fp32 on this machine and the fastest ships,
     unless it is slower than fp32 at batch 1 (:mod:`.speed`). A graph whose weights pass
-    ``external_data_bytes`` ships with its weights in ``<name>.onnx.data``. ``exported`` is called once the
-    fp32 graph is on disk: from then on the PyTorch module is not used, and a caller may free it. Returns the
-    manifest entries: per shipped variant its ONNX file (with ``parity``, and ``speed`` when there was a
-    choice), its external data file if any, and its golden file. Raises :class:`ParityError` naming the
-    figures when fp32, or every int8 candidate, fails its gate.
+    ``external_data_bytes`` ships with its weights in ``<name>.onnx.data``. Returns the manifest entries:
+    per shipped variant its ONNX file (with ``parity``, and ``speed`` when there was a choice), its external
+    data file if any, and its golden file. Raises :class:`ParityError` naming the figures when fp32, or every
+    int8 candidate, fails its gate.
     """
     reference = torch_outputs(export.module.eval(), export.probe)
     # Scratch inside ``root`` (a stage's staging folder): same filesystem, so shipping a graph is a rename.
     with tempfile.TemporaryDirectory(prefix=".onnx-work-", dir=root) as tmp:
         work = Path(tmp)
         graph, graph_info = _export(export, opset, work, onnx_name, external_data_bytes)
-        exported()
         bounds = (export.atol, export.min_cosine)
         fp32 = Candidate(
             Variant.FP32, graph, _gate_all(export, Variant.FP32, graph, reference, extra_gate, bounds) | graph_info
