@@ -111,8 +111,10 @@ def test_download_shows_progress_and_a_summary_table(download_run: tuple[Path, s
         assert bar in stderr, bar
     table = stdout.splitlines()
     assert table[0].split()[:3] == ["stage", "kind", "name"]
-    rows = {line.split()[2]: line.split() for line in table[1:] if len(line.split()) == 7}
+    rows = {line.split()[2]: line.split() for line in table[1:] if len(line.split()) == 8}
     assert set(rows) == {"tiny-vit", "tiny-rn", "tiny-bert", "boundary_regressor"}
+    assert "peak GB" in table[0]
+    assert float(rows["tiny-vit"][6]) > 0 and rows["boundary_regressor"][6] == "-"  # the regressor is not measured
     manifest = json.loads((download_run[0] / MANIFEST_NAME).read_text())
     for model in manifest["models"]:
         assert rows[model["name"]][3] == str(len(model["files"]))  # the files column is the manifest's
