@@ -2,7 +2,8 @@
 # Everything the Docker tests need on a Debian 12 host, as root, idempotent and quick the second time:
 #   1. a Docker engine with the buildx and compose plugins, started and answering;
 #   2. a local base image (debootstrap + docker import), since no image can be pulled here;
-#   3. a wheelhouse of the pinned requirement sets (build/requirements-*.txt), for offline image builds.
+#   3. a wheelhouse of the pinned requirement sets (build/requirements-*.txt), for offline image builds;
+#   4. an OCI registry on loopback (Debian 12's docker-registry, storage in the cache), for push and pull.
 # Prints the variables the build needs as `export` lines (eval "$(bash docker/setup-engine.sh)").
 #
 # Why not Debian 12's docker.io alone: its engine (20.10) embeds a BuildKit too old for named contexts,
@@ -118,7 +119,34 @@ setup_wheelhouse() {
   echo "$want" >"$stamp"
 }
 
+registry_up() {
+  python3 -c "import sys, urllib.request; urllib.request.urlopen('http://$1/v2/', timeout=3)" 2>/dev/null
+}
+
+setup_registry() {
+  # Loopback only, on its own port: the package's own service (if its postinst started one) listens on
+  # every interface at 5000 and is left alone. The engine treats 127.0.0.0/8 registries as insecure
+  # (plain HTTP) by default, so nothing in the engine's configuration changes.
+  apt_install docker-registry
+  if registry_up "$registry"; then say "registry answers at $registry"; return; fi
+  mkdir -p "$cache/registry"
+  cat >"$cache/registry.yml" <<YAML
+version: 0.1
+log: {level: warn}
+storage:
+  filesystem: {rootdirectory: $cache/registry}
+  delete: {enabled: true}
+http: {addr: $registry}
+YAML
+  say "starting a registry at $registry (storage: $cache/registry, log: $cache/registry.log)"
+  nohup docker-registry serve "$cache/registry.yml" >"$cache/registry.log" 2>&1 &
+  for _ in $(seq 30); do registry_up "$registry" && break; sleep 1; done
+  registry_up "$registry" || { tail -20 "$cache/registry.log" >&2 || true; die "the registry did not answer within 30 s"; }
+}
+
+registry=${MODELBAKE_REGISTRY:-127.0.0.1:5055}
 setup_engine
 setup_base_image
 setup_wheelhouse
-printf 'export BASE_IMAGE=%q\nexport WHEELHOUSE=%q\n' "$base_image" "$wheelhouse"
+setup_registry
+printf 'export BASE_IMAGE=%q\nexport WHEELHOUSE=%q\nexport MODELBAKE_REGISTRY=%q\n' "$base_image" "$wheelhouse" "$registry"

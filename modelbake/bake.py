@@ -17,6 +17,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -140,6 +141,7 @@ class BakeResult:
     stage_sizes: dict[str, int] = field(default_factory=dict)
     verify_output: str = ""
     verify_ok: bool | None = None
+    pushed: dict[str, str] = field(default_factory=dict)  # "runtime" / "models" -> REPOSITORY@sha256:...
 
     def report(self) -> str:
         """What the driver prints after a build: image, models, labels, size per stage, verify."""
@@ -158,6 +160,7 @@ class BakeResult:
         lines += [f"size       {stage:<36} {n / 1e6:10.1f} MB" for stage, n in self.stage_sizes.items()]
         if self.verify_ok is not None:
             lines.append(f"verify     {'passed' if self.verify_ok else 'FAILED'} in a container with no network")
+        lines += [f"pushed     {what:<8} {ref}" for what, ref in self.pushed.items()]
         return "\n".join(lines)
 
 
@@ -231,12 +234,20 @@ def bake(
     overrides: list[str] | None = None,
     image: str | None = None,
     inspect: bool = True,
+    push: str | None = None,
 ) -> BakeResult:
     """Validate, bake, then inspect ``image`` (default ``$IMAGE:$TAG``) with the Docker SDK.
 
     When ``runtime`` is among the targets, the sha256 of the manifest in the built image is labelled on it
     (``io.modelbake.manifest-digest``) by a build that adds only that label to the image just built.
+    ``push`` (``REGISTRY/NAME``): then the runtime image goes to ``REGISTRY/NAME:$TAG`` and the FROM-scratch
+    ``models`` image to ``REGISTRY/NAME-models:$TAG``; ``pushed`` holds each by digest, for pulls that cannot
+    be moved (a tag can).
     """
+    if push is not None:
+        check_repository(push)
+        if "runtime" not in (targets or ["runtime"]):
+            raise BakeError(f"--push {push}: pushes the runtime and models images, so build the runtime target")
     variables = selection.variables()
     targets = targets or ["runtime"]
     overrides = overrides or []
@@ -257,7 +268,44 @@ def bake(
         _label(result.image, DIGEST_LABEL, result.manifest_digest, env)
     if inspect:
         _inspect(client, result, env)
+    if push is not None:
+        tag = _setting(env, "TAG")
+        _docker("tag", result.image, f"{push}:{tag}", env=env)
+        result.pushed["runtime"] = _push(f"{push}:{tag}", env)
+        # The models tree as an image: the same stages from BuildKit's cache, loaded into the engine.
+        models = f"{push}-models:{tag}"
+        _run_bake(command(["models"], [*overrides, f"models.output=type=docker,name={models}"]), env)
+        result.pushed["models"] = _push(models, env)
     return result
+
+
+def check_repository(repository: str) -> None:
+    """``REGISTRY/NAME`` without a tag or digest: the push adds $TAG and reports digests."""
+    name = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+    registry = r"(?:[a-zA-Z0-9.-]+(?::[0-9]+)?/)?"
+    if not re.fullmatch(rf"{registry}{name}(?:/{name})*", repository):
+        raise BakeError(
+            f"--push {repository!r}: give a repository as REGISTRY/NAME (e.g. 127.0.0.1:5000/modelbake), "
+            "without a tag or digest; the image's TAG is added and the digest reported"
+        )
+
+
+def _docker(*args: str, env: dict[str, str]) -> str:
+    proc = subprocess.run(["docker", *args], capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        raise BakeError(f"docker {' '.join(args)} failed: {proc.stderr.strip()[-2000:]}")
+    return proc.stdout
+
+
+def _push(ref: str, env: dict[str, str]) -> str:
+    """Push ``ref`` (REPOSITORY:TAG); its REPOSITORY@sha256:... as the registry stored it."""
+    _docker("push", "--quiet", ref, env=env)
+    repository = ref.rsplit(":", 1)[0]
+    digests = json.loads(_docker("image", "inspect", "--format", "{{json .RepoDigests}}", ref, env=env))
+    mine = [d for d in digests if d.startswith(f"{repository}@")]
+    if not mine:
+        raise BakeError(f"pushed {ref}, but the engine reports no digest for {repository} ({digests})")
+    return mine[0]
 
 
 def _label(image: str, key: str, value: str, env: dict[str, str]) -> None:

@@ -163,7 +163,7 @@ def _cmd_bake(args: argparse.Namespace) -> int:
             print(line)
             return 0
         return subprocess.run(cmd, env={**os.environ, **variables}).returncode
-    result = bake(selection, targets, overrides=args.set, inspect=not args.no_inspect)
+    result = bake(selection, targets, overrides=args.set, inspect=not args.no_inspect, push=args.push)
     if result.image:
         print(result.report())
     if result.verify_ok is False:
@@ -228,6 +228,12 @@ def _add_image_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--print", action="store_true", help="show the resolved plan (bake --print)")
     p.add_argument("--dry-run", action="store_true", help="print the exact command and its variables, run nothing")
     p.add_argument("--no-inspect", action="store_true", help="skip the image inspection and verify run")
+    p.add_argument(
+        "--push",
+        metavar="REGISTRY/NAME",
+        help="push the runtime image as REGISTRY/NAME:TAG and the models image as REGISTRY/NAME-models:TAG; "
+        "the report gives each by digest",
+    )
     p.set_defaults(func=_cmd_bake)
 
     p = sub.add_parser("bundle", help="gather wheels and model sources for an offline build into one folder")

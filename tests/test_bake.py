@@ -113,3 +113,13 @@ def test_compose_services_run_hardened_and_take_the_token_as_a_secret() -> None:
     assert compose["services"]["modelbake"]["build"]["secrets"] == ["hf_token"]
     assert compose["secrets"]["hf_token"] == {"environment": "HF_TOKEN"}
     assert "HF_TOKEN" not in str(compose["services"]["modelbake"]["build"].get("args"))
+
+
+def test_push_takes_a_repository_without_tag_or_digest() -> None:
+    from modelbake.bake import BakeError, check_repository
+
+    for good in ("127.0.0.1:5055/modelbake", "registry.example/team/modelbake-e2e", "modelbake"):
+        check_repository(good)
+    for bad in ("127.0.0.1:5055/modelbake:latest", "r/m@sha256:" + "0" * 64, "Registry/Upper", "r//m", ""):
+        with pytest.raises(BakeError, match="give a repository as REGISTRY/NAME"):
+            check_repository(bad)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -244,6 +245,40 @@ def test_bake_driver_builds_inspects_and_verifies(baked: dict[str, str]) -> None
         "runtime image",
     ):
         assert f"size       {stage}" in proc.stdout, stage
+
+
+def test_push_by_digest_then_pull_and_verify_with_no_network(baked: dict[str, str], tmp_path: Path) -> None:
+    """`modelbake bake --push` to the loopback registry: the runtime and models images by digest; pulled by
+    digest with the local tags gone, the runtime verifies itself offline and the models image holds the
+    manifest the runtime image's label names."""
+    registry = os.environ.get("MODELBAKE_REGISTRY", "")
+    if not registry:
+        _missing("MODELBAKE_REGISTRY is not set (docker/setup-engine.sh starts a registry on loopback)")
+    repository = f"{registry}/modelbake-e2e"
+    env = {k: v for k, v in baked.items() if k not in ("CLIP_MODELS", "RERANKER_MODELS")}
+    proc = subprocess.run(
+        [sys.executable, "-m", "modelbake.cli", "bake", "runtime", "--clip", baked["CLIP_MODELS"], "--reranker",
+         baked["RERANKER_MODELS"], "--clip-int8", "--reranker-int8", "--int8-even-if-slower", "--push", repository],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=1800,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    pushed = dict(line.split()[1:3] for line in proc.stdout.splitlines() if line.startswith("pushed "))
+    assert set(pushed) == {"runtime", "models"}, proc.stdout
+    assert re.fullmatch(rf"{re.escape(repository)}@sha256:[0-9a-f]{{64}}", pushed["runtime"])
+    assert re.fullmatch(rf"{re.escape(repository)}-models@sha256:[0-9a-f]{{64}}", pushed["models"])
+    _docker("image", "rm", f"{repository}:{TAG}", f"{repository}-models:{TAG}")
+    for ref in pushed.values():
+        _docker("pull", "--quiet", ref)
+    verified = _run(pushed["runtime"], check=True)
+    assert "FAILED" not in verified.stdout + verified.stderr
+    label = json.loads(_docker("image", "inspect", pushed["runtime"]).stdout)[0]["Config"]["Labels"]
+    container = _docker("create", pushed["models"], "none").stdout.strip()  # FROM scratch: never started
+    try:
+        _docker("cp", f"{container}:/model_manifest.json", str(tmp_path / "manifest.json"))
+    finally:
+        _docker("rm", container)
+    digest = "sha256:" + hashlib.sha256((tmp_path / "manifest.json").read_bytes()).hexdigest()
+    assert label["io.modelbake.manifest-digest"] == digest
 
 
 def test_python_api_bakes_and_reports_sizes(baked: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
