@@ -142,6 +142,7 @@ class BakeResult:
     verify_output: str = ""
     verify_ok: bool | None = None
     pushed: dict[str, str] = field(default_factory=dict)  # "runtime" / "models" -> REPOSITORY@sha256:...
+    kubernetes: list[Path] = field(default_factory=list)  # manifests written with the pushed digests
 
     def report(self) -> str:
         """What the driver prints after a build: image, models, labels, size per stage, verify."""
@@ -161,6 +162,7 @@ class BakeResult:
         if self.verify_ok is not None:
             lines.append(f"verify     {'passed' if self.verify_ok else 'FAILED'} in a container with no network")
         lines += [f"pushed     {what:<8} {ref}" for what, ref in self.pushed.items()]
+        lines += [f"kubernetes {path}" for path in self.kubernetes]
         return "\n".join(lines)
 
 
@@ -235,6 +237,8 @@ def bake(
     image: str | None = None,
     inspect: bool = True,
     push: str | None = None,
+    kubernetes: Path | None = None,
+    service_image: str | None = None,
 ) -> BakeResult:
     """Validate, bake, then inspect ``image`` (default ``$IMAGE:$TAG``) with the Docker SDK.
 
@@ -242,8 +246,14 @@ def bake(
     (``io.modelbake.manifest-digest``) by a build that adds only that label to the image just built.
     ``push`` (``REGISTRY/NAME``): then the runtime image goes to ``REGISTRY/NAME:$TAG`` and the FROM-scratch
     ``models`` image to ``REGISTRY/NAME-models:$TAG``; ``pushed`` holds each by digest, for pulls that cannot
-    be moved (a tag can).
+    be moved (a tag can). ``kubernetes``: a folder for the Deployments of :mod:`modelbake.kubernetes`, written
+    with those digests, running ``service_image`` (an image built FROM the runtime image).
     """
+    if kubernetes is not None and (push is None or not service_image):
+        raise BakeError(
+            "--kubernetes writes manifests with the pushed digests: give --push REGISTRY/NAME and --service-image "
+            "REF (your service's image, built FROM the runtime image, e.g. examples/search_service)"
+        )
     if push is not None:
         check_repository(push)
         if "runtime" not in (targets or ["runtime"]):
@@ -276,6 +286,16 @@ def bake(
         models = f"{push}-models:{tag}"
         _run_bake(command(["models"], [*overrides, f"models.output=type=docker,name={models}"]), env)
         result.pushed["models"] = _push(models, env)
+    if kubernetes is not None:
+        from modelbake import kubernetes as k8s
+
+        result.kubernetes = k8s.write(
+            kubernetes,
+            service_image=str(service_image),
+            models_image=result.pushed["models"],
+            runtime_image=result.pushed["runtime"],
+            manifest_digest=str(result.manifest_digest),
+        )
     return result
 
 

@@ -163,7 +163,15 @@ def _cmd_bake(args: argparse.Namespace) -> int:
             print(line)
             return 0
         return subprocess.run(cmd, env={**os.environ, **variables}).returncode
-    result = bake(selection, targets, overrides=args.set, inspect=not args.no_inspect, push=args.push)
+    result = bake(
+        selection,
+        targets,
+        overrides=args.set,
+        inspect=not args.no_inspect,
+        push=args.push,
+        kubernetes=args.kubernetes,
+        service_image=args.service_image,
+    )
     if result.image:
         print(result.report())
     if result.verify_ok is False:
@@ -234,6 +242,13 @@ def _add_image_commands(sub: argparse._SubParsersAction) -> None:
         help="push the runtime image as REGISTRY/NAME:TAG and the models image as REGISTRY/NAME-models:TAG; "
         "the report gives each by digest",
     )
+    p.add_argument(
+        "--kubernetes",
+        type=Path,
+        metavar="DIR",
+        help="with --push: write Kubernetes Deployments into DIR that mount the pushed models image by digest",
+    )
+    p.add_argument("--service-image", metavar="REF", help="with --kubernetes: the image the Deployments run")
     p.set_defaults(func=_cmd_bake)
 
     p = sub.add_parser("bundle", help="gather wheels and model sources for an offline build into one folder")

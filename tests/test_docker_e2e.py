@@ -258,7 +258,8 @@ def test_push_by_digest_then_pull_and_verify_with_no_network(baked: dict[str, st
     env = {k: v for k, v in baked.items() if k not in ("CLIP_MODELS", "RERANKER_MODELS")}
     proc = subprocess.run(
         [sys.executable, "-m", "modelbake.cli", "bake", "runtime", "--clip", baked["CLIP_MODELS"], "--reranker",
-         baked["RERANKER_MODELS"], "--clip-int8", "--reranker-int8", "--int8-even-if-slower", "--push", repository],
+         baked["RERANKER_MODELS"], "--clip-int8", "--reranker-int8", "--int8-even-if-slower", "--push", repository,
+         "--kubernetes", str(tmp_path / "k8s"), "--service-image", IMAGE],
         capture_output=True, text=True, env=env, cwd=REPO, timeout=1800,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -279,6 +280,14 @@ def test_push_by_digest_then_pull_and_verify_with_no_network(baked: dict[str, st
         _docker("rm", container)
     digest = "sha256:" + hashlib.sha256((tmp_path / "manifest.json").read_bytes()).hexdigest()
     assert label["io.modelbake.manifest-digest"] == digest
+    # The Kubernetes manifests carry what was pushed: the models image and the tree's digest, pinned.
+    from test_kubernetes import validate
+
+    image_volume, init_copy = (validate(tmp_path / "k8s" / n)[0] for n in ("image-volume.yaml", "init-copy.yaml"))
+    pod = image_volume["spec"]["template"]["spec"]
+    assert pod["volumes"][0]["image"]["reference"] == pushed["models"]
+    assert {"name": "MODELBAKE_MANIFEST_SHA256", "value": digest} in pod["containers"][0]["env"]
+    assert init_copy["spec"]["template"]["spec"]["initContainers"][0]["image"] == pushed["runtime"]
 
 
 def test_python_api_bakes_and_reports_sizes(baked: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:

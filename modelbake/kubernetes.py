@@ -1,0 +1,120 @@
+"""Kubernetes manifests for a service whose models are pulled by digest: what ``modelbake bake --push
+--kubernetes DIR`` writes, and what examples/kubernetes/ shows.
+
+Two ways to get the model tree to ``/models``, read-only, in every pod:
+
+- ``image-volume.yaml``: the FROM-scratch ``models`` image mounted as an image volume (Kubernetes ImageVolume:
+  beta and on by default in 1.35, GA in 1.36; the nodes need containerd >= 2.1 or CRI-O >= 1.31);
+- ``init-copy.yaml``, for older clusters: an init container copies the tree into an emptyDir. The models
+  image has no files but the tree (no ``cp``), so the copier is the runtime image, which holds the same
+  verified tree: both come from the build's ``runtime-verified`` stage.
+
+Either way the service pins the manifest (``MODELBAKE_MANIFEST_SHA256``, the runtime image's
+``io.modelbake.manifest-digest`` label) and refuses a tree that is not the one built. Torch-free.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+SERVICE_PORT = 8080  # examples/search_service listens here
+RUNTIME_UID = 10001  # the runtime image's user (RUNTIME_UID)
+
+
+def _deployment(name: str, service_image: str, manifest_digest: str, models: dict[str, Any], replicas: int) -> dict:
+    labels = {"app.kubernetes.io/name": name}
+    probe = {"httpGet": {"path": "/models", "port": "http"}, "timeoutSeconds": 5}
+    container = {
+        "name": "service",
+        "image": service_image,
+        "ports": [{"name": "http", "containerPort": SERVICE_PORT}],
+        "env": [
+            {"name": "MODELBAKE_MODELS", "value": "/models"},
+            # The mounted tree must be the one built: its manifest's sha256, checked at start.
+            {"name": "MODELBAKE_MANIFEST_SHA256", "value": manifest_digest},
+        ],
+        "volumeMounts": [{"name": "models", "mountPath": "/models", "readOnly": True}],
+        "startupProbe": {**probe, "periodSeconds": 5, "failureThreshold": 60},  # loading and hashing the tree
+        "readinessProbe": {**probe, "periodSeconds": 10},
+        "livenessProbe": {**probe, "periodSeconds": 30},
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+    }
+    pod: dict[str, Any] = {
+        "securityContext": {"runAsNonRoot": True, "runAsUser": RUNTIME_UID, "runAsGroup": RUNTIME_UID},
+        "containers": [container],
+        "volumes": [{"name": "models", **models["volume"]}],
+    }
+    if "init" in models:
+        pod["initContainers"] = [models["init"]]
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "labels": labels},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": labels},
+            "template": {"metadata": {"labels": labels}, "spec": pod},
+        },
+    }
+
+
+def _service(name: str) -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "labels": {"app.kubernetes.io/name": name}},
+        "spec": {
+            "selector": {"app.kubernetes.io/name": name},
+            "ports": [{"name": "http", "port": 80, "targetPort": "http"}],
+        },
+    }
+
+
+def manifests(
+    *,
+    service_image: str,
+    models_image: str,
+    runtime_image: str,
+    manifest_digest: str,
+    name: str = "modelbake-search",
+    replicas: int = 2,
+) -> dict[str, list[dict[str, Any]]]:
+    """File name -> its documents (a Deployment and a Service), for each way of mounting the models."""
+    image_volume = {"volume": {"image": {"reference": models_image, "pullPolicy": "IfNotPresent"}}}
+    copier = {
+        "name": "models",
+        "image": runtime_image,
+        "command": ["python", "-c", "import shutil; shutil.copytree('/models', '/copy', dirs_exist_ok=True)"],
+        "volumeMounts": [{"name": "models", "mountPath": "/copy"}],
+        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+    }
+    init_copy = {"volume": {"emptyDir": {}}, "init": copier}
+    return {
+        "image-volume.yaml": [
+            _deployment(name, service_image, manifest_digest, image_volume, replicas),
+            _service(name),
+        ],
+        "init-copy.yaml": [_deployment(name, service_image, manifest_digest, init_copy, replicas), _service(name)],
+    }
+
+
+def to_yaml(documents: list[dict[str, Any]]) -> str:
+    """Documents as one YAML stream, keys in the order written (kubectl's own order: apiVersion, kind, ...)."""
+    import yaml
+
+    # A round trip through JSON unshares the dicts used twice (labels, probes): no YAML anchors in the output.
+    plain = json.loads(json.dumps(documents))
+    return yaml.safe_dump_all(plain, sort_keys=False, explicit_start=True, width=120)
+
+
+def write(folder: Path, **refs: str) -> list[Path]:
+    """Write :func:`manifests` for ``refs`` into ``folder``; returns the files."""
+    folder.mkdir(parents=True, exist_ok=True)
+    written = []
+    for file_name, documents in manifests(**refs).items():
+        path = folder / file_name
+        path.write_text(to_yaml(documents))
+        written.append(path)
+    return written
