@@ -19,7 +19,15 @@ from PIL import Image
 
 from modelbake.manifest import Role, Variant, file_entry, sha256_file, write_fragment
 from modelbake.producers import Values
-from modelbake.producers.common import ProducerError, check_memory, log, measured, model_record, staged_output
+from modelbake.producers.common import (
+    ProducerError,
+    check_memory,
+    first_line,
+    log,
+    measured,
+    model_record,
+    staged_output,
+)
 from modelbake.producers.onnx_export import (
     DEFAULT_OPSET,
     EXTERNAL_DATA_BYTES,
@@ -199,9 +207,8 @@ def load_clip(spec: ClipSpec) -> tuple[torch.nn.Module, Any, Any, dict[str, Any]
             name, pretrained=pretrained, device="cpu", **tag_settings(spec)
         )
     except Exception as exc:  # open_clip reports a mismatch as RuntimeError, AssertionError, KeyError, ...
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ProducerError(
-            f"{spec.text!r}: OpenCLIP could not load it ({first_line}); "
+            f"{spec.text!r}: OpenCLIP could not load it ({first_line(exc)}); "
             "check that the checkpoint belongs to this architecture"
         ) from exc
     return model.eval(), tokenizer, preprocess, source
@@ -250,7 +257,6 @@ def load_tokenizer(spec: ClipSpec) -> Any:
             )
         return open_clip.get_tokenizer(_open_clip_name(spec))
     except Exception as exc:  # transformers / huggingface_hub raise many types for a missing tokenizer
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
         where = (
             f"its folder {spec.local.path} (beside open_clip_config.json)"
             if spec.local is not None and spec.local.kind == "dir"
@@ -259,8 +265,8 @@ def load_tokenizer(spec: ClipSpec) -> Any:
             else "a folder 'tokenizer' beside a local checkpoint (ARCH@file:PATH)"
         )
         raise ProducerError(
-            f"{spec.text!r}: its tokenizer ({hub_name or 'open_clip'}) could not be loaded ({type(exc).__name__}: "
-            f"{first}); build with access to the hub once, or put the tokenizer's files (tokenizer.json, "
+            f"{spec.text!r}: its tokenizer ({hub_name or 'open_clip'}) could not be loaded ({first_line(exc)}); "
+            "build with access to the hub once, or put the tokenizer's files (tokenizer.json, "
             f"tokenizer_config.json, ...) in {where}"
         ) from exc
 

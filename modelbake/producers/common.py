@@ -21,6 +21,11 @@ from typing import Any
 log = logging.getLogger("modelbake")
 
 
+def first_line(exc: BaseException) -> str:
+    """``Type: first line of the message``: what a one-line error keeps of a library's exception."""
+    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
+
+
 class ProducerError(Exception):
     """A producer could not make what was asked; the message names the model, the problem and the fix."""
 

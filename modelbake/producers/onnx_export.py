@@ -30,7 +30,7 @@ import onnx
 import torch
 
 from modelbake.manifest import Role, Variant, file_entry
-from modelbake.producers.common import ProducerError, log
+from modelbake.producers.common import ProducerError, first_line, log
 from modelbake.producers.speed import Candidate, decide, measure, record
 from modelbake.runtime.sessions import session
 from modelbake.spec import ONNX_DIR, external_data_name, golden_path, variant_name
@@ -133,11 +133,6 @@ def save_graph(model: onnx.ModelProto, path: Path, external_data_bytes: int = EX
 
 def has_external_data(path: Path) -> bool:
     return (path.parent / external_data_name(path.name)).is_file()
-
-
-def first_line(exc: BaseException) -> str:
-    """``Type: first line of the message``: what a one-line error keeps of a library's exception."""
-    return f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0][:300]}"
 
 
 def _flat(x: np.ndarray) -> np.ndarray:
