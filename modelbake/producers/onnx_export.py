@@ -319,16 +319,20 @@ def _export(
         raise
     except Exception as exc:  # the exporter raises many types; one line names the graph and the cause
         raise ProducerError(f"{export.role}: torch.onnx.export failed ({first_line(exc)})") from exc
+    log.debug("%s: exported by torch.onnx", export.role)
     try:
         onnx.checker.check_model(str(raw))  # by path: the checker's way for graphs over 2 GiB
     except onnx.checker.ValidationError as exc:
         raise ProducerError(f"{export.role}: the exported graph fails onnx's checker ({first_line(exc)})") from exc
     _assert_dynamic_batch(onnx.load(raw, load_external_data=False), export.role)
+    log.debug("%s: checked", export.role)
     model, graph_info = _simplify(raw, export.role)
+    log.debug("%s: simplified", export.role)
     _assert_dynamic_batch(model, export.role)
     shutil.rmtree(raw.parent)  # before the simplified copy is written: one copy on disk at a time
     graph = work / "fp32" / name
     graph_info |= save_graph(model, graph, external_data_bytes)
+    log.debug("%s: saved", export.role)
     return graph, graph_info
 
 
