@@ -31,7 +31,7 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="where the checkpoint and the tree go (default: a temp folder)")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
-    from modelbake.producers.clip import parameter_count
+    from modelbake.producers.clip import tower_bytes
     from modelbake.producers.common import available_memory, predicted_memory
     from modelbake.spec import parse_clip
 
@@ -47,9 +47,12 @@ def main() -> None:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, checkpoint)
         del model
     spec = f"{args.arch}@file:{checkpoint}"
-    parameters = parameter_count(parse_clip(spec)) or 0
-    predicted = predicted_memory(parameters, args.int8)
-    print(f"{args.arch}: {parameters / 1e6:.0f} M parameters, {parameters * 4 / 1e9:.2f} GB in fp32")
+    towers = tower_bytes(parse_clip(spec)) or [0]
+    predicted = predicted_memory(towers, args.int8)
+    print(
+        f"{args.arch}: {sum(towers) / 4e6:.0f} M parameters, {sum(towers) / 1e9:.2f} GB in fp32 (towers: "
+        f"{', '.join(f'{t / 1e9:.2f}' for t in towers)} GB)"
+    )
     print(f"memory: predicted peak {predicted / 1e9:.1f} GB, available {(available_memory() or 0) / 1e9:.1f} GB")
     out = work / "models"
     cmd = [sys.executable, "-m", "modelbake.cli", "download", "--clip-only", "--clip", spec, "--out", str(out)]

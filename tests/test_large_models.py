@@ -95,7 +95,7 @@ def test_a_model_too_large_for_the_memory_fails_in_one_line_before_loading(
         clip.run(out, values)
     message = str(caught.value)
     assert "\n" not in message and "ViT-bigG-14" in message
-    assert "2.54 B parameters (10.2 GB in fp32) need about 26 GB" in message
+    assert "2.54 B parameters (10.2 GB in fp32, the largest tower 7.4 GB) need about 27 GB" in message
     assert "16.0 GB is available" in message and "smaller model" in message
     assert not out.exists()
     monkeypatch.setenv(common.SKIP_MEMORY_CHECK_ENV, "1")

@@ -271,9 +271,10 @@ def load_tokenizer(spec: ClipSpec) -> Any:
         ) from exc
 
 
-def parameter_count(spec: ClipSpec) -> int | None:
-    """The model's parameters, counted on PyTorch's meta device (its config only: no weights, no memory);
-    None when the model cannot be built that way (a Hugging Face text tower needs its hub config)."""
+def tower_bytes(spec: ClipSpec) -> list[int] | None:
+    """The fp32 bytes of the image tower and of the rest (the text tower's graph), counted on PyTorch's meta
+    device (the config only: no weights, no memory); None when the model cannot be built that way (a
+    Hugging Face text tower needs its hub config)."""
     import json
 
     import open_clip
@@ -289,7 +290,8 @@ def parameter_count(spec: ClipSpec) -> int | None:
     except Exception as exc:  # a prediction only: the export itself still reports what went wrong
         log.debug("CLIP %s: parameters not counted (%s)", spec.text, exc)
         return None
-    return sum(p.numel() for p in model.parameters())
+    visual = sum(p.numel() for p in model.visual.parameters())
+    return [4 * visual, 4 * (sum(p.numel() for p in model.parameters()) - visual)]
 
 
 def tag_settings(spec: ClipSpec) -> dict[str, Any]:
@@ -543,8 +545,8 @@ def run(out_root: Path, values: Values) -> list[dict[str, Any]]:
     options = ClipOptions.from_values(values)
     for spec in specs:  # all names, and whether each fits in memory, before the first (slow) export
         validate(spec)
-        if (parameters := parameter_count(spec)) is not None:
-            check_memory(f"CLIP {spec.text!r}", parameters, options.int8)
+        if (towers := tower_bytes(spec)) is not None:
+            check_memory(f"CLIP {spec.text!r}", towers, options.int8)
     with staged_output(out_root) as staging:
         models = [export_one(spec, staging, options) for spec in specs]
         write_fragment(staging, STAGE, models)
