@@ -287,10 +287,10 @@ def tower_bytes(spec: ClipSpec) -> list[int] | None:
                 model = (CustomTextCLIP if cfg.pop("custom_text", False) else CLIP)(**cfg)
             else:
                 model = open_clip.create_model(spec.arch, device="meta")
+        visual = sum(p.numel() for p in model.visual.parameters())
     except Exception as exc:  # a prediction only: the export itself still reports what went wrong
         log.debug("CLIP %s: parameters not counted (%s)", spec.text, exc)
         return None
-    visual = sum(p.numel() for p in model.visual.parameters())
     return [4 * visual, 4 * (sum(p.numel() for p in model.parameters()) - visual)]
 
 
