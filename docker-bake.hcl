@@ -34,6 +34,7 @@ variable "PIP_OFFLINE" { default = notequal(WHEELHOUSE, "") ? "1" : "0" }
 
 variable "IMAGE" { default = "modelbake" }
 variable "TAG" { default = "latest" }
+variable "PUSH_TO" { default = "" }
 variable "MODELS_OUT" { default = "models" }
 # Set it (e.g. to the last commit's time) for reproducible builds; empty means "now".
 variable "SOURCE_DATE_EPOCH" { default = "" }
@@ -87,6 +88,7 @@ target "_common" {
 
 group "default" { targets = ["runtime"] }
 group "stages" { targets = ["clip-export", "reranker-cache", "regressor-seed"] }
+group "push" { targets = ["runtime-push", "models-push"] }
 
 target "base-image" {
   inherits = ["_common"]
@@ -131,4 +133,20 @@ target "runtime" {
   inherits = ["_common"]
   target   = "runtime"
   tags     = ["${IMAGE}:${TAG}"]
+}
+
+# Push from plain bake: PUSH_TO=REGISTRY/NAME docker buildx bake push --metadata-file push.json
+# The runtime image goes to REGISTRY/NAME:TAG, the models image to REGISTRY/NAME-models:TAG; push.json holds
+# each one's containerimage.digest. (`modelbake bake --push` does the same and labels the manifest digest.)
+target "runtime-push" {
+  inherits = ["runtime"]
+  tags     = ["${PUSH_TO}:${TAG}"]
+  output   = ["type=registry"]
+}
+
+target "models-push" {
+  inherits = ["_common"]
+  target   = "models"
+  tags     = ["${PUSH_TO}-models:${TAG}"]
+  output   = ["type=registry"]
 }

@@ -172,6 +172,7 @@ TABLE: tuple[Param, ...] = (
     Param("IMAGE", "modelbake", "image name", where=BAKE_ONLY),
     Param("TAG", "latest", "image tag", where=BAKE_ONLY),
     Param("MODELS_OUT", "models", "where the `models` target writes the tree on the host", where=BAKE_ONLY),
+    Param("PUSH_TO", "", "REGISTRY/NAME the `push` group pushes the runtime and models images to", where=BAKE_ONLY),
     Param("GIT_REVISION", "", "org.opencontainers.image.revision label", where=BAKE_ONLY),
     Param("SOURCE_URL", "", "org.opencontainers.image.source label", where=BAKE_ONLY),
 )

@@ -290,6 +290,23 @@ def test_push_by_digest_then_pull_and_verify_with_no_network(baked: dict[str, st
     assert init_copy["spec"]["template"]["spec"]["initContainers"][0]["image"] == pushed["runtime"]
 
 
+def test_plain_bake_pushes_both_images_and_writes_their_digests(baked: dict[str, str], tmp_path: Path) -> None:
+    """`PUSH_TO=R/N docker buildx bake push --metadata-file F`: the same two images, digests in F."""
+    registry = os.environ.get("MODELBAKE_REGISTRY", "")
+    if not registry:
+        _missing("MODELBAKE_REGISTRY is not set (docker/setup-engine.sh starts a registry on loopback)")
+    repository = f"{registry}/modelbake-plain"
+    metadata = tmp_path / "push.json"
+    env = {**baked, "PUSH_TO": repository}
+    _docker("buildx", "bake", "--progress=plain", "push", "--metadata-file", str(metadata), env=env)
+    digests = {target: meta["containerimage.digest"] for target, meta in json.loads(metadata.read_text()).items()}
+    assert set(digests) == {"runtime-push", "models-push"}
+    runtime, models = f"{repository}@{digests['runtime-push']}", f"{repository}-models@{digests['models-push']}"
+    for ref in (runtime, models):
+        _docker("pull", "--quiet", ref)
+    _run(runtime, check=True)  # verify, offline, from the image pulled by digest
+
+
 def test_python_api_bakes_and_reports_sizes(baked: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     from modelbake.bake import Selection, bake
 
