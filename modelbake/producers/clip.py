@@ -157,19 +157,25 @@ def validate(spec: ClipSpec) -> None:
             )
 
 
-def embed_dim(spec: ClipSpec) -> int:
-    """The embedding size of a CLIP spec, read from its config without building the model."""
+def model_cfg(spec: ClipSpec) -> dict[str, Any]:
+    """OpenCLIP's model config of a spec (a local-dir's open_clip_config.json, else the architecture's), a
+    fresh copy the caller may change."""
     import json
 
     import open_clip
 
-    validate(spec)
     if spec.local is not None and spec.local.kind == "dir":
         config_path = Path(spec.local.path) / "open_clip_config.json"
         if not config_path.is_file():
             raise ProducerError(f"{spec.text!r}: {config_path} does not exist; mount the model sources at that path")
-        return int(json.loads(config_path.read_text())["model_cfg"]["embed_dim"])
-    return int(open_clip.get_model_config(spec.arch)["embed_dim"])
+        return json.loads(config_path.read_text())["model_cfg"]
+    return open_clip.get_model_config(spec.arch) or {}
+
+
+def embed_dim(spec: ClipSpec) -> int:
+    """The embedding size of a CLIP spec, read from its config without building the model."""
+    validate(spec)
+    return int(model_cfg(spec)["embed_dim"])
 
 
 def load_clip(spec: ClipSpec) -> tuple[torch.nn.Module, Any, Any, dict[str, Any]]:
@@ -194,7 +200,7 @@ def load_clip(spec: ClipSpec) -> tuple[torch.nn.Module, Any, Any, dict[str, Any]
         if not path.exists():
             raise ProducerError(f"{spec.text!r}: {path} does not exist; mount the model sources at that path")
         if spec.local.kind == "dir":
-            name, pretrained = f"local-dir:{path}", None
+            name, pretrained = _open_clip_name(spec), None
             files = {p.name: sha256_file(p) for p in sorted(path.iterdir()) if p.is_file()}
             source = {"type": "dir", "id": str(path), "files": files}
         else:
@@ -218,17 +224,6 @@ def _open_clip_name(spec: ClipSpec) -> str:
     return f"local-dir:{spec.local.path}" if spec.local is not None and spec.local.kind == "dir" else spec.arch
 
 
-def _text_cfg(spec: ClipSpec) -> dict[str, Any]:
-    import json
-
-    import open_clip
-
-    if spec.local is not None and spec.local.kind == "dir":
-        config = Path(spec.local.path) / "open_clip_config.json"
-        return json.loads(config.read_text()).get("model_cfg", {}).get("text_cfg", {}) if config.is_file() else {}
-    return (open_clip.get_model_config(spec.arch) or {}).get("text_cfg", {})
-
-
 def tokenizer_folder(spec: ClipSpec) -> Path | None:
     """A local copy of a Hugging Face tokenizer for a checkpoint file: the folder ``tokenizer`` beside it."""
     if spec.local is None or spec.local.kind != "file":
@@ -244,7 +239,7 @@ def load_tokenizer(spec: ClipSpec) -> Any:
     import open_clip
     from open_clip.tokenizer import HFTokenizer
 
-    text_cfg = _text_cfg(spec)
+    text_cfg = model_cfg(spec).get("text_cfg", {})
     hub_name = text_cfg.get("hf_tokenizer_name", "")
     try:
         folder = tokenizer_folder(spec) if hub_name else None
@@ -275,15 +270,13 @@ def tower_bytes(spec: ClipSpec) -> list[int] | None:
     """The fp32 bytes of the image tower and of the rest (the text tower's graph), counted on PyTorch's meta
     device (the config only: no weights, no memory); None when the model cannot be built that way (a
     Hugging Face text tower needs its hub config)."""
-    import json
-
     import open_clip
     from open_clip.model import CLIP, CustomTextCLIP
 
     try:
         with torch.device("meta"):
             if spec.local is not None and spec.local.kind == "dir":
-                cfg = json.loads((Path(spec.local.path) / "open_clip_config.json").read_text())["model_cfg"]
+                cfg = model_cfg(spec)
                 model = (CustomTextCLIP if cfg.pop("custom_text", False) else CLIP)(**cfg)
             else:
                 model = open_clip.create_model(spec.arch, device="meta")

@@ -111,14 +111,13 @@ def weight_bytes(model: onnx.ModelProto) -> int:
     return sum(t.ByteSize() for t in model.graph.initializer)
 
 
-def save_graph(model: onnx.ModelProto, path: Path, external_data_bytes: int = EXTERNAL_DATA_BYTES) -> dict[str, Any]:
+def save_graph(model: onnx.ModelProto, path: Path, external_data_bytes: int = EXTERNAL_DATA_BYTES) -> None:
     """Write ``model`` as ``path``, or, when its weights pass ``external_data_bytes``, as ``path`` plus
-    ``path.data`` (one file, location relative to the graph, so the pair moves as a folder). Returns the
-    graph facts for the manifest (``external_data`` when it made the pair)."""
+    ``path.data`` (one file, location relative to the graph, so the pair moves as a folder)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if weight_bytes(model) <= external_data_bytes:
         onnx.save_model(model, path)
-        return {}
+        return
     onnx.save_model(
         model,
         path,
@@ -128,7 +127,6 @@ def save_graph(model: onnx.ModelProto, path: Path, external_data_bytes: int = EX
         size_threshold=1024,  # small tensors (shapes, scales) stay in the graph
         convert_attribute=True,
     )
-    return {"external_data": True}
 
 
 def has_external_data(path: Path) -> bool:
@@ -278,7 +276,7 @@ def _int8_candidates(
             quantized = Path(tmp) / "int8.onnx"
             info = make(fp32, quantized)
             # usually far smaller than fp32: a single file again, unless it is still over the threshold
-            info |= save_graph(onnx.load(quantized), graph, external_data_bytes)
+            save_graph(onnx.load(quantized), graph, external_data_bytes)
         try:
             # int8 is not meant to match fp32 bit for bit: cosine against PyTorch is its gate
             bounds = (float("inf"), min_cosine)
@@ -331,7 +329,7 @@ def _export(
     _assert_dynamic_batch(model, export.role)
     shutil.rmtree(raw.parent)  # before the simplified copy is written: one copy on disk at a time
     graph = work / "fp32" / name
-    graph_info |= save_graph(model, graph, external_data_bytes)
+    save_graph(model, graph, external_data_bytes)
     log.debug("%s: saved", export.role)
     return graph, graph_info
 
