@@ -44,8 +44,6 @@ TAG = "tiny"
 RUNTIME_IMAGE = f"{IMAGE}:{TAG}"
 SERVICE_IMAGE = f"{IMAGE}-search:{TAG}"
 CONTAINER = "modelbake-demo"
-# The specs point into the MODEL_SOURCES folder, which the producing stages see at /sources.
-TINY_CLIP = ("tiny-vit", "tiny-rn")
 REGRESSOR_EPOCHS = "3"  # seconds of training instead of a minute: the demo shows the plumbing, not accuracy
 STEPS = 6
 QUERY = "a dog runs on the beach"
@@ -220,8 +218,10 @@ def use_running_engine(clock: _Clock) -> dict[str, str]:
 
 
 def _tiny_complete(dest: Path) -> bool:
-    wanted = [dest / "clip" / name / "open_clip_config.json" for name in TINY_CLIP]
-    return all(p.is_file() for p in [*wanted, dest / "reranker" / "tiny-bert" / "config.json"])
+    from modelbake.sources.tiny import SOURCES_VERSION  # the module imports torch only inside its makers
+
+    version = dest / "VERSION"
+    return version.is_file() and version.read_text() == SOURCES_VERSION
 
 
 def tiny_sources(workdir: Path, clock: _Clock) -> Path:
@@ -236,7 +236,7 @@ def tiny_sources(workdir: Path, clock: _Clock) -> Path:
             f"making the tiny models needs {', '.join(missing)} in this Python: pip install -e '.[build]' "
             "(or run the demo with the venv tests/run.sh makes)"
         )
-    from modelbake.sources.tiny import make_tiny_sources  # imports torch: only now, and only this once
+    from modelbake.sources.tiny import make_tiny_sources  # its makers import torch: only now, only this once
 
     partial = workdir / f".tiny-sources.{os.getpid()}"
     shutil.rmtree(partial, ignore_errors=True)

@@ -42,7 +42,7 @@ def parse_feature_dim(text: str | int) -> str:
     raise SpecError(f"{text!r}: give a positive integer or 'auto' (the first CLIP model's)")
 
 
-def _number(kind: type, minimum: float | None = None) -> Callable[[str], Any]:
+def _number(kind: type, minimum: float | None = None, maximum: float | None = None) -> Callable[[str], Any]:
     def parse(text: str | int | float) -> Any:
         try:
             value = kind(text)
@@ -50,6 +50,8 @@ def _number(kind: type, minimum: float | None = None) -> Callable[[str], Any]:
             raise SpecError(f"{text!r} is not a{'n integer' if kind is int else ' number'}") from exc
         if minimum is not None and value < minimum:
             raise SpecError(f"{text!r} is below the minimum {minimum}")
+        if maximum is not None and value > maximum:
+            raise SpecError(f"{text!r} is above the maximum {maximum}")
         return value
 
     parse.__name__ = kind.__name__
@@ -134,8 +136,10 @@ TABLE: tuple[Param, ...] = (
           _reranker_models, _RERANKER, "--reranker"),
     Param("RERANKER_INT8", "0", "also ship an int8 variant, gated on its scores and ranking, if faster here",
           _BOOL, _RERANKER, "--reranker-int8"),
-    Param("RERANKER_INT8_ATOL", "0.02", "max score difference of int8 against sentence-transformers",
-          _number(float, 0), _RERANKER, "--reranker-int8-atol"),
+    Param("RERANKER_INT8_TOP_K", "3", "int8 gate: per probe query, the top K passages in sentence-transformers' order",
+          _number(int, 0), _RERANKER, "--reranker-int8-top-k"),
+    Param("RERANKER_INT8_MIN_TAU", "0.9", "int8 gate: per probe query, min Kendall's tau against sentence-transformers",
+          _number(float, -1, 1), _RERANKER, "--reranker-int8-min-tau"),
     Param("RERANKER_STRICT", "0", "1 = the first candidate must work: any fallback fails the stage",
           _BOOL, _RERANKER, "--reranker-strict"),
     Param("REGRESSOR_FEATURE_DIM", "auto", "seed weights' input size: an integer, or auto (the first CLIP model's)",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -19,11 +20,12 @@ EXTERNAL_DATA_BYTES = "1000000"
 
 @pytest.fixture(scope="session")
 def tiny_sources() -> Path:
-    dest = CACHE / "tiny-sources"
-    wanted = [dest / "clip" / name / "open_clip_config.json" for name in ("tiny-vit", "tiny-rn")]
-    if not all(p.is_file() for p in [*wanted, dest / "reranker" / "tiny-bert" / "config.json"]):
-        from modelbake.sources.tiny import make_tiny_sources
+    from modelbake.sources.tiny import SOURCES_VERSION, make_tiny_sources
 
+    dest = CACHE / "tiny-sources"
+    version = dest / "VERSION"
+    if not version.is_file() or version.read_text() != SOURCES_VERSION:
+        shutil.rmtree(dest, ignore_errors=True)
         make_tiny_sources(dest)
     return dest
 

@@ -96,13 +96,17 @@ def test_download_bake_and_bundle_take_every_selection_parameter() -> None:
         assert {p.flag for p in SELECTION} <= _flags(command), command
 
 
-def test_download_reads_the_reranker_int8_tolerance() -> None:
+def test_download_reads_the_reranker_int8_gate() -> None:
     """The copies had drifted: download drove the reranker's int8 from --int8 and dropped its tolerance."""
     from modelbake.params import resolve
 
-    args = build_parser().parse_args(["download", "--int8", "--reranker-int8-atol", "0.5"])
+    args = build_parser().parse_args(
+        ["download", "--int8", "--reranker-int8-top-k", "5", "--reranker-int8-min-tau", "0.5"]
+    )
     values = resolve(args, SELECTION)
-    assert values["RERANKER_INT8_ATOL"] == 0.5 and args.int8
+    assert values["RERANKER_INT8_TOP_K"] == 5 and values["RERANKER_INT8_MIN_TAU"] == 0.5 and args.int8
+    with pytest.raises(SystemExit):  # tau is at most 1: a gate nothing could pass is a typo, said at once
+        resolve(build_parser().parse_args(["download", "--reranker-int8-min-tau", "1.5"]), SELECTION)
 
 
 def test_bad_values_name_the_parameter(monkeypatch: pytest.MonkeyPatch) -> None:

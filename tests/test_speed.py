@@ -181,9 +181,10 @@ def test_a_loader_reports_the_variant_of_each_role(tmp_path: Path, monkeypatch: 
     assert loader.variant == "fp32"
 
 
-def test_a_reranker_int8_its_score_gate_refuses_fails_the_stage(tmp_path: Path, tiny_specs: dict[str, str]) -> None:
-    """The reranker's own gate (the score contract) refuses the int8 candidate: one error naming the method
-    and the figures, and nothing written."""
+def test_a_reranker_int8_its_ranking_gate_refuses_fails_the_stage(tmp_path: Path, tiny_specs: dict[str, str]) -> None:
+    """The reranker's own int8 gate (its ranking per probe query) refuses the int8 candidate: one error naming
+    the method and the figures, and nothing written. Tau 1 with every passage in the top K asks int8 to keep
+    the whole order, which it does not on near-equal scores."""
     from conftest import run_cli
 
     out = tmp_path / "out"
@@ -191,22 +192,68 @@ def test_a_reranker_int8_its_score_gate_refuses_fails_the_stage(tmp_path: Path, 
         "--reranker",
         tiny_specs["reranker"],
         "--reranker-int8",
-        "--reranker-int8-atol",
-        "1e-9",
+        "--reranker-int8-top-k",
+        "8",
+        "--reranker-int8-min-tau",
+        "1",
         "--reranker-strict",
         "--out",
         str(out),
         script="reranker_cache.py",
     )
     assert proc.returncode == 1, proc.stderr
-    assert "quantize_dynamic: ONNX scores differ from sentence-transformers beyond 1e-09" in proc.stderr
-    assert "'top3_same': " in proc.stderr and "'kendall_tau': " in proc.stderr  # the ranking figures, named
+    assert "quantize_dynamic: the ranking changed on the probe queries: top 8 kept per query [" in proc.stderr
+    assert "Kendall's tau [" in proc.stderr and "(min 1 required)" in proc.stderr
     assert list(out.rglob("*")) == []
+
+
+def test_kendall_tau_is_tau_b() -> None:
     from modelbake.producers.reranker import kendall_tau
 
     scores = np.array([0.9, 0.5, 0.1, 0.3])
     assert kendall_tau(scores, scores) == 1.0 and kendall_tau(scores, -scores) == -1.0
     assert kendall_tau(scores, np.array([0.9, 0.5, 0.3, 0.1])) == pytest.approx(4 / 6)  # one pair of 6 swapped
+    tied = np.array([0.9, 0.5, 0.5, 0.1])  # the model cannot tell two passages apart: no order to keep there
+    assert kendall_tau(np.array([0.9, 0.6, 0.5, 0.1]), tied) == pytest.approx(5 / np.sqrt(6 * 5))
+    assert kendall_tau(np.full(4, 0.5), scores) == 0.0 and kendall_tau(np.full(4, 0.5), np.full(4, 0.2)) == 1.0
+
+
+def test_the_ranking_gate_passes_what_keeps_the_order_and_names_what_does_not(tmp_path: Path) -> None:
+    """Real sessions: the fp32 graph of the tiny trained reranker keeps every probe query's order; the same
+    graph judged against a reference whose top passages are swapped is refused, per query."""
+    from sentence_transformers import CrossEncoder
+
+    from modelbake.producers.common import ProducerError
+    from modelbake.producers.reranker import RANKING_PROBE, _Logits, _ranking_gate, _tokenize
+    from modelbake.sources.tiny import make_tiny_cross_encoder
+
+    ce = CrossEncoder(str(make_tiny_cross_encoder(tmp_path / "ce")), device="cpu")
+    graph = tmp_path / "ce.onnx"
+    feeds = {q: _tokenize(ce, [(q, p) for p in ps]) for q, ps in RANKING_PROBE.items()}
+    first = next(iter(feeds.values()))
+    torch.onnx.export(
+        _Logits(ce.model).eval(),
+        tuple(first.values()),
+        str(graph),
+        input_names=list(first),
+        output_names=["logits"],
+        dynamic_axes={n: {0: "b", 1: "s"} for n in first},
+        dynamo=False,
+    )
+    probe = [
+        ({k: v.numpy() for k, v in feeds[q].items()}, np.asarray(ce.predict([(q, p) for p in ps])))
+        for q, ps in RANKING_PROBE.items()
+    ]
+    figures = _ranking_gate(graph, probe, "sigmoid", 3, 0.9)
+    assert figures["top_k_same"] == [True] * len(RANKING_PROBE) and figures["min_kendall_tau"] > 0.99
+    spread = [np.ptp(reference) for _, reference in probe]
+    assert min(spread) > 0.5, spread  # trained: its scores spread, as a real reranker's do
+    swapped = [(f, r.copy()) for f, r in probe]
+    reference = swapped[1][1]
+    top = np.argsort(-reference)[:2]
+    reference[top] = reference[top[::-1]]
+    with pytest.raises(ProducerError, match=r"top 3 kept per query \[True, False, True\]"):
+        _ranking_gate(graph, swapped, "sigmoid", 3, 0.9)
 
 
 def test_verify_says_what_auto_runs_here_and_why() -> None:

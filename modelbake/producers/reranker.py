@@ -33,6 +33,37 @@ PROBE_PASSAGES = [
     "dog " * 200,
     "people dance to music on the beach",
 ]
+# The int8 gate's probe: per query, passages from clearly relevant to unrelated, so that a trained
+# reranker's scores spread and a changed order is int8's doing, not a tie. The tiny test models are not
+# trained; their scores tie, which this gate rightly refuses.
+RANKING_PROBE = {
+    PROBE_QUERY: [
+        "a man is walking his dog in the park",
+        "a woman walks two dogs along the beach at sunset",
+        "a dog sleeps on the porch",
+        "a person jogging alone in the park",
+        "people dance to music on the beach",
+        "a red car drives fast down the street at night",
+        "",
+        "dog " * 200,
+    ],
+    "how to cook pasta": [
+        "boil the pasta in salted water for ten minutes, then drain it",
+        "a recipe for spaghetti with tomato sauce",
+        "rice is cooked by simmering it in water",
+        "the kitchen has a new oven",
+        "the stock market fell sharply on monday",
+        "football scores from the weekend",
+    ],
+    "what is the capital of france": [
+        "paris is the capital and largest city of france",
+        "france is a country in western europe",
+        "berlin is the capital of germany",
+        "the eiffel tower was built in 1889",
+        "bananas are rich in potassium",
+        "a recipe for spaghetti with tomato sauce",
+    ],
+}
 EXAMPLE_PAIRS = [
     ("what is this", "a video clip of a cat"),
     ("find the scene", "the sun opens over the sea and the city"),
@@ -132,8 +163,7 @@ def _score_gate(
     Scores must agree within ``atol``, and every two passages whose reference scores differ by more
     than ``2 * atol`` must keep their order (passages the model itself cannot tell apart may swap).
     """
-    logits = session(graph).run(["logits"], feeds)[0]
-    scores = (1 / (1 + np.exp(-logits)) if activation == "sigmoid" else logits).reshape(st_scores.shape)
+    scores = _scores(session(graph), feeds, activation, st_scores.shape)
     if not np.isfinite(scores).all():
         raise ProducerError("the ONNX scores hold NaN or inf on the probe pairs; nothing was written")
     gap = st_scores[:, None] - st_scores[None, :]
@@ -154,10 +184,54 @@ def _score_gate(
     return figures
 
 
+def _scores(run: Any, feeds: dict[str, np.ndarray], activation: str, shape: tuple[int, ...]) -> np.ndarray:
+    """CrossEncoder.predict's scores from the ONNX logits (its activation, its shape)."""
+    logits = run.run(["logits"], feeds)[0]
+    return (1 / (1 + np.exp(-logits)) if activation == "sigmoid" else logits).reshape(shape)
+
+
+def _ranking_gate(
+    graph: Path, probe: list[tuple[dict[str, np.ndarray], np.ndarray]], activation: str, top_k: int, min_tau: float
+) -> dict[str, Any]:
+    """What a reranker is for, per probe query: its top ``top_k`` passages in sentence-transformers' order,
+    and Kendall's tau over all its passages at least ``min_tau`` (below the top, near-ties may swap)."""
+    run = session(graph)
+    taus, tops, diffs = [], [], []
+    for feeds, reference in probe:
+        scores = _scores(run, feeds, activation, reference.shape)
+        if not np.isfinite(scores).all():
+            raise ProducerError("the ONNX scores hold NaN or inf on the ranking probe; nothing was written")
+        order, reference_order = np.argsort(-scores, kind="stable"), np.argsort(-reference, kind="stable")
+        # the reference's own ties may come in either order
+        tops.append(bool(np.array_equal(reference[order[:top_k]], reference[reference_order[:top_k]])))
+        taus.append(round(kendall_tau(scores, reference), 4))
+        diffs.append(float(np.max(np.abs(scores - reference))))
+    figures = {
+        "ranking_queries": len(probe),
+        "top_k": top_k,
+        "top_k_same": tops,
+        "kendall_tau": taus,
+        "min_kendall_tau": min(taus),
+        "score_max_abs_diff": max(diffs),
+    }
+    if not all(tops) or min(taus) < min_tau:
+        raise ProducerError(
+            f"the ranking changed on the probe queries: top {top_k} kept per query {tops} (all required), "
+            f"Kendall's tau {taus} (min {min_tau:g} required)"
+        )
+    return figures
+
+
 def kendall_tau(a: np.ndarray, b: np.ndarray) -> float:
-    """Kendall's tau-a of two score lists: (concordant - discordant pairs) / all pairs."""
+    """Kendall's tau-b of two score lists: (concordant - discordant pairs), over the pairs either list tells
+    apart (a pair the model scores exactly alike has no order to keep). If one list ties everything: 1.0 when
+    the other does too, else 0.0 (all order lost)."""
     i, j = np.triu_indices(len(a), 1)
-    return float(np.sum(np.sign(a[i] - a[j]) * np.sign(b[i] - b[j])) / max(len(i), 1))
+    sa, sb = np.sign(a[i] - a[j]), np.sign(b[i] - b[j])
+    norm = np.sqrt(np.count_nonzero(sa) * np.count_nonzero(sb))
+    if not norm:
+        return float(not sa.any() and not sb.any())
+    return float(np.sum(sa * sb) / norm)
 
 
 def _load_saved(spec: RerankerSpec, path: Path, root: Path) -> tuple[Any, Path]:
@@ -194,10 +268,19 @@ def _export(ce: Any, key: str, root: Path, values: Values, done: Callable[[str],
     )
     feeds = {k: v.numpy() for k, v in export.probe.items()}
     st_scores, activation = np.asarray(ce.predict(pairs)), _activation(ce)
-    atol = {Variant.FP32: 1e-4, Variant.INT8: values["RERANKER_INT8_ATOL"]}
+    ranking = [
+        (
+            {k: v.numpy() for k, v in _tokenize(ce, [(query, p) for p in passages]).items()},
+            np.asarray(ce.predict([(query, p) for p in passages])),
+        )
+        for query, passages in RANKING_PROBE.items()
+    ]
 
     def scores_gate(graph: Path, variant: Variant) -> dict[str, Any]:
-        return _score_gate(graph, feeds, st_scores, activation, atol[variant])
+        # fp32 keeps the score contract; int8 is judged on what a reranker is for, its ranking.
+        if variant == Variant.FP32:
+            return _score_gate(graph, feeds, st_scores, activation, 1e-4)
+        return _ranking_gate(graph, ranking, activation, values["RERANKER_INT8_TOP_K"], values["RERANKER_INT8_MIN_TAU"])
 
     # Logits are (n, 1): cosine says nothing there, the score gate is the int8 gate.
     return export_variants(

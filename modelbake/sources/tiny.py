@@ -199,10 +199,35 @@ def make_tiny_cross_encoder(dest: Path, seed: int = 0) -> Path:
         max_position_embeddings=128,
         num_labels=1,
     )
-    BertForSequenceClassification(config).save_pretrained(dest)
+    model = BertForSequenceClassification(config)
     tokenizer = BertTokenizerFast(vocab_file=str(vocab_file), model_max_length=128)
+    _fit_to_rank(model, tokenizer)
+    model.save_pretrained(dest)
     tokenizer.save_pretrained(dest)
     return dest
+
+
+def _fit_to_rank(model: Any, tokenizer: Any, steps: int = 200) -> None:
+    """Train every weight (a few seconds) to score the reranker gate's probe passages in their listed order.
+
+    An untrained head scores every pair alike, so int8's noise reorders them and the ranking gate rightly
+    refuses it; a trained reranker's scores spread. This makes the tiny model rank like one.
+    """
+    import torch
+
+    from modelbake.producers.reranker import RANKING_PROBE
+
+    pairs = [(query, p, i / (len(ps) - 1)) for query, ps in RANKING_PROBE.items() for i, p in enumerate(ps)]
+    features = tokenizer(
+        [q for q, _, _ in pairs], [p for _, p, _ in pairs], padding=True, truncation=True, return_tensors="pt"
+    )
+    target = torch.tensor([3.0 - 6.0 * rank for _, _, rank in pairs])  # logits from 3 down to -3 per query
+    model.eval()  # no dropout: the same steps make the same weights
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        torch.nn.functional.mse_loss(model(**features).logits[:, 0], target).backward()
+        optimizer.step()
 
 
 def _tiny_unigram_tokenizer() -> Any:
@@ -260,8 +285,13 @@ MOUNTED_CLIP_SPECS = "tiny-vit@dir:/sources/clip/tiny-vit,tiny-rn@dir:/sources/c
 MOUNTED_RERANKER_SPEC = "tiny-bert@dir:/sources/reranker/tiny-bert"
 
 
+# Bumped whenever a maker changes what it makes: a cache of tiny sources from another version is remade.
+SOURCES_VERSION = "2"  # 2: tiny-bert trained to rank
+
+
 def make_tiny_sources(dest: Path) -> dict[str, Path]:
-    """Both tiny models under ``dest``; returns {name: folder}."""
+    """Both tiny models under ``dest`` (and its ``VERSION``); returns {name: folder}."""
     made = {name: make_tiny_clip(dest / "clip" / name, name) for name in TINY_CLIP_CFGS}
     made["tiny-bert"] = make_tiny_cross_encoder(dest / "reranker" / "tiny-bert")
+    (dest / "VERSION").write_text(SOURCES_VERSION)
     return made
