@@ -42,6 +42,12 @@ variable "SOURCE_DATE_EPOCH" { default = "" }
 # sha256:... of the model_manifest.json the runtime image holds; `modelbake bake` computes it (the build
 # checks it). Left empty by plain bake and compose, and then not labelled.
 variable "MODELS_MANIFEST_DIGEST" { default = "" }
+# SIGN_MODELS=1 signs the tree with the build secret model_signing_key (an EC private key, PEM);
+# SIGNING_KEY_ID is its public fingerprint (`modelbake bake --sign-key` sets it), so a new key signs again.
+variable "SIGN_MODELS" { default = "0" }
+variable "SIGNING_KEY_ID" { default = "" }
+# 1 = the runtime image carries model_signing and verifies at start when MODELBAKE_SIGNING_PUBLIC_KEY is set.
+variable "MODEL_SIGNING" { default = "0" }
 variable "GIT_REVISION" { default = "" }
 variable "SOURCE_URL" { default = "" }
 
@@ -76,6 +82,9 @@ target "_common" {
     ONNX_EXTERNAL_DATA_BYTES = ONNX_EXTERNAL_DATA_BYTES
     SOURCE_DATE_EPOCH     = SOURCE_DATE_EPOCH
     MODELS_MANIFEST_DIGEST = MODELS_MANIFEST_DIGEST
+    SIGN_MODELS           = SIGN_MODELS
+    SIGNING_KEY_ID        = SIGNING_KEY_ID
+    MODEL_SIGNING         = MODEL_SIGNING
   }
   # Labels live here only; every target inherits them.
   labels = merge({

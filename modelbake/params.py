@@ -170,6 +170,12 @@ TABLE: tuple[Param, ...] = (
           stages=(*PRODUCING_STAGES, "manifest")),
     Param("MODELS_MANIFEST_DIGEST", "", "sha256 of the runtime image's manifest; `modelbake bake` sets it",
           stages=("runtime-verified",), where=frozenset({ARG, BAKE})),
+    Param("SIGN_MODELS", "0", "1 = sign the tree with the build secret model_signing_key (model.sig)", _BOOL,
+          ("manifest",), where=frozenset({ARG, BAKE})),
+    Param("SIGNING_KEY_ID", "", "public fingerprint of the signing key, for the cache; `modelbake bake` sets it",
+          stages=("manifest",), where=frozenset({ARG, BAKE})),
+    Param("MODEL_SIGNING", "0", "1 = the runtime image can verify signatures (adds model_signing, ~70 MB)", _BOOL,
+          ("runtime-base",), where=frozenset({ARG, BAKE})),
     # --- bake only: inputs, names and labels ----------------------------------------------------------
     Param("WHEELHOUSE", "", "a wheel folder for offline pip (named context)", where=BAKE_ONLY),
     Param("MODEL_SOURCES", "", "a folder of local model sources, mounted at /sources", where=BAKE_ONLY),

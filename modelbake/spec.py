@@ -190,6 +190,8 @@ CLIP_ONNX_PATTERN = re.compile(r"^clip_(?P<key>.+)_(?P<tower>text|image)_encoder
 
 # Folders of the model tree (relative to the models root) and the manifest's name.
 MANIFEST_NAME = "model_manifest.json"
+# Beside the manifest when the tree is signed (modelbake/signature.py): a Sigstore bundle over every file.
+SIGNATURE_NAME = "model.sig"
 ONNX_DIR = "onnx"
 CLIP_DIR = "clip"
 RERANKER_DIR = "reranker"

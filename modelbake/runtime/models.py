@@ -13,6 +13,7 @@ from modelbake.runtime.registry import loader_for
 from modelbake.runtime.regressor import BoundaryRegressorONNX, WeightsNotFound
 from modelbake.runtime.reranker import Reranker
 from modelbake.runtime.variants import AUTO, requested
+from modelbake.signature import public_key_from_env, verify_tree
 from modelbake.spec import REGRESSOR_ONNX
 
 
@@ -62,14 +63,17 @@ def open_models(
     threads: int | None = None,
     manifest_sha256: str | None = None,
     allow_unverified: bool = False,
+    public_key: Path | str | None = None,
 ) -> Models:
     """Check every file of ``folder``'s manifest (size + sha256), then load each model once with the
     loader registered for its kind (:mod:`modelbake.runtime.registry`).
 
     ``manifest_sha256`` (else $MODELBAKE_MANIFEST_SHA256, which the runtime image sets) pins the manifest
-    itself. A folder without a manifest is refused unless ``allow_unverified`` (or
-    $MODELBAKE_ALLOW_UNVERIFIED=1): then it is searched as the seed's services did, CLIP ONNX pairs by name
-    and the regressor by its look-up order, nothing verified and no reranker.
+    itself. ``public_key`` (else $MODELBAKE_SIGNING_PUBLIC_KEY): the tree must carry a valid signature by its
+    private key (:mod:`modelbake.signature`), checked before anything loads. A folder without a manifest is
+    refused unless ``allow_unverified`` (or $MODELBAKE_ALLOW_UNVERIFIED=1): then it is searched as the seed's
+    services did, CLIP ONNX pairs by name and the regressor by its look-up order, nothing verified and no
+    reranker.
     ``variant``: ``auto`` runs, per ONNX role, the variant the build measured fastest at batch 1 when this
     CPU has the build machine's kernels (same ISA flags), else fp32; ``fp32`` or ``int8`` (built with
     CLIP_INT8 / RERANKER_INT8; ``int8=True`` is the same) asks for one where a kind has it. Each loader's
@@ -79,6 +83,8 @@ def open_models(
     if not require_manifest(folder, allow_unverified):
         return _open_by_names(folder, threads)
     manifest = read_manifest(folder, expected_sha256=manifest_sha256)
+    if (key := public_key_from_env(public_key)) is not None:
+        verify_tree(folder, key)
     check_files(folder, manifest["models"])
     models = Models()
     for model in manifest["models"]:

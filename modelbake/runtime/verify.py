@@ -14,6 +14,7 @@ from modelbake.manifest import ManifestError, check_files, read_manifest, resolv
 from modelbake.runtime.registry import loader_for
 from modelbake.runtime.sessions import session
 from modelbake.runtime.variants import AUTO, choose, machine, same_kernels
+from modelbake.signature import public_key_from_env, verify_tree
 
 
 @dataclass
@@ -66,6 +67,11 @@ def verify(root: Path, *, quick: bool = False) -> list[Check]:
     except (ManifestError, OSError) as exc:
         return [Check("-", "manifest", False, _reason(exc))]
     checks = [Check("-", "manifest", True, f"schema {manifest['schema_version']}, {len(manifest['models'])} models")]
+    if (key := public_key_from_env()) is not None:  # $MODELBAKE_SIGNING_PUBLIC_KEY: a signed tree is required
+        try:
+            checks.append(Check("-", "signature", True, verify_tree(root, key)))
+        except ManifestError as exc:
+            checks.append(Check("-", "signature", False, str(exc)))
     for model in manifest["models"]:
         name = f"{model['kind']}:{model['name']}"
         try:

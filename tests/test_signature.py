@@ -1,0 +1,150 @@
+"""Signed model trees (OpenSSF model signing, key-based, offline): signed by us, verified by us and by
+model_signing's own CLI; a tampered file, a tampered manifest, an added file, an unsigned tree and the
+wrong key are refused, by open_models and by verify, before anything loads."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from modelbake.manifest import ManifestError
+from modelbake.runtime.models import open_models
+from modelbake.runtime.verify import verify
+from modelbake.signature import PUBLIC_KEY_ENV, key_id, sign_tree, verify_tree
+from modelbake.spec import MANIFEST_NAME, SIGNATURE_NAME
+
+
+def _key_pair(folder: Path, name: str) -> tuple[Path, Path]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    private, public = folder / f"{name}.pem", folder / f"{name}.pub.pem"
+    private.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    public.write_bytes(
+        key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    return private, public
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, Path]]:
+    folder = tmp_path_factory.mktemp("keys")
+    return {"ours": _key_pair(folder, "ours"), "other": _key_pair(folder, "other")}
+
+
+@pytest.fixture(scope="module")
+def signed(built_tree: Path, keys: dict[str, tuple[Path, Path]], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tree = tmp_path_factory.mktemp("signed") / "models"
+    shutil.copytree(built_tree, tree)
+    proc = subprocess.run(
+        [sys.executable, "-m", "modelbake.signature", "sign", str(tree), "--private-key", str(keys["ours"][0])],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith(f"signed: {tree / SIGNATURE_NAME} (key {key_id(keys['ours'][1])})")
+    assert [p.name for p in tree.parent.iterdir()] == ["models"]  # nothing left beside the tree
+    return tree
+
+
+def _copy(signed: Path, tmp_path: Path) -> Path:
+    tree = tmp_path / "models"
+    shutil.copytree(signed, tree)
+    return tree
+
+
+def test_a_signed_tree_verifies_here_and_with_model_signings_own_cli(
+    signed: Path, keys: dict[str, tuple[Path, Path]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    public = keys["ours"][1]
+    assert verify_tree(signed, public) == f"{SIGNATURE_NAME} verified with key {key_id(public)}"
+    cli = Path(sys.executable).with_name("model_signing")
+    proc = subprocess.run(
+        [
+            str(cli),
+            "verify",
+            "key",
+            str(signed),
+            "--signature",
+            str(signed / SIGNATURE_NAME),
+            "--public_key",
+            str(public),
+        ],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr  # interoperability: the tool's own verifier accepts our tree
+    monkeypatch.setenv(PUBLIC_KEY_ENV, str(public))
+    rows = verify(signed, quick=True)
+    assert [r.detail for r in rows if r.what == "signature"] == [f"{SIGNATURE_NAME} verified with key {key_id(public)}"]
+    assert all(r.ok for r in rows)
+    assert open_models(signed, variant="fp32").clip  # loads once the signature holds
+
+
+@pytest.mark.parametrize("tamper", ["model file", "manifest", "added file", "unsigned", "wrong key"])
+def test_a_tampered_or_unsigned_tree_is_refused_before_anything_loads(
+    signed: Path, keys: dict[str, tuple[Path, Path]], tmp_path: Path, tamper: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tree = _copy(signed, tmp_path)
+    public = keys["ours"][1]
+    expected = "signature check failed"
+    if tamper == "model file":
+        graph = next(tree.glob("onnx/*.onnx"))
+        data = bytearray(graph.read_bytes())
+        data[-1] ^= 1
+        graph.write_bytes(bytes(data))
+    elif tamper == "manifest":  # a consistent edit (still valid JSON and schema): only the signature sees it
+        manifest = json.loads((tree / MANIFEST_NAME).read_text())
+        manifest["created"] = "2000-01-01T00:00:00Z"
+        (tree / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+    elif tamper == "added file":
+        (tree / "onnx" / "extra.onnx").write_bytes(b"not signed")
+    elif tamper == "unsigned":
+        (tree / SIGNATURE_NAME).unlink()
+        expected = f"unsigned ({SIGNATURE_NAME} missing) but a public key is configured"
+    else:
+        public = keys["other"][1]
+        expected = "signature check failed (Key mismatch"
+    with pytest.raises(ManifestError, match=re.escape(expected)) as error:
+        open_models(tree, public_key=public)
+    assert "\n" not in str(error.value) and len(str(error.value)) < 600  # one line, not model_signing's digests
+    monkeypatch.setenv(PUBLIC_KEY_ENV, str(public))
+    (row,) = [r for r in verify(tree, quick=True) if r.what == "signature"]
+    assert not row.ok and expected in row.detail
+    proc = subprocess.run(
+        [sys.executable, "-m", "modelbake.signature", "verify", str(tree), "--public-key", str(public)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 1 and proc.stderr.startswith("error: ") and expected in proc.stderr
+
+
+def test_without_a_public_key_an_unsigned_tree_loads_as_before(
+    built_tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv(PUBLIC_KEY_ENV, raising=False)
+    assert not (built_tree / SIGNATURE_NAME).exists()
+    assert all(r.what != "signature" for r in verify(built_tree, quick=True))
+
+
+def test_a_bad_key_is_one_line_and_writes_nothing(built_tree: Path, tmp_path: Path) -> None:
+    tree = tmp_path / "models"
+    shutil.copytree(built_tree, tree)
+    rsa_like = tmp_path / "not-a-key.pem"
+    rsa_like.write_text("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n")
+    with pytest.raises(ManifestError, match="cannot sign with it"):
+        sign_tree(tree, rsa_like)
+    with pytest.raises(ManifestError, match="no private key there"):
+        sign_tree(tree, tmp_path / "missing.pem")
+    assert not (tree / SIGNATURE_NAME).exists() and sorted(p.name for p in tmp_path.iterdir()) == [
+        "models",
+        "not-a-key.pem",
+    ]
