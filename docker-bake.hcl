@@ -42,9 +42,11 @@ variable "SOURCE_DATE_EPOCH" { default = "" }
 # sha256:... of the model_manifest.json the runtime image holds; `modelbake bake` computes it (the build
 # checks it). Left empty by plain bake and compose, and then not labelled.
 variable "MODELS_MANIFEST_DIGEST" { default = "" }
-# SIGN_MODELS=1 signs the tree with the build secret model_signing_key (an EC private key, PEM);
+# SIGNING_KEY_FILE=KEY.pem (an EC private key) goes to the build as the secret model_signing_key, never an
+# argument or a layer, and turns SIGN_MODELS on: the tree is signed (model.sig beside the manifest);
 # SIGNING_KEY_ID is its public fingerprint (`modelbake bake --sign-key` sets it), so a new key signs again.
-variable "SIGN_MODELS" { default = "0" }
+variable "SIGNING_KEY_FILE" { default = "" }
+variable "SIGN_MODELS" { default = notequal(SIGNING_KEY_FILE, "") ? "1" : "0" }
 variable "SIGNING_KEY_ID" { default = "" }
 # 1 = the runtime image carries model_signing and verifies at start when MODELBAKE_SIGNING_PUBLIC_KEY is set.
 variable "MODEL_SIGNING" { default = "0" }
@@ -58,6 +60,7 @@ target "_common" {
     notequal(WHEELHOUSE, "") ? { wheelhouse = WHEELHOUSE } : {},
     notequal(MODEL_SOURCES, "") ? { model-sources = MODEL_SOURCES } : {},
   )
+  secret = notequal(SIGNING_KEY_FILE, "") ? ["id=model_signing_key,src=${SIGNING_KEY_FILE}"] : []
   args = {
     BASE_IMAGE            = BASE_IMAGE
     RUNTIME_BASE_IMAGE    = RUNTIME_BASE_IMAGE

@@ -29,7 +29,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 from modelbake.buildkit import TRANSIENT_ERROR
 from modelbake.params import BY_NAME, SELECTION
-from modelbake.spec import SpecError, parse_clip_list, parse_reranker_list
+from modelbake.spec import SIGNATURE_NAME, SpecError, parse_clip_list, parse_reranker_list
 
 # The same key docker-bake.hcl labels when MODELS_MANIFEST_DIGEST is given.
 DIGEST_LABEL = "io.modelbake.manifest-digest"
@@ -143,6 +143,7 @@ class BakeResult:
     verify_ok: bool | None = None
     pushed: dict[str, str] = field(default_factory=dict)  # "runtime" / "models" -> REPOSITORY@sha256:...
     kubernetes: list[Path] = field(default_factory=list)  # manifests written with the pushed digests
+    signed: str | None = None  # the signing key's id, once model.sig was found in the built image
 
     def report(self) -> str:
         """What the driver prints after a build: image, models, labels, size per stage, verify."""
@@ -161,6 +162,8 @@ class BakeResult:
         lines += [f"size       {stage:<36} {n / 1e6:10.1f} MB" for stage, n in self.stage_sizes.items()]
         if self.verify_ok is not None:
             lines.append(f"verify     {'passed' if self.verify_ok else 'FAILED'} in a container with no network")
+        if self.signed:
+            lines.append(f"signed     /models/{SIGNATURE_NAME}, key {self.signed}")
         lines += [f"pushed     {what:<8} {ref}" for what, ref in self.pushed.items()]
         lines += [f"kubernetes {path}" for path in self.kubernetes]
         return "\n".join(lines)
@@ -239,6 +242,7 @@ def bake(
     push: str | None = None,
     kubernetes: Path | None = None,
     service_image: str | None = None,
+    sign_key: Path | None = None,
 ) -> BakeResult:
     """Validate, bake, then inspect ``image`` (default ``$IMAGE:$TAG``) with the Docker SDK.
 
@@ -247,7 +251,8 @@ def bake(
     ``push`` (``REGISTRY/NAME``): then the runtime image goes to ``REGISTRY/NAME:$TAG`` and the FROM-scratch
     ``models`` image to ``REGISTRY/NAME-models:$TAG``; ``pushed`` holds each by digest, for pulls that cannot
     be moved (a tag can). ``kubernetes``: a folder for the Deployments of :mod:`modelbake.kubernetes`, written
-    with those digests, running ``service_image`` (an image built FROM the runtime image).
+    with those digests, running ``service_image`` (an image built FROM the runtime image). ``sign_key``: an EC
+    private key (PEM) given to the build as the secret ``model_signing_key``; the tree ships signed.
     """
     if kubernetes is not None and (push is None or not service_image):
         raise BakeError(
@@ -263,7 +268,7 @@ def bake(
     overrides = overrides or []
     cmd = command(targets, overrides)
     client = preflight()
-    env = {**os.environ, **variables, **_provenance(os.environ)}
+    env = {**os.environ, **variables, **_provenance(os.environ), **_signing(sign_key)}
     result = BakeResult(cmd)
     _run_bake(cmd, env)
     if "runtime" not in targets:
@@ -274,6 +279,11 @@ def bake(
     )
     result.manifest = json.loads(raw)
     result.manifest_digest = "sha256:" + hashlib.sha256(raw).hexdigest()
+    if sign_key is not None:  # the build was asked to sign: the signature must be in the image
+        client.containers.run(
+            result.image, [f"/models/{SIGNATURE_NAME}"], entrypoint="cat", network_mode="none", remove=True
+        )
+        result.signed = env["SIGNING_KEY_ID"]
     if env.get("MODELS_MANIFEST_DIGEST") != result.manifest_digest:
         _label(result.image, DIGEST_LABEL, result.manifest_digest, env)
     if inspect:
@@ -297,6 +307,20 @@ def bake(
             manifest_digest=str(result.manifest_digest),
         )
     return result
+
+
+def _signing(sign_key: Path | None) -> dict[str, str]:
+    """The bake variables that sign the tree: the key's path (bake passes the file as a secret) and its
+    public fingerprint (a build argument: the signing step reruns for a new key)."""
+    if sign_key is None:
+        return {}
+    from modelbake.manifest import ManifestError
+    from modelbake.signature import key_id
+
+    try:
+        return {"SIGNING_KEY_FILE": str(sign_key.resolve()), "SIGNING_KEY_ID": key_id(sign_key, private=True)}
+    except ManifestError as exc:
+        raise BakeError(f"--sign-key {exc}") from exc
 
 
 def check_repository(repository: str) -> None:

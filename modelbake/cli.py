@@ -171,6 +171,7 @@ def _cmd_bake(args: argparse.Namespace) -> int:
         push=args.push,
         kubernetes=args.kubernetes,
         service_image=args.service_image,
+        sign_key=args.sign_key,
     )
     if result.image:
         print(result.report())
@@ -249,6 +250,12 @@ def _add_image_commands(sub: argparse._SubParsersAction) -> None:
         help="with --push: write Kubernetes Deployments into DIR that mount the pushed models image by digest",
     )
     p.add_argument("--service-image", metavar="REF", help="with --kubernetes: the image the Deployments run")
+    p.add_argument(
+        "--sign-key",
+        type=Path,
+        metavar="KEY.pem",
+        help="sign the model tree with this EC private key (a build secret, never an argument or a layer)",
+    )
     p.set_defaults(func=_cmd_bake)
 
     p = sub.add_parser("bundle", help="gather wheels and model sources for an offline build into one folder")

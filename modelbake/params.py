@@ -171,7 +171,7 @@ TABLE: tuple[Param, ...] = (
     Param("MODELS_MANIFEST_DIGEST", "", "sha256 of the runtime image's manifest; `modelbake bake` sets it",
           stages=("runtime-verified",), where=frozenset({ARG, BAKE})),
     Param("SIGN_MODELS", "0", "1 = sign the tree with the build secret model_signing_key (model.sig)", _BOOL,
-          ("manifest",), where=frozenset({ARG, BAKE})),
+          ("manifest",), where=frozenset({ARG, BAKE}), bake_default='notequal(SIGNING_KEY_FILE, "") ? "1" : "0"'),
     Param("SIGNING_KEY_ID", "", "public fingerprint of the signing key, for the cache; `modelbake bake` sets it",
           stages=("manifest",), where=frozenset({ARG, BAKE})),
     Param("MODEL_SIGNING", "0", "1 = the runtime image can verify signatures (adds model_signing, ~70 MB)", _BOOL,
@@ -183,6 +183,8 @@ TABLE: tuple[Param, ...] = (
     Param("TAG", "latest", "image tag", where=BAKE_ONLY),
     Param("MODELS_OUT", "models", "where the `models` target writes the tree on the host", where=BAKE_ONLY),
     Param("PUSH_TO", "", "REGISTRY/NAME the `push` group pushes the runtime and models images to", where=BAKE_ONLY),
+    Param("SIGNING_KEY_FILE", "", "an EC private key (PEM) given to the build as the secret model_signing_key",
+          where=BAKE_ONLY),
     Param("GIT_REVISION", "", "org.opencontainers.image.revision label", where=BAKE_ONLY),
     Param("SOURCE_URL", "", "org.opencontainers.image.source label", where=BAKE_ONLY),
 )

@@ -48,26 +48,49 @@ def _first_line(exc: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def key_id(public_or_private_key: Path) -> str:
-    """A short public fingerprint of a key pair (sha256 of the public key's DER), safe to print and to pass as
-    a build argument: the cache key of the signing step, so a new key signs again."""
+def key_id(key: Path, *, private: bool = False) -> str:
+    """A short public fingerprint of a key pair (sha256 of the public key's DER), from its private or public
+    PEM: safe to print and to pass as a build argument (the signing step's cache key, so a new key signs
+    again). ``private``: only an unencrypted EC private key will do. One-line ManifestError otherwise."""
     from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
 
-    data = public_or_private_key.read_bytes()
     try:
-        public = serialization.load_pem_private_key(data, password=None).public_key()
-    except (ValueError, TypeError):
-        public = serialization.load_pem_public_key(data)
+        data = key.read_bytes()
+        try:
+            public = serialization.load_pem_private_key(data, password=None).public_key()
+        except (ValueError, TypeError):
+            if private:
+                raise
+            public = serialization.load_pem_public_key(data)
+    except (OSError, ValueError, TypeError) as exc:
+        kind = "an unencrypted EC private key" if private else "an EC key"
+        raise ManifestError(f"{key}: not {kind} in PEM ({_first_line(exc)})") from exc
+    if not isinstance(public, ec.EllipticCurvePublicKey):
+        raise ManifestError(f"{key}: a {type(public).__name__}; model signing takes EC keys (P-256, P-384, P-521)")
     der = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return hashlib.sha256(der).hexdigest()[:16]
+
+
+def _readable(key: Path, name: str, fix: str) -> None:
+    """A key file that is missing or unreadable (a mount the service user cannot read) is one line."""
+    try:
+        with key.open("rb"):
+            pass
+    except FileNotFoundError as exc:
+        raise ManifestError(f"{name}: no key there; {fix}") from exc
+    except OSError as exc:
+        raise ManifestError(
+            f"{name}: cannot read it ({exc.strerror}); it must be readable by uid {os.getuid()}, and its folder "
+            f"searchable"
+        ) from exc
 
 
 def sign_tree(root: Path, private_key: Path) -> Path:
     """Sign every file under ``root`` (the signature file itself excepted) with an elliptic-curve private key
     (PEM, P-256/384/521, no password); returns the signature's path. Written aside, then renamed."""
     model_signing = _model_signing()
-    if not private_key.is_file():
-        raise ManifestError(f"{private_key}: no private key there; give a PEM elliptic-curve key")
+    _readable(private_key, str(private_key), "give a PEM elliptic-curve private key")
     signature = root / SIGNATURE_NAME
     partial = root.parent / f".{SIGNATURE_NAME}.{os.getpid()}"
     hashing = model_signing.hashing.Config().set_ignored_paths(paths=[SIGNATURE_NAME])
@@ -88,8 +111,7 @@ def verify_tree(root: Path, public_key: Path) -> str:
     """Check ``root``'s signature with ``public_key``: every file signed, none added, none changed. One-line
     ManifestError otherwise. Returns a short description for a verify row."""
     signature = root / SIGNATURE_NAME
-    if not public_key.is_file():
-        raise ManifestError(f"{PUBLIC_KEY_ENV}={public_key}: no public key there; mount it or unset the variable")
+    _readable(public_key, f"{PUBLIC_KEY_ENV}={public_key}", "mount it, or unset the variable")
     if not signature.is_file():
         raise ManifestError(
             f"{root}: unsigned ({SIGNATURE_NAME} missing) but a public key is configured ({PUBLIC_KEY_ENV}); "

@@ -307,6 +307,46 @@ def test_plain_bake_pushes_both_images_and_writes_their_digests(baked: dict[str,
     _run(runtime, check=True)  # verify, offline, from the image pulled by digest
 
 
+def test_a_signed_tree_is_verified_at_start_by_an_image_built_with_model_signing(
+    baked: dict[str, str], tmp_path: Path
+) -> None:
+    """`modelbake bake --sign-key` with MODEL_SIGNING=1: the key reaches the build as a secret only (not in
+    the image's history or labels), the tree ships model.sig, and the runtime image verifies it at start with
+    the public key mounted; with another key it refuses."""
+    from test_signature import _key_pair
+
+    from modelbake.signature import key_id
+
+    private, public = _key_pair(tmp_path, "ours")
+    _, other = _key_pair(tmp_path, "other")
+    tag = f"{TAG}-signed"
+    env = {k: v for k, v in baked.items() if k not in ("CLIP_MODELS", "RERANKER_MODELS")}
+    env |= {"TAG": tag, "MODEL_SIGNING": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "modelbake.cli", "bake", "runtime", "--clip", baked["CLIP_MODELS"], "--reranker",
+         baked["RERANKER_MODELS"], "--clip-int8", "--reranker-int8", "--int8-even-if-slower", "--no-inspect",
+         "--sign-key", str(private)],
+        capture_output=True, text=True, env=env, cwd=REPO, timeout=1800,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    image = f"modelbake:{tag}"
+    assert f"signed     /models/model.sig, key {key_id(public)}" in proc.stdout
+    history = _docker("history", "--no-trunc", image).stdout + _docker("image", "inspect", image).stdout
+    body = private.read_text().splitlines()[1]
+    assert body not in history and str(private) not in history  # a secret, never an argument or a layer
+    for key in (public, other):  # the files alone: the service user cannot search pytest's 0700 folder
+        key.chmod(0o644)
+    env_key = ["-e", "MODELBAKE_SIGNING_PUBLIC_KEY=/keys/pub.pem"]
+    ok = _run("-v", f"{public}:/keys/pub.pem:ro", *env_key, image, check=True)
+    assert f"model.sig verified with key {key_id(public)}" in ok.stdout, ok.stdout
+    refused = _run("-v", f"{other}:/keys/pub.pem:ro", *env_key, image)
+    assert refused.returncode != 0 and "signature check failed (Key mismatch" in refused.stdout + refused.stderr
+    unreadable = _run("-v", f"{tmp_path}:/keys:ro", "-e", "MODELBAKE_SIGNING_PUBLIC_KEY=/keys/ours.pub.pem", image)
+    assert unreadable.returncode != 0 and "cannot read it (Permission denied)" in unreadable.stdout
+    assert "Traceback" not in unreadable.stdout + unreadable.stderr
+    _docker("image", "rm", image)
+
+
 def test_python_api_bakes_and_reports_sizes(baked: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
     from modelbake.bake import Selection, bake
 
