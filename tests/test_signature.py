@@ -148,3 +148,11 @@ def test_a_bad_key_is_one_line_and_writes_nothing(built_tree: Path, tmp_path: Pa
         "models",
         "not-a-key.pem",
     ]
+
+
+def test_a_public_key_where_model_signing_is_not_installed_names_the_build_argument(
+    signed: Path, keys: dict[str, tuple[Path, Path]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setitem(sys.modules, "model_signing", None)  # as in a runtime image built with MODEL_SIGNING=0
+    with pytest.raises(ManifestError, match=r"needs model_signing .*build it with MODEL_SIGNING=1"):
+        open_models(signed, public_key=keys["ours"][1])
