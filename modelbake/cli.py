@@ -55,6 +55,10 @@ def _cmd_download(args: argparse.Namespace) -> int:
     values = resolve(args, SELECTION)
     if args.int8:
         values |= {"CLIP_INT8": True, "RERANKER_INT8": True}
+    if args.sign_key is not None:
+        from modelbake.signature import key_id
+
+        key_id(args.sign_key, private=True)  # a bad key fails before hours of exporting, not after
     seconds: dict[str, float] = {}
     for stage in only or STAGES.values():
         start = time.perf_counter()
@@ -63,7 +67,21 @@ def _cmd_download(args: argparse.Namespace) -> int:
     manifest = finalize(args.out)  # as the image's merge step: readable by a non-root service
     print(summary_table(manifest, seconds))
     print(f"{len(manifest['models'])} models in {args.out}/model_manifest.json")
+    _sign_or_drop_stale(args.out, args.sign_key)
     return 0
+
+
+def _sign_or_drop_stale(tree: Path, key: Path | None) -> None:
+    """Sign the finished tree with ``key``; without one, a signature left by an earlier run no longer covers
+    this tree, so it goes (a reader with a public key then says "unsigned", not "altered")."""
+    from modelbake.signature import key_id, sign_tree
+    from modelbake.spec import SIGNATURE_NAME
+
+    if key is not None:
+        print(f"signed: {sign_tree(tree, key)} (key {key_id(key)})")
+    elif (tree / SIGNATURE_NAME).exists():
+        (tree / SIGNATURE_NAME).unlink()
+        print(f"removed {tree / SIGNATURE_NAME}: it signed an earlier tree (give --sign-key to sign this one)")
 
 
 def summary_table(manifest: dict, seconds: dict[str, float]) -> str:
@@ -206,6 +224,7 @@ def _add_stage_commands(sub: argparse._SubParsersAction) -> None:
     for stage in STAGES.values():
         p.add_argument(f"--{stage.short}-only", action="store_true", help=f"only the {stage.name} stage")
     p.add_argument("--int8", action="store_true", help="shorthand for --clip-int8 --reranker-int8")
+    p.add_argument("--sign-key", type=Path, metavar="KEY.pem", help="sign the finished tree (EC private key, PEM)")
     _add_out(p)
     p.set_defaults(func=_cmd_download)
 

@@ -156,3 +156,20 @@ def test_a_public_key_where_model_signing_is_not_installed_names_the_build_argum
     monkeypatch.setitem(sys.modules, "model_signing", None)  # as in a runtime image built with MODEL_SIGNING=0
     with pytest.raises(ManifestError, match=r"needs model_signing .*build it with MODEL_SIGNING=1"):
         open_models(signed, public_key=keys["ours"][1])
+
+
+def test_the_host_cli_signs_what_it_downloads_and_drops_a_stale_signature(
+    keys: dict[str, tuple[Path, Path]], tmp_path: Path
+) -> None:
+    from conftest import run_cli
+
+    out = tmp_path / "models"
+    regressor_only = ["download", "--regressor-only", "--regressor-feature-dim", "8", "--regressor-epochs", "1"]
+    bad = run_cli(*regressor_only, "--out", str(out), "--sign-key", str(keys["ours"][1]))  # a public key
+    assert bad.returncode == 1 and "not an unencrypted EC private key in PEM" in bad.stderr, bad.stderr
+    assert not out.exists()  # refused before any stage ran
+    signed = run_cli(*regressor_only, "--out", str(out), "--sign-key", str(keys["ours"][0]), check=True)
+    assert f"signed: {out / SIGNATURE_NAME} (key {key_id(keys['ours'][1])})" in signed.stdout
+    verify_tree(out, keys["ours"][1])
+    again = run_cli(*regressor_only, "--out", str(out), check=True)
+    assert "it signed an earlier tree" in again.stdout and not (out / SIGNATURE_NAME).exists()
