@@ -36,6 +36,12 @@ variable "PIP_OFFLINE" { default = notequal(WHEELHOUSE, "") ? "1" : "0" }
 variable "IMAGE" { default = "modelbake" }
 variable "TAG" { default = "latest" }
 variable "PUSH_TO" { default = "" }
+# A registry build cache shared by every builder: REGISTRY/NAME:TAG. Every target imports it; `runtime` (whose
+# graph holds every stage) exports it with mode=max, so the producing stages are cached, not only the final
+# image. Needs an engine that can export one (the containerd image store, or a docker-container builder).
+variable "BUILD_CACHE" { default = "" }
+# 1 = pushed images carry BuildKit's provenance attestation (mode=max); the same engines only.
+variable "PROVENANCE" { default = "0" }
 variable "MODELS_OUT" { default = "models" }
 # Set it (e.g. to the last commit's time) for reproducible builds; empty means "now".
 variable "SOURCE_DATE_EPOCH" { default = "" }
@@ -61,6 +67,7 @@ target "_common" {
     notequal(MODEL_SOURCES, "") ? { model-sources = MODEL_SOURCES } : {},
   )
   secret = notequal(SIGNING_KEY_FILE, "") ? ["id=model_signing_key,src=${SIGNING_KEY_FILE}"] : []
+  cache-from = notequal(BUILD_CACHE, "") ? ["type=registry,ref=${BUILD_CACHE}"] : []
   args = {
     BASE_IMAGE            = BASE_IMAGE
     RUNTIME_BASE_IMAGE    = RUNTIME_BASE_IMAGE
@@ -147,6 +154,7 @@ target "runtime" {
   inherits = ["_common"]
   target   = "runtime"
   tags     = ["${IMAGE}:${TAG}"]
+  cache-to = notequal(BUILD_CACHE, "") ? ["type=registry,ref=${BUILD_CACHE},mode=max"] : []
 }
 
 # Push from plain bake: PUSH_TO=REGISTRY/NAME docker buildx bake push --metadata-file push.json
@@ -156,6 +164,7 @@ target "runtime-push" {
   inherits = ["runtime"]
   tags     = ["${PUSH_TO}:${TAG}"]
   output   = ["type=registry"]
+  attest   = equal(PROVENANCE, "1") ? ["type=provenance,mode=max"] : []
 }
 
 target "models-push" {
@@ -163,4 +172,5 @@ target "models-push" {
   target   = "models"
   tags     = ["${PUSH_TO}-models:${TAG}"]
   output   = ["type=registry"]
+  attest   = equal(PROVENANCE, "1") ? ["type=provenance,mode=max"] : []
 }

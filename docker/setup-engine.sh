@@ -3,7 +3,9 @@
 #   1. a Docker engine with the buildx and compose plugins, started and answering;
 #   2. a local base image (debootstrap + docker import), since no image can be pulled here;
 #   3. a wheelhouse of the pinned requirement sets (build/requirements-*.txt), for offline image builds;
-#   4. an OCI registry on loopback (Debian 12's docker-registry, storage in the cache), for push and pull.
+#   4. an OCI registry on loopback (Debian 12's docker-registry, storage in the cache), for push and pull;
+#   5. a second engine, "another builder": its own dockerd with the containerd image store, socket, data and
+#      bridge, sharing nothing with the first but the registry (the cross-builder cache test, provenance).
 # Prints the variables the build needs as `export` lines (eval "$(bash docker/setup-engine.sh)").
 #
 # Why not Debian 12's docker.io alone: its engine (20.10) embeds a BuildKit too old for named contexts,
@@ -144,9 +146,40 @@ YAML
   registry_up "$registry" || { tail -20 "$cache/registry.log" >&2 || true; die "the registry did not answer within 30 s"; }
 }
 
+setup_second_builder() {
+  # The first engine keeps the classic image store, where everything else here lives; its `docker` driver
+  # can export neither a registry cache nor attestations. This one runs the containerd image store
+  # (features.containerd-snapshotter), which can, as a fresh CI runner or a teammate's machine would. Its
+  # own data-root, exec-root (so its own managed containerd), socket and bridge (no NAT: builds are offline).
+  local sock=/run/modelbake-builder2.sock dir=$cache/builder2 root
+  if ! DOCKER_HOST=unix://$sock timeout 10 docker info >/dev/null 2>&1; then
+    root=$(trixie_root)
+    ip link show mbbr2 >/dev/null 2>&1 || {
+      ip link add mbbr2 type bridge && ip addr add 172.30.99.1/24 dev mbbr2; }
+    ip link set mbbr2 up
+    mkdir -p "$dir"
+    printf '{"features": {"containerd-snapshotter": true}, "builder": {"gc": {"enabled": true, "defaultKeepStorage": "%s"}}}\n' \
+      "${MODELBAKE_BUILD_CACHE_2:-20GB}" >"$dir/daemon.json"
+    say "starting a second dockerd with the containerd image store (socket $sock, log: $dir/dockerd.log)"
+    PATH="$root/usr/sbin:$root/usr/bin:$PATH" nohup dockerd --config-file "$dir/daemon.json" --data-root "$dir/data" \
+      --exec-root /run/modelbake-builder2 --pidfile /run/modelbake-builder2.pid -H "unix://$sock" \
+      --bridge mbbr2 --iptables=false --ip6tables=false >"$dir/dockerd.log" 2>&1 &
+    for _ in $(seq 60); do DOCKER_HOST=unix://$sock timeout 5 docker info >/dev/null 2>&1 && break; sleep 1; done
+    DOCKER_HOST=unix://$sock timeout 10 docker info >/dev/null 2>&1 \
+      || { tail -20 "$dir/dockerd.log" >&2 || true; die "the second dockerd did not answer within 60 s"; }
+  fi
+  if ! DOCKER_HOST=unix://$sock docker image inspect "$base_image" >/dev/null 2>&1; then
+    say "copying $base_image into the second engine"
+    docker save "$base_image" | DOCKER_HOST=unix://$sock docker load -q >/dev/null
+  fi
+  builder2=unix://$sock
+}
+
 registry=${MODELBAKE_REGISTRY:-127.0.0.1:5055}
 setup_engine
 setup_base_image
 setup_wheelhouse
 setup_registry
-printf 'export BASE_IMAGE=%q\nexport WHEELHOUSE=%q\nexport MODELBAKE_REGISTRY=%q\n' "$base_image" "$wheelhouse" "$registry"
+setup_second_builder
+printf 'export BASE_IMAGE=%q\nexport WHEELHOUSE=%q\nexport MODELBAKE_REGISTRY=%q\nexport MODELBAKE_BUILDER2=%q\n' \
+  "$base_image" "$wheelhouse" "$registry" "$builder2"

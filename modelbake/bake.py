@@ -243,6 +243,7 @@ def bake(
     kubernetes: Path | None = None,
     service_image: str | None = None,
     sign_key: Path | None = None,
+    cache: str | None = None,
 ) -> BakeResult:
     """Validate, bake, then inspect ``image`` (default ``$IMAGE:$TAG``) with the Docker SDK.
 
@@ -253,6 +254,8 @@ def bake(
     be moved (a tag can). ``kubernetes``: a folder for the Deployments of :mod:`modelbake.kubernetes`, written
     with those digests, running ``service_image`` (an image built FROM the runtime image). ``sign_key``: an EC
     private key (PEM) given to the build as the secret ``model_signing_key``; the tree ships signed.
+    ``cache`` (``REGISTRY/NAME[:TAG]``): a registry build cache every builder shares (mode=max); the engine
+    must be able to export one (the containerd image store).
     """
     if kubernetes is not None and (push is None or not service_image):
         raise BakeError(
@@ -269,6 +272,8 @@ def bake(
     cmd = command(targets, overrides)
     client = preflight()
     env = {**os.environ, **variables, **_provenance(os.environ), **_signing(sign_key)}
+    if cache is not None:
+        env["BUILD_CACHE"] = check_cache(client, cache)
     result = BakeResult(cmd)
     _run_bake(cmd, env)
     if "runtime" not in targets:
@@ -321,6 +326,23 @@ def _signing(sign_key: Path | None) -> dict[str, str]:
         return {"SIGNING_KEY_FILE": str(sign_key.resolve()), "SIGNING_KEY_ID": key_id(sign_key, private=True)}
     except ManifestError as exc:
         raise BakeError(f"--sign-key {exc}") from exc
+
+
+def check_cache(client: Any, ref: str) -> str:
+    """``ref`` as a cache reference (``:buildcache`` when it has no tag), if this engine can export one: the
+    classic image store's ``docker`` driver cannot, and bake would fail only after the whole build."""
+    repository, _, tag = ref.rpartition(":") if ":" in ref.rsplit("/", 1)[-1] else (ref, "", "")
+    try:
+        check_repository(repository)
+    except BakeError as exc:
+        raise BakeError(f"--cache {ref!r}: give REGISTRY/NAME[:TAG] (e.g. 127.0.0.1:5000/modelbake-cache)") from exc
+    status = dict(client.info().get("DriverStatus") or [])
+    if status.get("driver-type") != "io.containerd.snapshotter.v1":
+        raise BakeError(
+            f"--cache {ref}: this engine's image store cannot export a build cache; turn on the containerd image "
+            'store ({"features": {"containerd-snapshotter": true}} in daemon.json) or use a docker-container builder'
+        )
+    return f"{repository}:{tag or 'buildcache'}"
 
 
 def check_repository(repository: str) -> None:

@@ -190,6 +190,7 @@ def _cmd_bake(args: argparse.Namespace) -> int:
         kubernetes=args.kubernetes,
         service_image=args.service_image,
         sign_key=args.sign_key,
+        cache=args.cache,
     )
     if result.image:
         print(result.report())
@@ -274,6 +275,11 @@ def _add_image_commands(sub: argparse._SubParsersAction) -> None:
         type=Path,
         metavar="KEY.pem",
         help="sign the model tree with this EC private key (a build secret, never an argument or a layer)",
+    )
+    p.add_argument(
+        "--cache",
+        metavar="REGISTRY/NAME[:TAG]",
+        help="import and export a registry build cache shared by every builder (mode=max; containerd image store)",
     )
     p.set_defaults(func=_cmd_bake)
 

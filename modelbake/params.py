@@ -185,6 +185,9 @@ TABLE: tuple[Param, ...] = (
     Param("PUSH_TO", "", "REGISTRY/NAME the `push` group pushes the runtime and models images to", where=BAKE_ONLY),
     Param("SIGNING_KEY_FILE", "", "an EC private key (PEM) given to the build as the secret model_signing_key",
           where=BAKE_ONLY),
+    Param("BUILD_CACHE", "", "REGISTRY/NAME:TAG of a registry build cache (every target imports, runtime exports)",
+          where=BAKE_ONLY),
+    Param("PROVENANCE", "0", "1 = pushed images carry a provenance attestation (mode=max)", _BOOL, where=BAKE_ONLY),
     Param("GIT_REVISION", "", "org.opencontainers.image.revision label", where=BAKE_ONLY),
     Param("SOURCE_URL", "", "org.opencontainers.image.source label", where=BAKE_ONLY),
 )

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The test command (README "Quick start"; .ci/run calls it). As root on Debian 12:
-#   1. docker/setup-engine.sh: Docker engine + buildx/compose, the local base image, the wheelhouse, a registry;
+#   1. docker/setup-engine.sh: Docker engine + buildx/compose, the local base image, the wheelhouse, a registry,
+#      a second engine with the containerd image store;
 #   2. a venv with the pinned build/requirements-dev.txt set, installed offline from that wheelhouse;
 #   3. ruff, then pytest (the Docker end-to-end tests included). Extra arguments go to pytest.
 # Idempotent and quick the second time: every step reuses what is already there.
@@ -8,7 +9,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 eval "$(bash docker/setup-engine.sh)"
-export BASE_IMAGE WHEELHOUSE MODELBAKE_REGISTRY
+export BASE_IMAGE WHEELHOUSE MODELBAKE_REGISTRY MODELBAKE_BUILDER2
 
 venv=${MODELBAKE_VENV:-.venv}
 want=$(cat build/requirements-*.txt pyproject.toml | sha256sum | cut -d' ' -f1)
