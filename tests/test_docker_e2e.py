@@ -409,6 +409,15 @@ def test_the_driver_refuses_a_cache_the_engine_cannot_export_before_building(bak
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert "this engine's image store cannot export a build cache" in proc.stderr
     assert "#1 [internal]" not in proc.stderr  # nothing was built
+    builder = os.environ.get("MODELBAKE_BUILDER2", "")
+    if builder:  # the second engine can: the reference gets its default tag
+        import docker
+
+        from modelbake.bake import check_cache
+
+        client = docker.DockerClient(base_url=builder)
+        assert check_cache(client, "127.0.0.1:5055/modelbake-cache") == "127.0.0.1:5055/modelbake-cache:buildcache"
+        assert check_cache(client, "127.0.0.1:5055/c:v2") == "127.0.0.1:5055/c:v2"
 
 
 def test_python_api_bakes_and_reports_sizes(baked: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> None:
