@@ -153,6 +153,7 @@ setup_second_builder() {
   # own data-root, exec-root (so its own managed containerd), socket and bridge (no NAT: builds are offline).
   local sock=/run/modelbake-builder2.sock dir=$cache/builder2 root
   if ! DOCKER_HOST=unix://$sock timeout 10 docker info >/dev/null 2>&1; then
+    apt_install iproute2
     root=$(trixie_root)
     ip link show mbbr2 >/dev/null 2>&1 || {
       ip link add mbbr2 type bridge && ip addr add 172.30.99.1/24 dev mbbr2; }
