@@ -34,8 +34,8 @@ PROBE_PASSAGES = [
     "people dance to music on the beach",
 ]
 # The int8 gate's probe: per query, passages from clearly relevant to unrelated, so that a trained
-# reranker's scores spread and a changed order is int8's doing, not a tie. The tiny test models are not
-# trained; their scores tie, which this gate rightly refuses.
+# reranker's scores spread and a changed order is int8's doing, not a tie. An untrained head scores every
+# pair alike, which this gate rightly refuses (the tiny test reranker is trained on these: sources/tiny.py).
 RANKING_PROBE = {
     PROBE_QUERY: [
         "a man is walking his dog in the park",
@@ -282,7 +282,7 @@ def _export(ce: Any, key: str, root: Path, values: Values, done: Callable[[str],
             return _score_gate(graph, feeds, st_scores, activation, 1e-4)
         return _ranking_gate(graph, ranking, activation, values["RERANKER_INT8_TOP_K"], values["RERANKER_INT8_MIN_TAU"])
 
-    # Logits are (n, 1): cosine says nothing there, the score gate is the int8 gate.
+    # Logits are (n, 1): cosine says nothing there; the ranking gate is the int8 gate.
     return export_variants(
         export,
         reranker_onnx_name(key),
