@@ -90,6 +90,60 @@ def _run(*args: str, check: bool = False) -> subprocess.CompletedProcess:
     return _docker("run", "--rm", "--network", "none", *args, check=check, timeout=300)
 
 
+# First of the engine tests: the second builder's build (about 11 GB while it runs, wiped after) is done before
+# the first engine's build cache has grown to its 40 GB bound: both at once ran out of disk here.
+def test_another_builder_reuses_the_registry_cache_and_pushes_provenance(
+    bake_env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The second engine of the set-up (containerd image store: it can export a cache) bakes the runtime image
+    with BUILD_CACHE, exporting a registry cache (mode=max). Its build cache and images are then wiped, as a
+    fresh CI runner has neither, and the same bake imports the cache: clip-export, reranker-cache and
+    regressor-seed come out CACHED. Then the push group with PROVENANCE=1: the pushed runtime image carries
+    a provenance attestation that `docker buildx imagetools inspect` reads."""
+    builder, registry = os.environ.get("MODELBAKE_BUILDER2", ""), os.environ.get("MODELBAKE_REGISTRY", "")
+    if not builder or not registry:
+        _missing("MODELBAKE_BUILDER2 or MODELBAKE_REGISTRY is not set (docker/setup-engine.sh starts both)")
+    run = uuid.uuid4().hex[:8]
+    env = {**bake_env, "DOCKER_HOST": builder, "TAG": f"cache-{run}"}
+    env["BUILD_CACHE"] = f"{registry}/modelbake-cache:{run}"
+    image = f"modelbake:cache-{run}"
+
+    def wipe() -> None:  # a fresh runner: no build cache, no image of ours (the base image stays)
+        _docker("image", "rm", "--force", image, env=env, check=False)
+        _docker("buildx", "prune", "--all", "--force", env=env)
+
+    def bake(*targets: str, extra: dict[str, str] | None = None) -> tuple[float, list]:
+        start = time.perf_counter()
+        proc = _docker("buildx", "bake", "--progress=rawjson", *targets, env={**env, **(extra or {})}, check=False,
+                       timeout=3600)  # fmt: skip
+        assert proc.returncode == 0, render(proc.stderr)[-6000:]
+        return time.perf_counter() - start, parse_rawjson(proc.stderr)
+
+    wipe()
+    try:
+        cold, _ = bake("runtime")
+        wipe()
+        warm, steps = bake("runtime")
+        stages = ("clip-export", "reranker-cache", "regressor-seed")
+        runs = {stage: stage_runs(steps, stage) for stage in stages}
+        assert all(runs.values()) and not any(ran(steps, stage) for stage in stages), runs
+        assert all(step.cached for stage in stages for step in runs[stage]), runs
+        with capsys.disabled():
+            print(f"\nregistry build cache: cold bake {cold:.0f} s, another builder with the cache {warm:.0f} s")
+        metadata = tmp_path / "push.json"
+        push = {"PUSH_TO": f"{registry}/modelbake-prov", "PROVENANCE": "1"}
+        _, steps = bake("push", "--metadata-file", str(metadata), extra=push)
+        assert not any(ran(steps, stage) for stage in stages)
+        digest = json.loads(metadata.read_text())["runtime-push"]["containerimage.digest"]
+        ref = f"{registry}/modelbake-prov@{digest}"
+        provenance = _docker("buildx", "imagetools", "inspect", ref, "--format", "{{json .Provenance}}", env=env)
+        slsa = json.loads(provenance.stdout)["SLSA"]
+        assert slsa["buildType"].startswith("https://mobyproject.org/buildkit@"), slsa.get("buildType")
+        assert slsa["invocation"]["configSource"]["entryPoint"] == "Dockerfile.models"
+    finally:
+        wipe()
+
+
 def test_bake_print_resolves_every_stage(bake_env: dict[str, str]) -> None:
     plan = json.loads(
         _docker("buildx", "bake", "--print", "runtime", "models", "base-image", "stages", env=bake_env).stdout
@@ -346,58 +400,6 @@ def test_a_signed_tree_is_verified_at_start_by_an_image_built_with_model_signing
     assert unreadable.returncode != 0 and "cannot read it (Permission denied)" in unreadable.stdout
     assert "Traceback" not in unreadable.stdout + unreadable.stderr
     _docker("image", "rm", image)
-
-
-def test_another_builder_reuses_the_registry_cache_and_pushes_provenance(
-    bake_env: dict[str, str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
-    """The second engine of the set-up (containerd image store: it can export a cache) bakes the runtime image
-    with BUILD_CACHE, exporting a registry cache (mode=max). Its build cache and images are then wiped, as a
-    fresh CI runner has neither, and the same bake imports the cache: clip-export, reranker-cache and
-    regressor-seed come out CACHED. Then the push group with PROVENANCE=1: the pushed runtime image carries
-    a provenance attestation that `docker buildx imagetools inspect` reads."""
-    builder, registry = os.environ.get("MODELBAKE_BUILDER2", ""), os.environ.get("MODELBAKE_REGISTRY", "")
-    if not builder or not registry:
-        _missing("MODELBAKE_BUILDER2 or MODELBAKE_REGISTRY is not set (docker/setup-engine.sh starts both)")
-    run = uuid.uuid4().hex[:8]
-    env = {**bake_env, "DOCKER_HOST": builder, "TAG": f"cache-{run}"}
-    env["BUILD_CACHE"] = f"{registry}/modelbake-cache:{run}"
-    image = f"modelbake:cache-{run}"
-
-    def wipe() -> None:  # a fresh runner: no build cache, no image of ours (the base image stays)
-        _docker("image", "rm", "--force", image, env=env, check=False)
-        _docker("buildx", "prune", "--all", "--force", env=env)
-
-    def bake(*targets: str, extra: dict[str, str] | None = None) -> tuple[float, list]:
-        start = time.perf_counter()
-        proc = _docker("buildx", "bake", "--progress=rawjson", *targets, env={**env, **(extra or {})}, check=False,
-                       timeout=3600)  # fmt: skip
-        assert proc.returncode == 0, render(proc.stderr)[-6000:]
-        return time.perf_counter() - start, parse_rawjson(proc.stderr)
-
-    wipe()
-    try:
-        cold, _ = bake("runtime")
-        wipe()
-        warm, steps = bake("runtime")
-        stages = ("clip-export", "reranker-cache", "regressor-seed")
-        runs = {stage: stage_runs(steps, stage) for stage in stages}
-        assert all(runs.values()) and not any(ran(steps, stage) for stage in stages), runs
-        assert all(step.cached for stage in stages for step in runs[stage]), runs
-        with capsys.disabled():
-            print(f"\nregistry build cache: cold bake {cold:.0f} s, another builder with the cache {warm:.0f} s")
-        metadata = tmp_path / "push.json"
-        push = {"PUSH_TO": f"{registry}/modelbake-prov", "PROVENANCE": "1"}
-        _, steps = bake("push", "--metadata-file", str(metadata), extra=push)
-        assert not any(ran(steps, stage) for stage in stages)
-        digest = json.loads(metadata.read_text())["runtime-push"]["containerimage.digest"]
-        ref = f"{registry}/modelbake-prov@{digest}"
-        provenance = _docker("buildx", "imagetools", "inspect", ref, "--format", "{{json .Provenance}}", env=env)
-        slsa = json.loads(provenance.stdout)["SLSA"]
-        assert slsa["buildType"].startswith("https://mobyproject.org/buildkit@"), slsa.get("buildType")
-        assert slsa["invocation"]["configSource"]["entryPoint"] == "Dockerfile.models"
-    finally:
-        wipe()
 
 
 def test_the_driver_refuses_a_cache_the_engine_cannot_export_before_building(bake_env: dict[str, str]) -> None:

@@ -179,8 +179,9 @@ def make_tiny_siglip(dest: Path, seed: int = 0) -> Path:
     return dest
 
 
-def make_tiny_cross_encoder(dest: Path, seed: int = 0) -> Path:
-    """A Hugging Face folder holding a 2-layer BERT with a one-label classification head."""
+def make_tiny_cross_encoder(dest: Path, seed: int = 0, trained: bool = True) -> Path:
+    """A Hugging Face folder holding a 2-layer BERT with a one-label classification head; ``trained``: fitted
+    to rank the reranker gate's probe passages (else it scores every pair alike, as an untrained head does)."""
     import torch
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
@@ -201,7 +202,8 @@ def make_tiny_cross_encoder(dest: Path, seed: int = 0) -> Path:
     )
     model = BertForSequenceClassification(config)
     tokenizer = BertTokenizerFast(vocab_file=str(vocab_file), model_max_length=128)
-    _fit_to_rank(model, tokenizer)
+    if trained:
+        _fit_to_rank(model, tokenizer)
     model.save_pretrained(dest)
     tokenizer.save_pretrained(dest)
     return dest
