@@ -51,7 +51,7 @@ class Step:
 @dataclass
 class _Vertex:
     step: Step
-    intervals: dict[str, tuple[float, float | None]] = field(default_factory=dict)  # by "started"
+    intervals: dict[float, tuple[float, float | None]] = field(default_factory=dict)  # by start time
     executed: bool = False  # a completion that was not from the cache
     from_cache: bool = False
 
@@ -64,7 +64,7 @@ def _time(stamp: str) -> float:
 def _busy_seconds(intervals: list[tuple[float, float | None]]) -> float | None:
     """Length of the union of the intervals; None while one is open."""
     total, end = 0.0, None
-    for start, stop in sorted(intervals):
+    for start, stop in sorted(intervals, key=lambda interval: interval[0]):
         if stop is None:
             return None
         if end is None or start > end:
@@ -149,8 +149,13 @@ class RawJsonReader:
         started, completed = update.get("started"), update.get("completed")
         if not started:
             return False
-        closed_before = vertex.intervals.get(started, (0.0, None))[1] is not None
-        vertex.intervals[started] = (_time(started), _time(completed) if completed else None)
+        # By the instant, not the stamp's text: BuildKit may send one start under two spellings that Python
+        # reads as the same microsecond (seen on the containerd image store), and a late one without its
+        # completion must not reopen the run.
+        start = _time(started)
+        closed_before = vertex.intervals.get(start, (0.0, None))[1] is not None
+        if completed or not closed_before:
+            vertex.intervals[start] = (start, _time(completed) if completed else None)
         if completed:
             if update.get("cached"):
                 vertex.from_cache = True

@@ -83,6 +83,17 @@ def test_a_step_that_ran_twice_counts_both_runs() -> None:
     assert step.instruction is None and not step.cached
 
 
+def test_one_start_spelt_twice_is_one_run_and_a_late_resend_does_not_reopen_it() -> None:
+    # Seen on the second engine (containerd image store): the same start under two spellings of one instant.
+    vertex = {"digest": "sha256:" + "7" * 64, "name": "[runtime-base 2/6] COPY a /tmp/"}
+    lines = [
+        {**vertex, "started": "2026-12-03T07:43:53.073147Z", "completed": "2026-12-03T07:43:53.084170Z"},
+        {**vertex, "started": "2026-12-03T07:43:53.073147000Z"},
+    ]
+    (step,) = parse_rawjson("".join(json.dumps({"vertexes": [line]}) + "\n" for line in lines))
+    assert step.done and step.seconds == pytest.approx(0.011023, abs=2e-6)
+
+
 def test_a_step_announced_but_never_started_is_not_a_step() -> None:
     # As bake announced the models target's last RUN when the step after it came from the cache: the
     # vertex is listed (digest, inputs, name) and never started; plain progress does not show it.
