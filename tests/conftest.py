@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,18 @@ CACHE = Path(os.environ.get("MODELBAKE_TEST_CACHE", REPO / ".cache"))
 # The tiny graphs whose weights pass 1 MB (the text towers, tiny-rn's fp32 image tower) ship as NAME.onnx +
 # NAME.onnx.data, the others as one file: every tree the tests build, on the host or in Docker, has both kinds.
 EXTERNAL_DATA_BYTES = "1000000"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    # `first` tests run before the rest, in their own order (a stable sort). The second builder's bake needs
+    # about 16 GB while it runs; after test_demo and the first engine's builds it ran out of disk in CI.
+    items.sort(key=lambda item: item.get_closest_marker("first") is None)
 
 
 @pytest.fixture(scope="session")

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, free_port
 
 from modelbake import demo
 
@@ -27,12 +27,6 @@ def _missing(reason: str) -> None:
     if os.environ.get("CI") == "true":
         pytest.fail(f"{reason} (CI=true: the Docker tests must run, run docker/setup-engine.sh first)")
     pytest.skip(f"{reason}; run `bash docker/setup-engine.sh` (root, Debian 12) to get one")
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _demo(*args: str, timeout: float = 3600) -> tuple[subprocess.CompletedProcess, float]:
@@ -96,7 +90,7 @@ def test_demo_serves_every_route_and_is_quick_the_second_time(
         _missing("no docker client on PATH")
     if os.geteuid() != 0 or not Path("/etc/debian_version").is_file():
         _missing("the demo sets its engine up with docker/setup-engine.sh, which needs root on Debian")
-    port = _free_port()
+    port = free_port()
     times = []
     try:
         first_id = None
