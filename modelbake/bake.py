@@ -253,7 +253,9 @@ def bake(
     ``models`` image to ``REGISTRY/NAME-models:$TAG``; ``pushed`` holds each by digest, for pulls that cannot
     be moved (a tag can). ``kubernetes``: a folder for the Deployments of :mod:`modelbake.kubernetes`, written
     with those digests, running ``service_image`` (an image built FROM the runtime image). ``sign_key``: an EC
-    private key (PEM) given to the build as the secret ``model_signing_key``; the tree ships signed.
+    private key (PEM) given to the build as the secret ``model_signing_key``; the tree ships signed. With
+    ``kubernetes`` too, the Deployments carry its public key and verify the signature at start, so the runtime
+    image is built with MODEL_SIGNING=1 (it must hold model_signing to verify).
     ``cache`` (``REGISTRY/NAME[:TAG]``): a registry build cache every builder shares (mode=max); the engine
     must be able to export one (the containerd image store).
     """
@@ -272,6 +274,8 @@ def bake(
     cmd = command(targets, overrides)
     client = preflight()
     env = {**os.environ, **variables, **_provenance(os.environ), **_signing(sign_key)}
+    if sign_key is not None and kubernetes is not None:
+        env["MODEL_SIGNING"] = "1"
     if cache is not None:
         env["BUILD_CACHE"] = check_cache(client, cache)
     result = BakeResult(cmd)
@@ -303,6 +307,7 @@ def bake(
         result.pushed["models"] = _push(models, env)
     if kubernetes is not None:
         from modelbake import kubernetes as k8s
+        from modelbake.signature import public_key_pem
 
         result.kubernetes = k8s.write(
             kubernetes,
@@ -310,6 +315,7 @@ def bake(
             models_image=result.pushed["models"],
             runtime_image=result.pushed["runtime"],
             manifest_digest=str(result.manifest_digest),
+            signing_public_key=None if sign_key is None else public_key_pem(sign_key, private=True),
         )
     return result
 

@@ -274,7 +274,8 @@ def _add_image_commands(sub: argparse._SubParsersAction) -> None:
         "--sign-key",
         type=Path,
         metavar="KEY.pem",
-        help="sign the model tree with this EC private key (a build secret, never an argument or a layer)",
+        help="sign the model tree with this EC private key (a build secret, never an argument or a layer); "
+        "with --kubernetes the Deployments verify it with the public key (and the runtime gets MODEL_SIGNING=1)",
     )
     p.add_argument(
         "--cache",

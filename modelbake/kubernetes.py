@@ -10,7 +10,9 @@ Two ways to get the model tree to ``/models``, read-only, in every pod:
   verified tree: both come from the build's ``runtime-verified`` stage.
 
 Either way the service pins the manifest (``MODELBAKE_MANIFEST_SHA256``, the runtime image's
-``io.modelbake.manifest-digest`` label) and refuses a tree that is not the one built. Torch-free.
+``io.modelbake.manifest-digest`` label) and refuses a tree that is not the one built. With a signing public
+key, a ConfigMap carries it to every pod and ``MODELBAKE_SIGNING_PUBLIC_KEY`` points at it: the service then
+verifies the tree's signature at start too (the runtime image needs MODEL_SIGNING=1). Torch-free.
 """
 
 from __future__ import annotations
@@ -19,11 +21,17 @@ import json
 from pathlib import Path
 from typing import Any
 
+from modelbake.signature import PUBLIC_KEY_ENV
+
 SERVICE_PORT = 8080  # examples/search_service listens here
 RUNTIME_UID = 10001  # the runtime image's user (RUNTIME_UID)
+SIGNING_MOUNT = "/etc/modelbake/signing"  # the ConfigMap's folder in the service container
+SIGNING_KEY_NAME = "model-signing.pub"
 
 
-def _deployment(name: str, service_image: str, manifest_digest: str, models: dict[str, Any], replicas: int) -> dict:
+def _deployment(
+    name: str, service_image: str, manifest_digest: str, models: dict[str, Any], replicas: int, signed: bool
+) -> dict:
     labels = {"app.kubernetes.io/name": name}
     probe = {"httpGet": {"path": "/models", "port": "http"}, "timeoutSeconds": 5}
     container = {
@@ -46,6 +54,10 @@ def _deployment(name: str, service_image: str, manifest_digest: str, models: dic
         "containers": [container],
         "volumes": [{"name": "models", **models["volume"]}],
     }
+    if signed:  # the tree's signature is checked at start against the key of _signing_key()
+        container["env"].append({"name": PUBLIC_KEY_ENV, "value": f"{SIGNING_MOUNT}/{SIGNING_KEY_NAME}"})
+        container["volumeMounts"].append({"name": "signing-key", "mountPath": SIGNING_MOUNT, "readOnly": True})
+        pod["volumes"].append({"name": "signing-key", "configMap": {"name": f"{name}-signing-key"}})
     if "init" in models:
         pod["initContainers"] = [models["init"]]
     return {
@@ -72,6 +84,16 @@ def _service(name: str) -> dict:
     }
 
 
+def _signing_key(name: str, public_key_pem: str) -> dict:
+    # A public key is no secret: a ConfigMap (files 0644, readable by the service's user).
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {"name": f"{name}-signing-key", "labels": {"app.kubernetes.io/name": name}},
+        "data": {SIGNING_KEY_NAME: public_key_pem},
+    }
+
+
 def manifests(
     *,
     service_image: str,
@@ -80,8 +102,10 @@ def manifests(
     manifest_digest: str,
     name: str = "modelbake-search",
     replicas: int = 2,
+    signing_public_key: str | None = None,
 ) -> dict[str, list[dict[str, Any]]]:
-    """File name -> its documents (a Deployment and a Service), for each way of mounting the models."""
+    """File name -> its documents (a Deployment and a Service, after a ConfigMap with ``signing_public_key``,
+    a PEM, when the tree is signed), for each way of mounting the models."""
     image_volume = {"volume": {"image": {"reference": models_image, "pullPolicy": "IfNotPresent"}}}
     copier = {
         "name": "models",
@@ -91,12 +115,11 @@ def manifests(
         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
     }
     init_copy = {"volume": {"emptyDir": {}}, "init": copier}
+    signed = signing_public_key is not None
+    key = [_signing_key(name, signing_public_key)] if signing_public_key is not None else []
     return {
-        "image-volume.yaml": [
-            _deployment(name, service_image, manifest_digest, image_volume, replicas),
-            _service(name),
-        ],
-        "init-copy.yaml": [_deployment(name, service_image, manifest_digest, init_copy, replicas), _service(name)],
+        file_name: [*key, _deployment(name, service_image, manifest_digest, models, replicas, signed), _service(name)]
+        for file_name, models in (("image-volume.yaml", image_volume), ("init-copy.yaml", init_copy))
     }
 
 
@@ -109,7 +132,7 @@ def to_yaml(documents: list[dict[str, Any]]) -> str:
     return yaml.safe_dump_all(plain, sort_keys=False, explicit_start=True, width=120)
 
 
-def write(folder: Path, **refs: str) -> list[Path]:
+def write(folder: Path, **refs: str | None) -> list[Path]:
     """Write :func:`manifests` for ``refs`` into ``folder``; returns the files."""
     folder.mkdir(parents=True, exist_ok=True)
     written = []

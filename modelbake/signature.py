@@ -48,10 +48,8 @@ def _first_line(exc: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[:limit] + "..."
 
 
-def key_id(key: Path, *, private: bool = False) -> str:
-    """A short public fingerprint of a key pair (sha256 of the public key's DER), from its private or public
-    PEM: safe to print and to pass as a build argument (the signing step's cache key, so a new key signs
-    again). ``private``: only an unencrypted EC private key will do. One-line ManifestError otherwise."""
+def _public_key(key: Path, private: bool) -> Any:
+    """The EC public key of a PEM file holding the private key (``private``: only that) or the public one."""
     from cryptography.hazmat.primitives import serialization
     from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -68,8 +66,28 @@ def key_id(key: Path, *, private: bool = False) -> str:
         raise ManifestError(f"{key}: not {kind} in PEM ({_first_line(exc)})") from exc
     if not isinstance(public, ec.EllipticCurvePublicKey):
         raise ManifestError(f"{key}: a {type(public).__name__}; model signing takes EC keys (P-256, P-384, P-521)")
+    return public
+
+
+def key_id(key: Path, *, private: bool = False) -> str:
+    """A short public fingerprint of a key pair (sha256 of the public key's DER), from its private or public
+    PEM: safe to print and to pass as a build argument (the signing step's cache key, so a new key signs
+    again). ``private``: only an unencrypted EC private key will do. One-line ManifestError otherwise."""
+    from cryptography.hazmat.primitives import serialization
+
+    public = _public_key(key, private)
     der = public.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return hashlib.sha256(der).hexdigest()[:16]
+
+
+def public_key_pem(key: Path, *, private: bool = False) -> str:
+    """The public key of a key pair as PEM text (what readers verify with), from its private or public PEM."""
+    from cryptography.hazmat.primitives import serialization
+
+    pem = _public_key(key, private).public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return pem.decode()
 
 
 def _readable(key: Path, name: str, fix: str) -> None:

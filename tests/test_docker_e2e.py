@@ -401,22 +401,29 @@ def test_plain_bake_pushes_both_images_and_writes_their_digests(baked: dict[str,
 def test_a_signed_tree_is_verified_at_start_by_an_image_built_with_model_signing(
     baked: dict[str, str], tmp_path: Path
 ) -> None:
-    """`modelbake bake --sign-key` with MODEL_SIGNING=1: the key reaches the build as a secret only (not in
-    the image's history or labels), the tree ships model.sig, and the runtime image verifies it at start with
-    the public key mounted; with another key it refuses."""
+    """`modelbake bake --sign-key --push --kubernetes`: the key reaches the build as a secret only (not in the
+    image's history or labels), the tree ships model.sig, the runtime gets MODEL_SIGNING=1 from the driver
+    (not asked for here) and verifies the tree at start with the public key mounted, refusing another key;
+    the Kubernetes manifests carry that public key."""
+    from test_kubernetes import validate
     from test_signature import _key_pair
 
-    from modelbake.signature import key_id
+    from modelbake.signature import PUBLIC_KEY_ENV, key_id
 
+    registry = os.environ.get("MODELBAKE_REGISTRY", "")
+    if not registry:
+        _missing("MODELBAKE_REGISTRY is not set (docker/setup-engine.sh starts a registry on loopback)")
     private, public = _key_pair(tmp_path, "ours")
     _, other = _key_pair(tmp_path, "other")
     tag = f"{TAG}-signed"
-    env = {k: v for k, v in baked.items() if k not in ("CLIP_MODELS", "RERANKER_MODELS")}
-    env |= {"TAG": tag, "MODEL_SIGNING": "1"}
+    env = {k: v for k, v in baked.items() if k not in ("CLIP_MODELS", "RERANKER_MODELS", "MODEL_SIGNING")}
+    env["TAG"] = tag
+    repository = f"{registry}/modelbake-signed"
     proc = subprocess.run(
         [sys.executable, "-m", "modelbake.cli", "bake", "runtime", "--clip", baked["CLIP_MODELS"], "--reranker",
          baked["RERANKER_MODELS"], "--clip-int8", "--reranker-int8", "--int8-even-if-slower", "--no-inspect",
-         "--sign-key", str(private)],
+         "--sign-key", str(private), "--push", repository, "--kubernetes", str(tmp_path / "k8s"),
+         "--service-image", IMAGE],
         capture_output=True, text=True, env=env, cwd=REPO, timeout=1800,
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -427,15 +434,21 @@ def test_a_signed_tree_is_verified_at_start_by_an_image_built_with_model_signing
     assert body not in history and str(private) not in history  # a secret, never an argument or a layer
     for key in (public, other):  # the files alone: the service user cannot search pytest's 0700 folder
         key.chmod(0o644)
-    env_key = ["-e", "MODELBAKE_SIGNING_PUBLIC_KEY=/keys/pub.pem"]
+    env_key = ["-e", f"{PUBLIC_KEY_ENV}=/keys/pub.pem"]
     ok = _run("-v", f"{public}:/keys/pub.pem:ro", *env_key, image, check=True)
     assert f"model.sig verified with key {key_id(public)}" in ok.stdout, ok.stdout
     refused = _run("-v", f"{other}:/keys/pub.pem:ro", *env_key, image)
     assert refused.returncode != 0 and "signature check failed (Key mismatch" in refused.stdout + refused.stderr
-    unreadable = _run("-v", f"{tmp_path}:/keys:ro", "-e", "MODELBAKE_SIGNING_PUBLIC_KEY=/keys/ours.pub.pem", image)
+    unreadable = _run("-v", f"{tmp_path}:/keys:ro", "-e", f"{PUBLIC_KEY_ENV}=/keys/ours.pub.pem", image)
     assert unreadable.returncode != 0 and "cannot read it (Permission denied)" in unreadable.stdout
     assert "Traceback" not in unreadable.stdout + unreadable.stderr
-    _docker("image", "rm", image)
+    # The pods verify with the same public key (the ConfigMap) where the variable points.
+    for name in ("image-volume.yaml", "init-copy.yaml"):
+        config_map, deployment, _ = validate(tmp_path / "k8s" / name)
+        assert list(config_map["data"].values()) == [public.read_text()]
+        env_vars = {e["name"]: e["value"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+        assert env_vars[PUBLIC_KEY_ENV].endswith("/" + next(iter(config_map["data"])))
+    _docker("image", "rm", image, f"{repository}:{tag}", f"{repository}-models:{tag}")
 
 
 def test_the_driver_refuses_a_cache_the_engine_cannot_export_before_building(bake_env: dict[str, str]) -> None:

@@ -175,3 +175,45 @@ def test_the_host_cli_signs_what_it_downloads_and_drops_a_stale_signature(
     verify_tree(out, keys["ours"][1])
     again = run_cli(*regressor_only, "--out", str(out), check=True)
     assert "it signed an earlier tree" in again.stdout and not (out / SIGNATURE_NAME).exists()
+
+
+def test_kubernetes_deployments_carry_the_public_key_the_pod_verifies_with(
+    signed: Path, keys: dict[str, tuple[Path, Path]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What `modelbake bake --push --kubernetes DIR --sign-key KEY` writes: the public key (derived from the
+    # private one) in a ConfigMap, mounted read-only where MODELBAKE_SIGNING_PUBLIC_KEY points.
+    import kubernetes_validate
+    import yaml
+
+    from modelbake import kubernetes as k8s
+    from modelbake.signature import public_key_pem
+
+    zero = "sha256:" + "0" * 64
+    refs = {"service_image": f"r.example/s@{zero}", "models_image": f"r.example/m@{zero}"}
+    pem = public_key_pem(keys["ours"][0], private=True)
+    assert pem == keys["ours"][1].read_text()
+    (path, _) = k8s.write(tmp_path / "k8s", **refs, runtime_image=f"r.example/r@{zero}", manifest_digest=zero,
+                          signing_public_key=pem)  # fmt: skip
+    config_map, deployment, _ = yaml.safe_load_all(path.read_text())
+    for doc in (config_map, deployment):
+        kubernetes_validate.validate(doc, "1.36", strict=True)
+    pod = deployment["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    key_path = {e["name"]: e["value"] for e in container["env"]}[PUBLIC_KEY_ENV]
+    (mount,) = [m for m in container["volumeMounts"] if key_path.startswith(m["mountPath"] + "/")]
+    (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
+    assert mount["readOnly"] and volume["configMap"]["name"] == config_map["metadata"]["name"]
+    # The pod's view: the ConfigMap's files under the mount path, then start-up's check with that key.
+    pod_root = tmp_path / "pod"
+    for name, text in config_map["data"].items():
+        (pod_root / mount["mountPath"].lstrip("/")).mkdir(parents=True, exist_ok=True)
+        (pod_root / mount["mountPath"].lstrip("/") / name).write_text(text)
+    monkeypatch.setenv(PUBLIC_KEY_ENV, str(pod_root / key_path.lstrip("/")))
+    (row,) = [r for r in verify(signed) if r.what == "signature"]
+    assert row.ok, row.detail
+    (pod_root / key_path.lstrip("/")).write_text(keys["other"][1].read_text())
+    with pytest.raises(ManifestError, match="signature"):
+        open_models(signed)
+    # Unsigned trees keep the manifests as they were: no ConfigMap, no key variable.
+    plain = k8s.manifests(**refs, runtime_image=f"r.example/r@{zero}", manifest_digest=zero)
+    assert all(doc["kind"] != "ConfigMap" for docs in plain.values() for doc in docs)
