@@ -451,6 +451,15 @@ def test_a_signed_tree_is_verified_at_start_by_an_image_built_with_model_signing
     _docker("image", "rm", image, f"{repository}:{tag}", f"{repository}-models:{tag}")
 
 
+def test_sign_models_without_the_key_fails_naming_how_to_give_it(baked: dict[str, str]) -> None:
+    """SIGN_MODELS=1 with no secret: the signing step fails with the three ways to pass the key, no image."""
+    env = {**baked, "SIGN_MODELS": "1", "SIGNING_KEY_FILE": "", "TAG": f"{TAG}-nokey"}
+    proc = _docker("buildx", "bake", "--progress=plain", "runtime", env=env, check=False)
+    assert proc.returncode != 0
+    assert "SIGN_MODELS=1 needs the build secret model_signing_key: SIGNING_KEY_FILE=KEY.pem" in proc.stderr
+    assert _docker("image", "inspect", f"modelbake:{TAG}-nokey", check=False).returncode != 0
+
+
 def test_the_driver_refuses_a_cache_the_engine_cannot_export_before_building(bake_env: dict[str, str]) -> None:
     """The first engine keeps the classic image store: --cache is refused in one line, before any build."""
     proc = subprocess.run(
