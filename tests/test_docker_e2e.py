@@ -114,6 +114,8 @@ def scratch_registry(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
                 break
             assert proc.poll() is None, (root / "registry.log").read_text()
             time.sleep(0.5)
+        else:
+            raise AssertionError(f"the scratch registry at {address} did not answer in 30 s")
         yield address
     finally:
         proc.terminate()
