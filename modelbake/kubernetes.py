@@ -115,8 +115,8 @@ def manifests(
         "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
     }
     init_copy = {"volume": {"emptyDir": {}}, "init": copier}
-    signed = signing_public_key is not None
-    key = [_signing_key(name, signing_public_key)] if signing_public_key is not None else []
+    key = [] if signing_public_key is None else [_signing_key(name, signing_public_key)]
+    signed = bool(key)
     return {
         file_name: [*key, _deployment(name, service_image, manifest_digest, models, replicas, signed), _service(name)]
         for file_name, models in (("image-volume.yaml", image_volume), ("init-copy.yaml", init_copy))

@@ -204,10 +204,10 @@ def test_kubernetes_deployments_carry_the_public_key_the_pod_verifies_with(
     (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
     assert mount["readOnly"] and volume["configMap"]["name"] == config_map["metadata"]["name"]
     # The pod's view: the ConfigMap's files under the mount path, then start-up's check with that key.
-    pod_root = tmp_path / "pod"
+    pod_root, mounted = tmp_path / "pod", tmp_path / "pod" / mount["mountPath"].lstrip("/")
+    mounted.mkdir(parents=True)
     for name, text in config_map["data"].items():
-        (pod_root / mount["mountPath"].lstrip("/")).mkdir(parents=True, exist_ok=True)
-        (pod_root / mount["mountPath"].lstrip("/") / name).write_text(text)
+        (mounted / name).write_text(text)
     monkeypatch.setenv(PUBLIC_KEY_ENV, str(pod_root / key_path.lstrip("/")))
     (row,) = [r for r in verify(signed) if r.what == "signature"]
     assert row.ok, row.detail
