@@ -13,12 +13,15 @@ quantisation pre-processing, and (image tower) static QDQ int8 calibrated as the
 what the build's own timing decided (shipped or not, and why). The model is a full-size OpenCLIP
 architecture with random weights (no hub needed); `--arch` picks it.
 
-    python bench/clip_speed.py [--arch ViT-B-32] [--threads 2] [--rounds 7]
+    python bench/clip_speed.py [--arch ViT-B-32] [--threads 2] [--rounds 7] [--json FILE]
+
+``--json`` also writes the figures (and the build's decisions) to FILE, for bench/speed_all.py's goals.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -82,6 +85,7 @@ def main() -> None:
     parser.add_argument("--arch", default="ViT-B-32")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--json", type=Path, help="write the figures to this file too")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="clip-bench-"))
@@ -93,11 +97,14 @@ def main() -> None:
     print(f"exporting {args.arch} (fp32 + int8) ...", flush=True)
     values = {"CLIP_MODELS": spec.text, "CLIP_INT8": True, "INT8_EVEN_IF_SLOWER": True}
     (record,) = run(work / "models", defaults(for_stage("clip-export")) | values)
+    figures: dict[str, list[dict[str, object]]] = {"build": [], "rows": []}
     for entry in record["files"]:
         if "speed" in entry and entry["variant"] == "int8":
             ratio, method = entry["speed"]["vs_fp32"], entry["parity"]["method"]
-            ships = "ships" if ratio["1"] >= 1 else "would NOT ship unforced"
-            print(f"build timing: {entry['path']} ({method}): x fp32 by batch {ratio}: {ships}")
+            ships = ratio["1"] >= 1
+            print(f"build timing: {entry['path']} ({method}): x fp32 by batch {ratio}: ", end="")
+            print("ships" if ships else "would NOT ship unforced")
+            figures["build"].append({"role": entry["role"], "method": method, "vs_fp32": ratio, "ships": ships})
         for dropped in entry.get("speed", {}).get("not_shipped", []):
             print(f"  build dropped {dropped['variant']} {dropped['method']}: {dropped['why']}")
     picked = {e["role"]: e["parity"].get("method", "") for e in record["files"] if e.get("variant") == "int8"}
@@ -171,6 +178,10 @@ def main() -> None:
             diff = float(np.max(np.abs(out - reference)))
             cos = cosine(out, reference)
             print(f"{'':<6} {'':>5} {name:<20} {t * 1e3:>9.2f} {base / t:>10.2f}x {cos:>9.5f} {diff:>8.1e}")
+            row = {"tower": tower, "batch": batch, "variant": name, "ms": t * 1e3, "vs_pytorch": base / t}
+            figures["rows"].append(row | {"min_cos": cos})
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=1))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,7 @@
 One process, same thread count for both, rounds interleaved (the order alternates each round), medians
 of per-call times; prints the ratio (PyTorch time / ONNX time) and the parity of each batch size.
 
-    python bench/regressor_speed.py [--models models/] [--threads 1] [--rounds 30] [--calls 200]
+    python bench/regressor_speed.py [--models models/] [--threads 1] [--rounds 30] [--calls 200] [--json FILE]
 
 Without --models it makes seed weights in a temporary folder first (needs the build extra).
 """
@@ -12,6 +12,7 @@ Without --models it makes seed weights in a temporary folder first (needs the bu
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -42,6 +43,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--rounds", type=int, default=30)
     parser.add_argument("--calls", type=int, default=200)
+    parser.add_argument("--json", type=Path, help="write the figures to this file too")
     args = parser.parse_args()
 
     folder = args.models
@@ -61,6 +63,7 @@ def main() -> None:
         f"{args.rounds} rounds x {args.calls} calls, feature_dim {onnx_model.feature_dim}"
     )
     print(f"{'batch':>6} {'pytorch us/call':>16} {'onnx us/call':>13} {'speed-up':>9} {'max|diff|':>10}")
+    rows = []
     for batch in (1, 256):
         x, _ = synthetic_set(batch, onnx_model.feature_dim, seed=batch)
         diff = float(np.max(np.abs(torch_call(x) - onnx_model.predict(x))))
@@ -73,6 +76,9 @@ def main() -> None:
                 times[name].append(per_call(fn, x, args.calls))
         t_torch, t_onnx = statistics.median(times["torch"]), statistics.median(times["onnx"])
         print(f"{batch:>6} {t_torch * 1e6:>16.1f} {t_onnx * 1e6:>13.1f} {t_torch / t_onnx:>8.2f}x {diff:>10.1e}")
+        rows.append({"batch": batch, "vs_pytorch": t_torch / t_onnx, "max_abs_diff": diff})
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -15,11 +15,15 @@ as one batch padded to the longest pair, as CrossEncoder.predict does.
 
     pip install -r bench/requirements.txt
     python bench/reranker_speed.py [--threads 2] [--rounds 15] [--head fitted|random] [--int8-min-tau 0.9]
+        [--json FILE]
+
+``--json`` also writes the figures and the gate's verdict to FILE, for bench/speed_all.py's goals.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 import time
@@ -90,6 +94,7 @@ def main() -> None:
     )
     parser.add_argument("--int8-top-k", type=int, default=3, help="int8 gate (RERANKER_INT8_TOP_K)")
     parser.add_argument("--int8-min-tau", type=float, default=0.9, help="int8 gate (RERANKER_INT8_MIN_TAU)")
+    parser.add_argument("--json", type=Path, help="write the figures to this file too")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="reranker-bench-"))
@@ -114,7 +119,7 @@ def main() -> None:
         print(f"build's int8 gate: passed ({entry['parity'].get('method')}): {_gate_figures(entry['parity'])}")
         int8_label = "int8"
     except ProducerError as exc:
-        print(f"build's int8 gate: REFUSED: {exc}")
+        print(f"build's int8 gate: REFUSED: {str(exc).replace(str(work), 'WORK')}")  # no machine path
         # time it anyway, built again with the gate open
         run(
             work / "models",
@@ -152,6 +157,7 @@ def main() -> None:
     header = f"{'variant':<28} {'ms/call':>8} {'vs PyTorch':>11} {'max|score d|':>13} {'same ranking':>13}"
     print(f"{header} {'top-5':>6} {'tau':>6}")
     print(f"{'CrossEncoder.predict (torch)':<28} {base * 1e3:>8.1f} {'1.00x':>11}")
+    figures: dict[str, object] = {"int8_gate_passed": int8_label == "int8", "rows": []}
     for name in names[1:]:
         t = statistics.median(times[name])
         out = np.asarray(calls[name]())
@@ -165,6 +171,12 @@ def main() -> None:
             f"{label:<28} {t * 1e3:>8.1f} {base / t:>10.2f}x {diff:>13.1e} {same!s:>13} {top5!s:>6} "
             f"{kendall_tau(scores, reference):>6.3f}"
         )
+        figures["rows"].append(  # type: ignore[union-attr]
+            {"variant": name, "ms": t * 1e3, "vs_pytorch": base / t, "same_ranking": bool(same)}
+            | {"top5_same": bool(top5), "tau": kendall_tau(scores, reference)}
+        )
+    if args.json:
+        args.json.write_text(json.dumps(figures, indent=1))
 
 
 if __name__ == "__main__":
