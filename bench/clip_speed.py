@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -89,99 +90,102 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="clip-bench-"))
+    try:
+        torch.manual_seed(0)
+        model = open_clip.create_model(args.arch).eval()
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, work / "ckpt.safetensors")
+        spec = parse_clip(f"{args.arch}@file:{work / 'ckpt.safetensors'}")
+        print(f"exporting {args.arch} (fp32 + int8) ...", flush=True)
+        values = {"CLIP_MODELS": spec.text, "CLIP_INT8": True, "INT8_EVEN_IF_SLOWER": True}
+        (record,) = run(work / "models", defaults(for_stage("clip-export")) | values)
+        figures: dict[str, list[dict[str, object]]] = {"build": [], "rows": []}
+        for entry in record["files"]:
+            if "speed" in entry and entry["variant"] == "int8":
+                ratio, method = entry["speed"]["vs_fp32"], entry["parity"]["method"]
+                ships = ratio["1"] >= 1
+                print(f"build timing: {entry['path']} ({method}): x fp32 by batch {ratio}: ", end="")
+                print("ships" if ships else "would NOT ship unforced")
+                figures["build"].append({"role": entry["role"], "method": method, "vs_fp32": ratio, "ships": ships})
+            for dropped in entry.get("speed", {}).get("not_shipped", []):
+                print(f"  build dropped {dropped['variant']} {dropped['method']}: {dropped['why']}")
+        picked = {e["role"]: e["parity"].get("method", "") for e in record["files"] if e.get("variant") == "int8"}
+        text_cut = record["preprocessing"]["text_cut"] == "eot"
+        tokenizer = open_clip.get_tokenizer(args.arch)
+        size = model.visual.image_size
+        size = size[0] if isinstance(size, tuple) else size
+        rng = np.random.default_rng(0)
+        words = [
+            "a",
+            "person",
+            "walks",
+            "a",
+            "small",
+            "dog",
+            "along",
+            "the",
+            "beach",
+            "while",
+            "the",
+            "sun",
+            "sets",
+            "over",
+            "the",
+            "sea",
+        ]
 
-    torch.manual_seed(0)
-    model = open_clip.create_model(args.arch).eval()
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, work / "ckpt.safetensors")
-    spec = parse_clip(f"{args.arch}@file:{work / 'ckpt.safetensors'}")
-    print(f"exporting {args.arch} (fp32 + int8) ...", flush=True)
-    values = {"CLIP_MODELS": spec.text, "CLIP_INT8": True, "INT8_EVEN_IF_SLOWER": True}
-    (record,) = run(work / "models", defaults(for_stage("clip-export")) | values)
-    figures: dict[str, list[dict[str, object]]] = {"build": [], "rows": []}
-    for entry in record["files"]:
-        if "speed" in entry and entry["variant"] == "int8":
-            ratio, method = entry["speed"]["vs_fp32"], entry["parity"]["method"]
-            ships = ratio["1"] >= 1
-            print(f"build timing: {entry['path']} ({method}): x fp32 by batch {ratio}: ", end="")
-            print("ships" if ships else "would NOT ship unforced")
-            figures["build"].append({"role": entry["role"], "method": method, "vs_fp32": ratio, "ships": ships})
-        for dropped in entry.get("speed", {}).get("not_shipped", []):
-            print(f"  build dropped {dropped['variant']} {dropped['method']}: {dropped['why']}")
-    picked = {e["role"]: e["parity"].get("method", "") for e in record["files"] if e.get("variant") == "int8"}
-    text_cut = record["preprocessing"]["text_cut"] == "eot"
-    tokenizer = open_clip.get_tokenizer(args.arch)
-    size = model.visual.image_size
-    size = size[0] if isinstance(size, tuple) else size
-    rng = np.random.default_rng(0)
-    words = [
-        "a",
-        "person",
-        "walks",
-        "a",
-        "small",
-        "dog",
-        "along",
-        "the",
-        "beach",
-        "while",
-        "the",
-        "sun",
-        "sets",
-        "over",
-        "the",
-        "sea",
-    ]
+        cases = []
+        for batch in (1, 16):
+            pixels = rng.normal(size=(batch, 3, size, size)).astype(np.float32)
+            cases.append(("image", batch, "pixel_values", pixels, model.encode_image))
+        for batch in (1, 32):
+            texts = [" ".join(rng.choice(words, rng.integers(3, 15))) for _ in range(batch)]
+            cases.append(("text", batch, "input_ids", tokenizer(texts).numpy(), model.encode_text))
 
-    cases = []
-    for batch in (1, 16):
-        pixels = rng.normal(size=(batch, 3, size, size)).astype(np.float32)
-        cases.append(("image", batch, "pixel_values", pixels, model.encode_image))
-    for batch in (1, 32):
-        texts = [" ".join(rng.choice(words, rng.integers(3, 15))) for _ in range(batch)]
-        cases.append(("text", batch, "input_ids", tokenizer(texts).numpy(), model.encode_text))
-
-    print(
-        f"text cut after end-of-text: {'yes' if text_cut else 'no'}; "
-        f"torch {torch.__version__}, onnxruntime {ort.__version__}, {args.threads} threads, "
-        f"{args.rounds} interleaved rounds, medians"
-    )
-    print(f"{'encoder':<6} {'batch':>5} {'variant':<20} {'ms/call':>9} {'vs PyTorch':>11} {'min cos':>9} {'max|d|':>8}")
-    for tower, batch, input_name, x, torch_fn in cases:
-        fp32 = work / "models" / "onnx" / clip_onnx_name(spec.key, tower)
-        sessions = {}
-        calibration = {"pixel_values": torch.from_numpy(rng.normal(size=(8, 3, size, size)).astype(np.float32))}
-        role = "image_encoder" if tower == "image" else "text_encoder"
-        found = variants(fp32, work, picked.get(role, "?"), calibration if tower == "image" else None)
-        for name, (path, level) in found.items():
-            options = ort.SessionOptions()
-            options.intra_op_num_threads, options.inter_op_num_threads = args.threads, 1
-            options.graph_optimization_level = level
-            sessions[name] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        with torch.inference_mode():
-            reference = torch_fn(torch.from_numpy(x)).numpy()
-        calls: dict[str, Callable[[], object]] = {"pytorch": lambda f=torch_fn, x=x: f(torch.from_numpy(x))}
-        feeds = {input_name: cut_after_eot(x) if tower == "text" and text_cut else x}
-        for name, sess in sessions.items():
-            calls[name] = lambda sess=sess, feeds=feeds: sess.run(None, feeds)
-        n = max(1, int(0.5 / max(per_call(calls["pytorch"], 1), 1e-4)))  # about half a second per measurement
-        times: dict[str, list[float]] = {k: [] for k in calls}
-        names = list(calls)
-        with torch.inference_mode():
-            for r in range(args.rounds):
-                for name in names[r % len(names) :] + names[: r % len(names)]:
-                    times[name].append(per_call(calls[name], n))
-        base = statistics.median(times["pytorch"])
-        print(f"{tower:<6} {batch:>5} {'pytorch eager':<20} {base * 1e3:>9.2f} {'1.00x':>11} {'':>9} {'':>8}")
-        for name, sess in sessions.items():
-            t = statistics.median(times[name])
-            out = sess.run(None, feeds)[0]
-            diff = float(np.max(np.abs(out - reference)))
-            cos = cosine(out, reference)
-            print(f"{'':<6} {'':>5} {name:<20} {t * 1e3:>9.2f} {base / t:>10.2f}x {cos:>9.5f} {diff:>8.1e}")
-            row = {"tower": tower, "batch": batch, "variant": name, "ms": t * 1e3, "vs_pytorch": base / t}
-            figures["rows"].append(row | {"min_cos": cos})
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=1))
+        print(
+            f"text cut after end-of-text: {'yes' if text_cut else 'no'}; "
+            f"torch {torch.__version__}, onnxruntime {ort.__version__}, {args.threads} threads, "
+            f"{args.rounds} interleaved rounds, medians"
+        )
+        header = f"{'encoder':<6} {'batch':>5} {'variant':<20} {'ms/call':>9} {'vs PyTorch':>11}"
+        print(f"{header} {'min cos':>9} {'max|d|':>8}")
+        for tower, batch, input_name, x, torch_fn in cases:
+            fp32 = work / "models" / "onnx" / clip_onnx_name(spec.key, tower)
+            sessions = {}
+            calibration = {"pixel_values": torch.from_numpy(rng.normal(size=(8, 3, size, size)).astype(np.float32))}
+            role = "image_encoder" if tower == "image" else "text_encoder"
+            found = variants(fp32, work, picked.get(role, "?"), calibration if tower == "image" else None)
+            for name, (path, level) in found.items():
+                options = ort.SessionOptions()
+                options.intra_op_num_threads, options.inter_op_num_threads = args.threads, 1
+                options.graph_optimization_level = level
+                sessions[name] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            with torch.inference_mode():
+                reference = torch_fn(torch.from_numpy(x)).numpy()
+            calls: dict[str, Callable[[], object]] = {"pytorch": lambda f=torch_fn, x=x: f(torch.from_numpy(x))}
+            feeds = {input_name: cut_after_eot(x) if tower == "text" and text_cut else x}
+            for name, sess in sessions.items():
+                calls[name] = lambda sess=sess, feeds=feeds: sess.run(None, feeds)
+            n = max(1, int(0.5 / max(per_call(calls["pytorch"], 1), 1e-4)))  # about half a second per measurement
+            times: dict[str, list[float]] = {k: [] for k in calls}
+            names = list(calls)
+            with torch.inference_mode():
+                for r in range(args.rounds):
+                    for name in names[r % len(names) :] + names[: r % len(names)]:
+                        times[name].append(per_call(calls[name], n))
+            base = statistics.median(times["pytorch"])
+            print(f"{tower:<6} {batch:>5} {'pytorch eager':<20} {base * 1e3:>9.2f} {'1.00x':>11} {'':>9} {'':>8}")
+            for name, sess in sessions.items():
+                t = statistics.median(times[name])
+                out = sess.run(None, feeds)[0]
+                diff = float(np.max(np.abs(out - reference)))
+                cos = cosine(out, reference)
+                print(f"{'':<6} {'':>5} {name:<20} {t * 1e3:>9.2f} {base / t:>10.2f}x {cos:>9.5f} {diff:>8.1e}")
+                row = {"tower": tower, "batch": batch, "variant": name, "ms": t * 1e3, "vs_pytorch": base / t}
+                figures["rows"].append(row | {"min_cos": cos})
+        if args.json:
+            args.json.write_text(json.dumps(figures, indent=1))
+    finally:  # nothing left behind: a real-size run writes gigabytes here
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

