@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import tempfile
 import time
@@ -89,8 +88,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the figures to this file too")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    work = Path(tempfile.mkdtemp(prefix="clip-bench-"))
-    try:
+    with tempfile.TemporaryDirectory(prefix="clip-bench-") as tmp:  # a real-size run writes gigabytes
+        work = Path(tmp)
         torch.manual_seed(0)
         model = open_clip.create_model(args.arch).eval()
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, work / "ckpt.safetensors")
@@ -184,8 +183,6 @@ def main() -> None:
                 figures["rows"].append(row | {"min_cos": cos})
         if args.json:
             args.json.write_text(json.dumps(figures, indent=1))
-    finally:  # nothing left behind: a real-size run writes gigabytes here
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

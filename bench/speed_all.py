@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -43,8 +42,8 @@ def main() -> None:
         "reranker": ["reranker_speed.py", *common],
         "regressor": ["regressor_speed.py", *common],
     }
-    out = Path(tempfile.mkdtemp(prefix="speed-all-"))
-    try:
+    with tempfile.TemporaryDirectory(prefix="speed-all-") as tmp:
+        out = Path(tmp)
         where = machine()
         print(f"# {where['cpu']} ({where['arch']}, {where['cores']} cores), ISA {' '.join(where['isa']) or 'unknown'}")
         print(f"# onnxruntime {where['onnxruntime']}, {args.threads} threads, {args.rounds} rounds")
@@ -63,8 +62,6 @@ def main() -> None:
         print("\n## Goals")
         for line in goals(figures):
             print(line)
-    finally:  # nothing left behind: a real-size run writes gigabytes here
-        shutil.rmtree(out, ignore_errors=True)
 
 
 def goals(figures: dict[str, Any]) -> list[str]:
