@@ -28,6 +28,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from modelbake.buildkit import TRANSIENT_ERROR
+from modelbake.manifest import build_notes
 from modelbake.params import BY_NAME, SELECTION
 from modelbake.spec import SIGNATURE_NAME, SpecError, parse_clip_list, parse_reranker_list
 
@@ -150,14 +151,7 @@ class BakeResult:
         models = ", ".join(f"{m['kind']}:{m['name']}" for m in (self.manifest or {}).get("models", []))
         size = f"  {self.image_size / 1e6:.0f} MB" if self.image_size is not None else ""
         lines = [f"image      {self.image}{size}", f"models     {models}"]
-        for model in (self.manifest or {}).get("models", []):  # e.g. why a reranker fallback was taken
-            lines += [f"note       {model['kind']}:{model['name']}: {note}" for note in model.get("notes", [])]
-            for entry in model["files"]:  # variants the build timed slower than fp32 here
-                lines += [
-                    f"note       {model['kind']}:{model['name']}: {entry['role']} {d['variant']} ({d['method']}) "
-                    f"not shipped: {d['why']}"
-                    for d in entry.get("speed", {}).get("not_shipped", [])
-                ]
+        lines += [f"note       {note}" for note in build_notes(self.manifest or {})]
         lines += [f"label      {key}={self.labels[key]}" for key in sorted(self.labels)]
         lines += [f"size       {stage:<36} {n / 1e6:10.1f} MB" for stage, n in self.stage_sizes.items()]
         if self.verify_ok is not None:

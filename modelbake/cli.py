@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from modelbake import __version__, demo
 from modelbake.bake import BakeError
-from modelbake.manifest import ManifestError, finalize
+from modelbake.manifest import ManifestError, build_notes, finalize
 from modelbake.params import SELECTION, add_flags, bare_bool_flags, resolve
 from modelbake.producers import STAGES, Stage
 from modelbake.producers.common import ProducerError  # stdlib only: keeps this CLI torch-free
@@ -66,6 +66,8 @@ def _cmd_download(args: argparse.Namespace) -> int:
         seconds[stage.name] = time.perf_counter() - start
     manifest = finalize(args.out)  # as the image's merge step: readable by a non-root service
     print(summary_table(manifest, seconds))
+    for note in build_notes(manifest):
+        print(f"note: {note}")
     print(f"{len(manifest['models'])} models in {args.out}/model_manifest.json")
     _sign_or_drop_stale(args.out, args.sign_key)
     return 0

@@ -269,6 +269,21 @@ def onnx_entry(model: dict[str, Any], role: str, variant: str = Variant.FP32) ->
     )
 
 
+def build_notes(manifest: dict[str, Any]) -> list[str]:
+    """What a build chose not to do, one line each: a reranker fallback taken, a variant not shipped and why
+    (refused by its gate, or slower than fp32 on the build machine). Printed after a download and a bake."""
+    lines = []
+    for model in manifest.get("models", []):
+        name = f"{model['kind']}:{model['name']}"
+        lines += [f"{name}: {note}" for note in model.get("notes", [])]
+        for entry in model["files"]:
+            lines += [
+                f"{name}: {entry['role']} {d['variant']} ({d['method']}) not shipped: {d['why']}"
+                for d in entry.get("speed", {}).get("not_shipped", [])
+            ]
+    return lines
+
+
 def checked_model(
     root: Path, kind: str, name: str | None = None, *, manifest_sha256: str | None = None
 ) -> dict[str, Any]:

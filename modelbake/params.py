@@ -150,6 +150,8 @@ TABLE: tuple[Param, ...] = (
           _number(int, 1), _REGRESSOR, "--regressor-epochs"),
     Param("INT8_EVEN_IF_SLOWER", "0", "1 = ship a gated int8 variant even when it measured slower than fp32 at "
           "batch 1 on the build machine", _BOOL, (*_CLIP, *_RERANKER), "--int8-even-if-slower"),
+    Param("INT8_REQUIRED", "0", "1 = a graph whose int8 was refused by its gate or is slower fails the stage "
+          "(default: it ships fp32 alone and says why)", _BOOL, (*_CLIP, *_RERANKER), "--int8-required"),
     Param("ONNX_EXTERNAL_DATA_BYTES", "2000000000", "graphs whose weights pass this many bytes ship as NAME.onnx "
           "+ NAME.onnx.data (protobuf caps one file at 2 GiB)", _number(int, 1), (*_CLIP, *_RERANKER),
           "--onnx-external-data-bytes"),

@@ -6,6 +6,7 @@ to show it records every batch size for every candidate.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +17,11 @@ import torch
 
 from modelbake.manifest import Role, Variant
 from modelbake.producers import onnx_export
-from modelbake.producers.onnx_export import OnnxExport, ParityError, export_variants
+from modelbake.producers.onnx_export import Int8Refused, OnnxExport, export_variants
 from modelbake.producers.speed import BATCHES, Candidate, decide, measure
 from modelbake.runtime.registry import Loader
 from modelbake.runtime.variants import AUTO, choose, machine, requested, same_kernels
+from modelbake.spec import FRAGMENTS_DIR
 
 
 class _Cnn(torch.nn.Module):
@@ -127,10 +129,26 @@ def test_a_cnn_gets_a_static_qdq_candidate_and_the_faster_one_ships(
     assert [d["method"] for d in fp32["speed"]["not_shipped"]] == ["quantize_dynamic"]
 
 
-def test_every_int8_candidate_refused_fails_the_stage(tmp_path: Path) -> None:
-    with pytest.raises(ParityError, match=r"quantize_dynamic: .*quantize_static_qdq: "):
-        export_variants(_cnn_export(), "cnn.onnx", tmp_path, int8=True, int8_min_cosine=1.01)
-    assert not (tmp_path / "onnx").exists()
+def test_every_int8_candidate_refused_ships_fp32_alone_and_says_why(tmp_path: Path) -> None:
+    """int8 is optional: its gate refusing every candidate (a cosine nothing reaches) leaves fp32 shipped
+    alone, each refusal in its entry's not_shipped; INT8_REQUIRED makes it fail, with nothing written."""
+    files = export_variants(_cnn_export(), "cnn.onnx", tmp_path, int8=True, int8_min_cosine=1.01)
+    (fp32,) = [f for f in files if f["format"] == "onnx"]
+    assert fp32["variant"] == "fp32" and not list(tmp_path.rglob("*_int8.onnx"))
+    refused = fp32["speed"]["not_shipped"]
+    assert [d["method"] for d in refused] == ["quantize_dynamic", "quantize_static_qdq"]
+    assert all(d["why"].startswith("refused by its gate: ") and "(required 1.01)" in d["why"] for d in refused)
+    required = tmp_path / "required"
+    required.mkdir()
+    with pytest.raises(Int8Refused, match=r"INT8_REQUIRED=1 and no int8 variant ships: quantize_dynamic: refused"):
+        export_variants(_cnn_export(), "cnn.onnx", required, int8=True, int8_min_cosine=1.01, int8_required=True)
+    assert list(required.iterdir()) == []
+
+
+def test_int8_required_fails_on_a_slower_int8_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(onnx_export, "measure", _fake_timer({"export": 1.0, "quantize_dynamic": 3.0}))
+    with pytest.raises(Int8Refused, match=r"quantize_dynamic: 3.00x slower than fp32"):
+        export_variants(_cnn_export(calibrate=False), "cnn.onnx", tmp_path, int8=True, int8_required=True)
 
 
 def _model(ms: dict[str, float], isa: list[str]) -> dict[str, Any]:
@@ -181,28 +199,32 @@ def test_a_loader_reports_the_variant_of_each_role(tmp_path: Path, monkeypatch: 
     assert loader.variant == "fp32"
 
 
-def test_a_reranker_int8_its_ranking_gate_refuses_fails_the_stage(tmp_path: Path) -> None:
-    """The reranker's own int8 gate (its ranking per probe query) refuses the int8 candidate of an untrained
-    head, whose scores differ only by noise that int8 reorders: one error naming the method and the figures,
-    and nothing written. (The trained tiny reranker keeps even its whole order under int8.)"""
+def test_a_reranker_int8_its_ranking_gate_refuses_ships_fp32_alone(tmp_path: Path) -> None:
+    """The reranker's own int8 gate (its ranking per probe query) refuses the int8 of a model made for it: an
+    outlier channel int8 cannot see past ties every score, on any CPU. The reranker ships in fp32 with the
+    reason, as the first candidate even under RERANKER_STRICT (a refused int8 is no failed model); with
+    INT8_REQUIRED the stage fails, naming the figures, and nothing is written."""
     from conftest import run_cli
 
     from modelbake.sources.tiny import make_tiny_cross_encoder
 
-    untrained = make_tiny_cross_encoder(tmp_path / "untrained", trained=False)
-    out = tmp_path / "out"
-    proc = run_cli(
-        "--reranker",
-        f"untrained@dir:{untrained}",
-        "--reranker-int8",
-        "--reranker-strict",
-        "--out",
-        str(out),
-        script="reranker_cache.py",
-    )
+    blind = make_tiny_cross_encoder(tmp_path / "blind", int8_blind=True)
+    args = ["--reranker", f"blind@dir:{blind}", "--reranker-int8", "--reranker-strict"]
+    proc = run_cli(*args, "--out", str(tmp_path / "out"), script="reranker_cache.py", check=True)
+    assert "int8 (quantize_dynamic) not shipped: refused by its gate: the ranking changed" in proc.stderr
+    (model,) = json.loads((tmp_path / "out" / FRAGMENTS_DIR / "reranker-cache.json").read_text())["models"]
+    (graph,) = [f for f in model["files"] if f["format"] == "onnx"]
+    assert graph["variant"] == "fp32" and "notes" not in model  # no fallback was taken
+    (refused,) = graph["speed"]["not_shipped"]
+    assert "Kendall's tau [0.0, 0.0, 0.0] (min 0.9 required)" in refused["why"]
+
+    out = tmp_path / "required"
+    proc = run_cli(*args, "--int8-required", "--out", str(out), script="reranker_cache.py")
     assert proc.returncode == 1, proc.stderr
-    assert "quantize_dynamic: the ranking changed on the probe queries: top 3 kept per query [" in proc.stderr
-    assert "Kendall's tau [" in proc.stderr and "(min 0.9 required)" in proc.stderr
+    assert (
+        "INT8_REQUIRED=1 and no int8 variant ships: quantize_dynamic: refused by its gate: the ranking" in proc.stderr
+    )
+    assert "top 3 kept per query [" in proc.stderr and "(min 0.9 required)" in proc.stderr
     assert list(out.rglob("*")) == []
 
 

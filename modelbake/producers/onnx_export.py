@@ -45,6 +45,10 @@ class ParityError(ProducerError):
     """onnxruntime and PyTorch disagree beyond the tolerance; nothing is written."""
 
 
+class Int8Refused(ProducerError):
+    """INT8_REQUIRED=1 and no int8 variant passed its gate faster than fp32: the stage fails (no fallback)."""
+
+
 @dataclass
 class OnnxExport:
     """Declarative description of one ONNX file.
@@ -187,6 +191,7 @@ def export_variants(
     int8: bool = False,
     int8_min_cosine: float = 0.99,
     int8_even_if_slower: bool = False,
+    int8_required: bool = False,
     external_data_bytes: int = EXTERNAL_DATA_BYTES,
     extra_gate: ExtraGate | None = None,
     done: Callable[[str], None] = lambda _: None,
@@ -196,11 +201,13 @@ def export_variants(
     Each variant passes the parity gate against PyTorch (and ``extra_gate``, e.g. a reranker's score
     contract) before anything is written. int8 candidates: dynamic, and static QDQ for convolutional graphs
     given calibration inputs; the gated ones are timed beside fp32 on this machine and the fastest ships,
-    unless it is slower than fp32 at batch 1 (:mod:`.speed`). A graph whose weights pass
+    unless it is slower than fp32 at batch 1 (:mod:`.speed`). int8 is optional: when its gate refuses every
+    candidate, or the one left is slower, fp32 ships alone and its entry's ``speed.not_shipped`` says why;
+    ``int8_required`` makes that an :class:`Int8Refused` error instead. A graph whose weights pass
     ``external_data_bytes`` ships with its weights in ``<name>.onnx.data``. Returns the manifest entries:
     per shipped variant its ONNX file (with ``parity``, and ``speed`` when there was a choice), its external
-    data file if any, and its golden file. Raises :class:`ParityError` naming the figures when fp32, or every
-    int8 candidate, fails its gate.
+    data file if any, and its golden file. Raises :class:`ParityError` naming the figures when fp32 fails
+    its gate.
     """
     reference = torch_outputs(export.module.eval(), export.probe)
     # Scratch inside ``root`` (a stage's staging folder): same filesystem, so shipping a graph is a rename.
@@ -214,13 +221,19 @@ def export_variants(
         done(f"{export.role} exported, parity checked")
         shipped, dropped = [fp32], []
         if int8:
-            candidates = _int8_candidates(
+            candidates, dropped = _int8_candidates(
                 export, graph, reference, int8_min_cosine, extra_gate, work, external_data_bytes
             )
             measure([fp32, *candidates], _numpy(export.probe))
-            ships, dropped = decide(fp32, candidates, int8_even_if_slower)
+            ships, slower = decide(fp32, candidates, int8_even_if_slower)
+            dropped += slower
             for d in dropped:
                 log.warning("%s %s (%s) not shipped: %s", export.role, d["variant"], d["method"], d["why"])
+            if int8_required and not ships:
+                raise Int8Refused(
+                    f"{export.role}: INT8_REQUIRED=1 and no int8 variant ships: "
+                    + "; ".join(f"{d['method']}: {d['why']}" for d in dropped)
+                )
             shipped += ships
             done(f"{export.role} int8 checked and timed")
         files: list[dict[str, Any]] = []
@@ -263,12 +276,12 @@ def _int8_candidates(
     extra_gate: ExtraGate | None,
     work: Path,
     external_data_bytes: int,
-) -> list[Candidate]:
-    """Every int8 graph that passes its gates; ParityError with each failure when none does."""
+) -> tuple[list[Candidate], list[dict[str, Any]]]:
+    """(every int8 graph that passes its gates, a ``not_shipped`` record of each one refused and why)."""
     makers: list[tuple[str, Callable[[Path, Path], dict[str, Any]]]] = [("quantize_dynamic", _quantize)]
     if export.calibration is not None and _convolutional(fp32):
         makers.append(("quantize_static_qdq", lambda src, dst: _quantize_static(src, dst, export.calibration)))
-    passed, failures = [], []
+    passed, refused = [], []
     for method, make in makers:
         # Named as it ships: an external-data location inside the graph names the final file.
         graph = work / method / variant_name(fp32.name, Variant.INT8)
@@ -282,13 +295,10 @@ def _int8_candidates(
             bounds = (float("inf"), min_cosine)
             figures = _gate_all(export, Variant.INT8, graph, reference, extra_gate, bounds)
         except ProducerError as exc:  # ParityError, or an extra gate's own (the reranker's score contract)
-            log.warning("%s int8 (%s) refused by its gate: %s", export.role, method, exc)
-            failures.append(f"{method}: {exc}")
+            refused.append({"variant": str(Variant.INT8), "method": method, "why": f"refused by its gate: {exc}"})
             continue
         passed.append(Candidate(Variant.INT8, graph, figures | info))
-    if not passed:
-        raise ParityError("; ".join(failures))
-    return passed
+    return passed, refused
 
 
 def _export(

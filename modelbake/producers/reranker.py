@@ -16,7 +16,7 @@ import torch
 from modelbake.manifest import Role, Variant, file_entry, write_fragment
 from modelbake.producers import Values
 from modelbake.producers.common import ProducerError, hub_offline, log, measured, model_record, staged_output
-from modelbake.producers.onnx_export import OnnxExport, export_variants
+from modelbake.producers.onnx_export import Int8Refused, OnnxExport, export_variants
 from modelbake.producers.progress import steps
 from modelbake.runtime.sessions import session
 from modelbake.spec import ORIGIN_FILE, RERANKER_DIR, RerankerSpec, parse_reranker_list, reranker_onnx_name
@@ -291,6 +291,7 @@ def _export(ce: Any, key: str, root: Path, values: Values, done: Callable[[str],
         int8=values["RERANKER_INT8"],
         int8_min_cosine=-1.0,
         int8_even_if_slower=values["INT8_EVEN_IF_SLOWER"],
+        int8_required=values["INT8_REQUIRED"],
         external_data_bytes=values["ONNX_EXTERNAL_DATA_BYTES"],
         extra_gate=scores_gate,
         done=done,
@@ -337,8 +338,9 @@ def run(out_root: Path, values: Values) -> list[dict[str, Any]]:
     """The reranker-cache stage: the first candidate that works wins; the manifest says why others failed.
 
     Only the failures a fallback is for move on to the next candidate: not found, not loadable, not
-    exportable, gate failed (all ProducerError). Anything else (a bug, out of memory) fails the stage, and
-    with RERANKER_STRICT any fallback does.
+    exportable, fp32 gate failed (all ProducerError). A refused int8 is not one (fp32 ships alone; with
+    INT8_REQUIRED the stage fails). Anything else (a bug, out of memory) fails the stage, and with
+    RERANKER_STRICT any fallback does.
     """
     failures: list[str] = []
     for spec in parse_reranker_list(values["RERANKER_MODELS"]):
@@ -352,6 +354,8 @@ def run(out_root: Path, values: Values) -> list[dict[str, Any]]:
                 write_fragment(staging, STAGE, [model])
             log.info("reranker %s cached", spec.text)
             return [model]
+        except Int8Refused:
+            raise
         except ProducerError as exc:  # try the next candidate, keep the reason for the error/manifest
             reason = str(exc)
             log.warning("reranker %s failed: %s", spec.text, reason)

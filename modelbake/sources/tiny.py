@@ -2,15 +2,26 @@
 
 No hub is needed: the tests and smoke builds generate these and pass them as ``NAME@dir:PATH`` specs,
 so they go through exactly the code paths a real OpenCLIP or Hugging Face folder takes.
+
+They are the same bytes on every CPU (tests/test_sources.py pins their digests): torch's random draws are
+not (``normal_`` has a vectorised path per instruction set), so every drawn weight is drawn again by
+numpy's generator, and the one trained model, the tiny reranker, is trained once by
+:mod:`modelbake.sources.fit_tiny_reranker` and kept in the package as ``tiny_bert_ranker.safetensors``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from modelbake.spec import OPENAI_MEAN, OPENAI_STD
+
+# The tiny reranker's trained weights (BertForSequenceClassification's state dict), made by fit_tiny_reranker.
+RANKER_WEIGHTS = Path(__file__).with_name("tiny_bert_ranker.safetensors")
 
 _TINY_TEXT = {"context_length": 77, "vocab_size": 49408, "width": 64, "heads": 2, "layers": 2}
 TINY_CLIP_CFGS = {
@@ -109,16 +120,35 @@ _WORDS = [
 ]
 
 
+def drawn_by_numpy(state: dict[str, Any], seed: int, std: float | None = None) -> dict[str, Any]:
+    """``state`` (a torch state dict as its module initialised it) with every drawn tensor drawn again from
+    numpy's generator, which gives the same numbers on every CPU; constants (ones, zeros, a logit scale)
+    stay as torch set them. ``std``: of every drawn tensor (Hugging Face's initializer_range); None: 0.02
+    for vectors and 1/sqrt(fan in) for matrices and kernels."""
+    import torch
+
+    rng = np.random.default_rng(seed)
+    out = {}
+    for name in sorted(state):  # a fixed order of draws
+        tensor = state[name]
+        flat = tensor.reshape(-1)
+        if not tensor.is_floating_point() or flat.numel() <= 1 or bool((flat == flat[0]).all()):
+            out[name] = tensor.contiguous()
+            continue
+        scale = std if std is not None else 0.02 if tensor.ndim == 1 else 1 / math.sqrt(math.prod(tensor.shape[1:]))
+        drawn = rng.standard_normal(tuple(tensor.shape), dtype=np.float32) * np.float32(scale)
+        out[name] = torch.from_numpy(drawn).to(tensor.dtype)
+    return out
+
+
 def make_tiny_clip(dest: Path, arch: str = "tiny-vit", seed: int = 0) -> Path:
     """An OpenCLIP ``local-dir`` folder: open_clip_config.json + open_clip_model.safetensors."""
-    import torch
     from open_clip.model import CLIP
     from safetensors.torch import save_file
 
     dest.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(seed)
     model = CLIP(**TINY_CLIP_CFGS[arch])
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, dest / "open_clip_model.safetensors")
+    save_file(drawn_by_numpy(model.state_dict(), seed), dest / "open_clip_model.safetensors")
     config = {"model_cfg": TINY_CLIP_CFGS[arch], "preprocess_cfg": {"mean": list(OPENAI_MEAN), "std": list(OPENAI_STD)}}
     (dest / "open_clip_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return dest
@@ -164,35 +194,30 @@ def make_tiny_siglip_tokenizer(dest: Path) -> int:
 
 def make_tiny_siglip(dest: Path, seed: int = 0) -> Path:
     """An OpenCLIP ``local-dir`` folder of a SigLIP-style model: config, weights and the tokenizer's files."""
-    import torch
     from open_clip.model import CustomTextCLIP
     from safetensors.torch import save_file
 
     dest.mkdir(parents=True, exist_ok=True)
     cfg = json.loads(json.dumps(TINY_SIGLIP_CFG))
     cfg["text_cfg"]["vocab_size"] = make_tiny_siglip_tokenizer(dest)
-    torch.manual_seed(seed)
     model = CustomTextCLIP(**{k: v for k, v in cfg.items() if k != "custom_text"})
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, dest / "open_clip_model.safetensors")
+    save_file(drawn_by_numpy(model.state_dict(), seed), dest / "open_clip_model.safetensors")
     preprocess = {"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bicubic", "resize_mode": "squash"}
     (dest / "open_clip_config.json").write_text(json.dumps({"model_cfg": cfg, "preprocess_cfg": preprocess}, indent=2))
     return dest
 
 
-def make_tiny_cross_encoder(dest: Path, seed: int = 0, trained: bool = True) -> Path:
-    """A Hugging Face folder holding a 2-layer BERT with a one-label classification head; ``trained``: fitted
-    to rank the reranker gate's probe passages (else it scores every pair alike, as an untrained head does)."""
-    import torch
+def tiny_cross_encoder_parts(seed: int = 0) -> tuple[Any, Any]:
+    """(a 2-layer BERT with a one-label classification head, its WordPiece tokenizer), the weights drawn by
+    numpy (as an untrained head, it scores every pair about alike)."""
     from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
 
-    dest.mkdir(parents=True, exist_ok=True)
     letters = [chr(c) for c in range(ord("a"), ord("z") + 1)]
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *letters, *(f"##{c}" for c in letters), *_WORDS]
-    vocab_file = dest / "vocab.txt"
-    vocab_file.write_text("\n".join(dict.fromkeys(vocab)) + "\n")
-    torch.manual_seed(seed)
+    vocab = list(
+        dict.fromkeys(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *letters, *(f"##{c}" for c in letters), *_WORDS])
+    )
     config = BertConfig(
-        vocab_size=len(dict.fromkeys(vocab)),
+        vocab_size=len(vocab),
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=2,
@@ -201,35 +226,42 @@ def make_tiny_cross_encoder(dest: Path, seed: int = 0, trained: bool = True) -> 
         num_labels=1,
     )
     model = BertForSequenceClassification(config)
-    tokenizer = BertTokenizerFast(vocab_file=str(vocab_file), model_max_length=128)
-    if trained:
-        _fit_to_rank(model, tokenizer)
+    model.load_state_dict(drawn_by_numpy(model.state_dict(), seed, config.initializer_range))
+    # The vocabulary as a mapping: transformers 5 ignores a vocab_file here and makes every word [UNK].
+    tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}, model_max_length=128)
+    return model.eval(), tokenizer
+
+
+# The hidden channel int8_blind turns into a constant outlier, and its value.
+_OUTLIER_CHANNEL, _OUTLIER = 0, 1e4
+
+
+def make_tiny_cross_encoder(dest: Path, seed: int = 0, trained: bool = True, int8_blind: bool = False) -> Path:
+    """A Hugging Face folder holding the tiny BERT cross-encoder. ``trained``: the weights fitted once to rank
+    the reranker gate's probe passages in their listed order (``RANKER_WEIGHTS``), else numpy's draw.
+
+    ``int8_blind``: the trained model with one hidden channel of its last layer set to a constant 1e4 that
+    the pooler gives no weight. fp32 scores do not change with it; dynamic int8 quantises the pooler's input
+    with one scale per tensor, so the outlier rounds every other channel to zero and int8 scores every pair
+    alike, on any CPU: a reranker whose int8 the ranking gate must refuse (a real failure mode, as
+    activation outliers in large transformers).
+    """
+    from safetensors.torch import load_file
+
+    dest.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = tiny_cross_encoder_parts(seed)
+    if trained or int8_blind:
+        model.load_state_dict(load_file(RANKER_WEIGHTS))
+    if int8_blind:
+        state = model.state_dict()
+        last = f"bert.encoder.layer.{model.config.num_hidden_layers - 1}.output.LayerNorm"
+        state[f"{last}.weight"][_OUTLIER_CHANNEL] = 0.0
+        state[f"{last}.bias"][_OUTLIER_CHANNEL] = _OUTLIER
+        state["bert.pooler.dense.weight"][:, _OUTLIER_CHANNEL] = 0.0
+        model.load_state_dict(state)
     model.save_pretrained(dest)
     tokenizer.save_pretrained(dest)
     return dest
-
-
-def _fit_to_rank(model: Any, tokenizer: Any, steps: int = 200) -> None:
-    """Train every weight (a few seconds) to score the reranker gate's probe passages in their listed order.
-
-    An untrained head scores every pair alike, so int8's noise reorders them and the ranking gate rightly
-    refuses it; a trained reranker's scores spread. This makes the tiny model rank like one.
-    """
-    import torch
-
-    from modelbake.producers.reranker import RANKING_PROBE
-
-    pairs = [(query, p, i / (len(ps) - 1)) for query, ps in RANKING_PROBE.items() for i, p in enumerate(ps)]
-    features = tokenizer(
-        [q for q, _, _ in pairs], [p for _, p, _ in pairs], padding=True, truncation=True, return_tensors="pt"
-    )
-    target = torch.tensor([3.0 - 6.0 * rank for _, _, rank in pairs])  # logits from 3 down to -3 per query
-    model.eval()  # no dropout: the same steps make the same weights
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for _ in range(steps):
-        optimizer.zero_grad()
-        torch.nn.functional.mse_loss(model(**features).logits[:, 0], target).backward()
-        optimizer.step()
 
 
 def _tiny_unigram_tokenizer() -> Any:
@@ -256,12 +288,10 @@ def _tiny_unigram_tokenizer() -> Any:
 def make_tiny_xlmr_cross_encoder(dest: Path, seed: int = 0) -> Path:
     """A Hugging Face folder holding a 2-layer XLM-RoBERTa with a one-label head (the bge-reranker layout):
     pad id 1, no token type ids (type_vocab_size 1), a Unigram tokenizer.json."""
-    import torch
     from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification
 
     dest.mkdir(parents=True, exist_ok=True)
     tokenizer = _tiny_unigram_tokenizer()
-    torch.manual_seed(seed)
     config = XLMRobertaConfig(
         vocab_size=len(tokenizer),
         hidden_size=32,
@@ -276,7 +306,9 @@ def make_tiny_xlmr_cross_encoder(dest: Path, seed: int = 0) -> Path:
         eos_token_id=2,
         num_labels=1,
     )
-    XLMRobertaForSequenceClassification(config).save_pretrained(dest)
+    model = XLMRobertaForSequenceClassification(config)
+    model.load_state_dict(drawn_by_numpy(model.state_dict(), seed, config.initializer_range))
+    model.save_pretrained(dest)
     tokenizer.save_pretrained(dest)
     return dest
 
@@ -288,7 +320,7 @@ MOUNTED_RERANKER_SPEC = "tiny-bert@dir:/sources/reranker/tiny-bert"
 
 
 # Bumped whenever a maker changes what it makes: a cache of tiny sources from another version is remade.
-SOURCES_VERSION = "2"  # 2: tiny-bert trained to rank
+SOURCES_VERSION = "3"  # 2: tiny-bert trained to rank; 3: the same bytes on every CPU
 
 
 def make_tiny_sources(dest: Path) -> dict[str, Path]:
