@@ -15,7 +15,7 @@ variable "RERANKER_INT8" { default = "0" }
 variable "RERANKER_INT8_TOP_K" { default = "3" }
 variable "RERANKER_INT8_MIN_TAU" { default = "0.9" }
 variable "RERANKER_STRICT" { default = "0" }
-variable "INT8_EVEN_IF_SLOWER" { default = "0" }
+variable "INT8_SHIP" { default = "faster" }
 variable "INT8_REQUIRED" { default = "0" }
 variable "CLIP_INT8" { default = "0" }
 variable "CLIP_KEEP_PYTORCH" { default = "0" }
@@ -85,7 +85,7 @@ target "_common" {
     RERANKER_INT8_TOP_K   = RERANKER_INT8_TOP_K
     RERANKER_INT8_MIN_TAU = RERANKER_INT8_MIN_TAU
     RERANKER_STRICT       = RERANKER_STRICT
-    INT8_EVEN_IF_SLOWER   = INT8_EVEN_IF_SLOWER
+    INT8_SHIP             = INT8_SHIP
     INT8_REQUIRED         = INT8_REQUIRED
     REGRESSOR_FEATURE_DIM = REGRESSOR_FEATURE_DIM
     REGRESSOR_SEED        = REGRESSOR_SEED

@@ -95,7 +95,7 @@ def main() -> None:
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, work / "ckpt.safetensors")
         spec = parse_clip(f"{args.arch}@file:{work / 'ckpt.safetensors'}")
         print(f"exporting {args.arch} (fp32 + int8) ...", flush=True)
-        values = {"CLIP_MODELS": spec.text, "CLIP_INT8": True, "INT8_EVEN_IF_SLOWER": True}
+        values = {"CLIP_MODELS": spec.text, "CLIP_INT8": True, "INT8_SHIP": "gated"}
         (record,) = run(work / "models", defaults(for_stage("clip-export")) | values)
         figures: dict[str, list[dict[str, object]]] = {"build": [], "rows": []}
         for entry in record["files"]:

@@ -37,7 +37,8 @@ from sentence_transformers import CrossEncoder
 from modelbake.manifest import merge_fragments
 from modelbake.params import defaults, for_stage
 from modelbake.producers.common import ProducerError
-from modelbake.producers.reranker import kendall_tau, run
+from modelbake.producers.reranker import run
+from modelbake.runtime.gates import kendall_tau
 from modelbake.runtime.reranker import Reranker
 
 WORDS = (
@@ -112,7 +113,7 @@ def main() -> None:
             "RERANKER_INT8": True,
             "RERANKER_INT8_TOP_K": args.int8_top_k,
             "RERANKER_INT8_MIN_TAU": args.int8_min_tau,
-            "INT8_EVEN_IF_SLOWER": True,  # the bench times int8 whatever the build's own timing said
+            "INT8_SHIP": "gated",  # the bench times int8 whatever the build's own timing said
         }
         try:
             (record,) = run(work / "models", defaults(for_stage("reranker-cache")) | values)

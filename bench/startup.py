@@ -74,7 +74,8 @@ def build_tree(work: Path) -> Path:
             "--reranker",
             f"minilm@dir:{minilm}",
             "--int8",
-            "--int8-even-if-slower",  # both variants in the tree, whatever the build's timing said
+            "--int8-ship",
+            "gated",  # both variants in the tree, whatever the build's timing said
             "--out",
             str(tree),
         ],

@@ -58,6 +58,22 @@ def _number(kind: type, minimum: float | None = None, maximum: float | None = No
     return parse
 
 
+# INT8_SHIP: ship an int8 variant only where the build machine timed it faster than fp32, or whenever it
+# passed its gate (other CPUs then decide for themselves, modelbake.runtime.variants).
+INT8_SHIP_CHOICES = ("faster", "gated")
+
+
+def _choice(*allowed: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        value = str(text).strip().lower()
+        if value not in allowed:
+            raise SpecError(f"{text!r}: give one of {', '.join(allowed)}")
+        return value
+
+    parse.__name__ = "choice"
+    return parse
+
+
 def _models(text: str | list[str]) -> str:
     """A comma-separated list (a Python list is joined)."""
     return ",".join(text) if isinstance(text, list | tuple) else str(text)
@@ -148,8 +164,9 @@ TABLE: tuple[Param, ...] = (
           _number(int, 0), _REGRESSOR, "--regressor-seed"),
     Param("REGRESSOR_EPOCHS", "20", "training epochs of the seed weights",
           _number(int, 1), _REGRESSOR, "--regressor-epochs"),
-    Param("INT8_EVEN_IF_SLOWER", "0", "1 = ship a gated int8 variant even when it measured slower than fp32 at "
-          "batch 1 on the build machine", _BOOL, (*_CLIP, *_RERANKER), "--int8-even-if-slower"),
+    Param("INT8_SHIP", "faster", "which gated int8 variants ship: faster (than fp32 at batch 1 on the build machine) "
+          "or gated (every one its gate passed; `auto` checks it where the tree is opened)",
+          _choice(*INT8_SHIP_CHOICES), (*_CLIP, *_RERANKER), "--int8-ship"),
     Param("INT8_REQUIRED", "0", "1 = a graph whose int8 was refused by its gate or is slower fails the stage "
           "(default: it ships fp32 alone and says why)", _BOOL, (*_CLIP, *_RERANKER), "--int8-required"),
     Param("ONNX_EXTERNAL_DATA_BYTES", "2000000000", "graphs whose weights pass this many bytes ship as NAME.onnx "

@@ -62,7 +62,8 @@ def download_run(tmp_path_factory: pytest.TempPathFactory, tiny_specs: dict[str,
         "--reranker",
         tiny_specs["reranker"],
         "--int8",
-        "--int8-even-if-slower",  # the tests need every int8 file; test_speed covers the decision itself
+        "--int8-ship",  # every gated int8 ships: the tests need every int8 file; test_speed covers the decision
+        "gated",
         "--regressor-epochs",
         "3",
         "--onnx-external-data-bytes",

@@ -73,7 +73,7 @@ def bake_env(tiny_sources: Path, tmp_path_factory: pytest.TempPathFactory) -> di
         "CLIP_MODELS": MOUNTED_CLIP_SPECS,
         "CLIP_INT8": "1",
         "RERANKER_INT8": "1",
-        "INT8_EVEN_IF_SLOWER": "1",  # tiny graphs: int8 may time slower; the tests need every int8 file
+        "INT8_SHIP": "gated",  # tiny graphs: int8 may time slower; the tests need every int8 file
         "ONNX_EXTERNAL_DATA_BYTES": EXTERNAL_DATA_BYTES,  # the image carries graph + data pairs too
         "RERANKER_MODELS": MOUNTED_RERANKER_SPEC,
         "REGRESSOR_EPOCHS": "3",
@@ -307,7 +307,8 @@ def test_bake_driver_builds_inspects_and_verifies(baked: dict[str, str]) -> None
             baked["RERANKER_MODELS"],
             "--clip-int8",
             "--reranker-int8",
-            "--int8-even-if-slower",
+            "--int8-ship",
+            "gated",
         ],
         capture_output=True,
         text=True,
@@ -351,7 +352,7 @@ def test_push_by_digest_then_pull_and_verify_with_no_network(baked: dict[str, st
     env = {k: v for k, v in baked.items() if k not in ("CLIP_MODELS", "RERANKER_MODELS")}
     proc = subprocess.run(
         [sys.executable, "-m", "modelbake.cli", "bake", "runtime", "--clip", baked["CLIP_MODELS"], "--reranker",
-         baked["RERANKER_MODELS"], "--clip-int8", "--reranker-int8", "--int8-even-if-slower", "--push", repository,
+         baked["RERANKER_MODELS"], "--clip-int8", "--reranker-int8", "--int8-ship", "gated", "--push", repository,
          "--kubernetes", str(tmp_path / "k8s"), "--service-image", IMAGE],
         capture_output=True, text=True, env=env, cwd=REPO, timeout=1800,
     )  # fmt: skip
@@ -423,7 +424,7 @@ def test_a_signed_tree_is_verified_at_start_by_an_image_built_with_model_signing
     repository = f"{registry}/modelbake-signed"
     proc = subprocess.run(
         [sys.executable, "-m", "modelbake.cli", "bake", "runtime", "--clip", baked["CLIP_MODELS"], "--reranker",
-         baked["RERANKER_MODELS"], "--clip-int8", "--reranker-int8", "--int8-even-if-slower", "--no-inspect",
+         baked["RERANKER_MODELS"], "--clip-int8", "--reranker-int8", "--int8-ship", "gated", "--no-inspect",
          "--sign-key", str(private), "--push", repository, "--kubernetes", str(tmp_path / "k8s"),
          "--service-image", IMAGE],
         capture_output=True, text=True, env=env, cwd=REPO, timeout=1800,
@@ -492,7 +493,7 @@ def test_python_api_bakes_and_reports_sizes(baked: dict[str, str], monkeypatch: 
         reranker=[baked["RERANKER_MODELS"]],
         clip_int8=True,
         reranker_int8=True,
-        int8_even_if_slower=True,
+        int8_ship="gated",
         regressor_epochs=3,
     )
     result = bake(selection, ["runtime"])
@@ -528,7 +529,8 @@ def test_host_cli_makes_the_same_tree_as_the_image_build(
         "--reranker",
         f"tiny-bert@dir:{tiny_sources / 'reranker' / 'tiny-bert'}",
         "--int8",
-        "--int8-even-if-slower",
+        "--int8-ship",
+        "gated",
         "--onnx-external-data-bytes",
         EXTERNAL_DATA_BYTES,
         "--regressor-epochs",
@@ -708,6 +710,7 @@ def test_example_service_from_compose_becomes_healthy_and_serves(baked: dict[str
         assert _wait_healthy(name) == "healthy", _docker("logs", name, check=False).stderr[-3000:]
         status, doc = _exec_json(name, "GET", "/models")
         assert status == 200 and set(doc.pop("variants")) == {"clip", "reranker", "regressor"}
+        assert doc.pop("why")["regressor"] == {"boundary_regressor": {"regressor": "fp32: the only variant built"}}
         assert doc == {"clip": {"tiny-vit": 32, "tiny-rn": 32}, "reranker": True, "regressor": True}
         status, doc = _exec_json(name, "POST", "/rank", {"query": "a dog", "passages": ["a dog runs", "a car"]})
         assert status == 200 and sorted(i for i, _ in doc["ranking"]) == [0, 1]

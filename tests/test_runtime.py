@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from modelbake.runtime.variants import machine
 from modelbake.runtime.verify import verify
 
 BUILD_TIME = ("torch", "open_clip", "transformers", "sentence_transformers", "onnxsim")
@@ -62,6 +63,10 @@ def test_verify_cli_exit_codes(built_tree: Path, tmp_path: Path) -> None:
         [sys.executable, "-m", "modelbake.runtime", "verify", str(built_tree)], capture_output=True, text=True
     )
     assert ok.returncode == 0 and "checks ok" in ok.stdout
+    # The CPU class it ran on, so a log says which class passed: its model and the ISA flags kernels use.
+    here = machine()
+    cpu = f"{here['cpu']} ({here['arch']}; {' '.join(here['isa']) or 'none known'}; onnxruntime "
+    assert re.search(rf"^ok +- +cpu +{re.escape(cpu)}", ok.stdout, re.M), ok.stdout
     empty = subprocess.run(
         [sys.executable, "-m", "modelbake.runtime", "verify", str(tmp_path)], capture_output=True, text=True
     )

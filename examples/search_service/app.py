@@ -3,7 +3,8 @@ limit on everything a client controls. The models come from $MODELBAKE_MODELS (/
 
     GET  /models                                                    -> {"clip": {name: dim}, "reranker": bool,
                                                                         "regressor": bool, "variants":
-                                                                        {kind: {name: {role: variant}}}}
+                                                                        {kind: {name: {role: variant}}},
+                                                                        "why": {kind: {name: {role: why}}}}
     POST /embed/text   {"texts": ["a dog on a beach", ...]}         -> {"embeddings": [[...], ...]}
     POST /embed/image  {"images": ["<base64 of an image file>", ...]} -> {"embeddings": [[...], ...]}
     POST /rank         {"query": "...", "passages": ["...", ...], "top_k": 2}  -> {"ranking": [[index, score], ...]}
@@ -279,7 +280,7 @@ class Service:
     async def list_models(self, request: Request) -> Response:
         clip = {name: enc.embed_dim for name, enc in self.models.clip.items()}
         held = {"reranker": self.models.reranker is not None, "regressor": self.models.regressor is not None}
-        return reply(200, {"clip": clip, **held, "variants": self.models.variants()})
+        return reply(200, {"clip": clip, **held, "variants": self.models.variants(), "why": self.models.reasons()})
 
     async def embed_text(self, request: Request) -> Response:
         body = parse(EmbedText, await request.body())

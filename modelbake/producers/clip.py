@@ -357,7 +357,7 @@ class ClipOptions:
     atol: float = 1e-3
     min_cosine: float = 0.999
     int8_min_cosine: float = 0.99
-    int8_even_if_slower: bool = False
+    int8_ship: str = "faster"
     int8_required: bool = False
     external_data_bytes: int = EXTERNAL_DATA_BYTES
 
@@ -370,7 +370,7 @@ class ClipOptions:
             atol=values["CLIP_PARITY_ATOL"],
             min_cosine=values["CLIP_PARITY_MIN_COSINE"],
             int8_min_cosine=values["CLIP_INT8_MIN_COSINE"],
-            int8_even_if_slower=values["INT8_EVEN_IF_SLOWER"],
+            int8_ship=values["INT8_SHIP"],
             int8_required=values["INT8_REQUIRED"],
             external_data_bytes=values["ONNX_EXTERNAL_DATA_BYTES"],
         )
@@ -498,7 +498,7 @@ def _export_one(spec: ClipSpec, root: Path, options: ClipOptions) -> dict[str, A
                 opset=options.opset,
                 int8=options.int8,
                 int8_min_cosine=options.int8_min_cosine,
-                int8_even_if_slower=options.int8_even_if_slower,
+                int8_ship=options.int8_ship,
                 int8_required=options.int8_required,
                 external_data_bytes=options.external_data_bytes,
                 extra_gate=_cut_gate(model, tokenizer, options) if tower == "text" and cut else None,

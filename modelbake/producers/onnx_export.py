@@ -32,6 +32,7 @@ import torch
 from modelbake.manifest import Role, Variant, file_entry
 from modelbake.producers.common import ProducerError, first_line, log
 from modelbake.producers.speed import Candidate, decide, measure, record
+from modelbake.runtime.gates import min_row_cosine
 from modelbake.runtime.sessions import session
 from modelbake.spec import ONNX_DIR, external_data_name, golden_path, variant_name
 
@@ -137,10 +138,6 @@ def has_external_data(path: Path) -> bool:
     return (path.parent / external_data_name(path.name)).is_file()
 
 
-def _flat(x: np.ndarray) -> np.ndarray:
-    return x.reshape(x.shape[0], -1).astype(np.float64) if x.ndim > 1 else x.reshape(-1, 1).astype(np.float64)
-
-
 def compare(reference: list[np.ndarray], actual: list[np.ndarray]) -> dict[str, float]:
     """Max abs difference and the smallest per-row cosine similarity over all outputs."""
     max_abs, min_cos = 0.0, 1.0
@@ -151,11 +148,7 @@ def compare(reference: list[np.ndarray], actual: list[np.ndarray]) -> dict[str, 
             # max/min below would skip NaN and report a perfect match
             raise ParityError("an output holds NaN or inf on the probe inputs; nothing was written")
         max_abs = max(max_abs, float(np.max(np.abs(ref.astype(np.float64) - act))))
-        r, a = _flat(ref), _flat(act)
-        if r.shape[1] > 1:
-            denom = np.linalg.norm(r, axis=1) * np.linalg.norm(a, axis=1)
-            cos = np.sum(r * a, axis=1) / np.maximum(denom, 1e-12)
-            min_cos = min(min_cos, float(np.min(cos)))
+        min_cos = min(min_cos, min_row_cosine(ref, act))
     return {"max_abs_diff": max_abs, "min_cosine": min_cos}
 
 
@@ -190,8 +183,9 @@ def export_variants(
     opset: int = DEFAULT_OPSET,
     int8: bool = False,
     int8_min_cosine: float = 0.99,
-    int8_even_if_slower: bool = False,
+    int8_ship: str = "faster",
     int8_required: bool = False,
+    int8_gate: dict[str, float] | None = None,
     external_data_bytes: int = EXTERNAL_DATA_BYTES,
     extra_gate: ExtraGate | None = None,
     done: Callable[[str], None] = lambda _: None,
@@ -201,13 +195,17 @@ def export_variants(
     Each variant passes the parity gate against PyTorch (and ``extra_gate``, e.g. a reranker's score
     contract) before anything is written. int8 candidates: dynamic, and static QDQ for convolutional graphs
     given calibration inputs; the gated ones are timed beside fp32 on this machine and the fastest ships,
-    unless it is slower than fp32 at batch 1 (:mod:`.speed`). int8 is optional: when its gate refuses every
-    candidate, or the one left is slower, fp32 ships alone and its entry's ``speed.not_shipped`` says why;
-    ``int8_required`` makes that an :class:`Int8Refused` error instead. A graph whose weights pass
-    ``external_data_bytes`` ships with its weights in ``<name>.onnx.data``. Returns the manifest entries:
-    per shipped variant its ONNX file (with ``parity``, and ``speed`` when there was a choice), its external
-    data file if any, and its golden file. Raises :class:`ParityError` naming the figures when fp32 fails
-    its gate.
+    unless it is slower than fp32 at batch 1 (:mod:`.speed`) and ``int8_ship`` is ``faster``.
+
+    int8 is optional: when its gate refuses every candidate, or the one left is slower, fp32 ships alone
+    and its entry's ``speed.not_shipped`` says why; ``int8_required`` makes that an :class:`Int8Refused`
+    error instead. Each int8 entry records as ``gate`` the thresholds a CPU that opens the tree checks it
+    against again (``int8_gate``; by default its cosine, ``int8_min_cosine``): its error depends on the CPU.
+
+    A graph whose weights pass ``external_data_bytes`` ships with its weights in ``<name>.onnx.data``.
+    Returns the manifest entries: per shipped variant its ONNX file (with ``parity``, and ``speed`` when
+    there was a choice), its external data file if any, and its golden file. Raises :class:`ParityError`
+    naming the figures when fp32 fails its gate.
     """
     reference = torch_outputs(export.module.eval(), export.probe)
     # Scratch inside ``root`` (a stage's staging folder): same filesystem, so shipping a graph is a rename.
@@ -225,7 +223,7 @@ def export_variants(
                 export, graph, reference, int8_min_cosine, extra_gate, work, external_data_bytes
             )
             measure([fp32, *candidates], _numpy(export.probe))
-            ships, slower = decide(fp32, candidates, int8_even_if_slower)
+            ships, slower = decide(fp32, candidates, keep_slower=int8_ship == "gated")
             dropped += slower
             for d in dropped:
                 log.warning("%s %s (%s) not shipped: %s", export.role, d["variant"], d["method"], d["why"])
@@ -237,12 +235,13 @@ def export_variants(
             shipped += ships
             done(f"{export.role} int8 checked and timed")
         files: list[dict[str, Any]] = []
+        gate = int8_gate if int8_gate is not None else {"min_cosine": int8_min_cosine}
         for candidate in shipped:
             speed = record(candidate, fp32, None) if int8 else None
             if speed is not None and candidate is fp32 and dropped:
                 speed["not_shipped"] = dropped
             path = root / ONNX_DIR / variant_name(onnx_name, candidate.variant)
-            files += _write(export, candidate, path, root, reference, opset, speed)
+            files += _write(export, candidate, path, root, reference, opset, speed, gate)
     return files
 
 
@@ -410,8 +409,10 @@ def _write(
     reference: list[np.ndarray],
     opset: int,
     speed: dict[str, Any] | None,
+    gate: dict[str, float],
 ) -> list[dict[str, Any]]:
-    """Move one gated variant into the tree and write its golden file: its manifest entries."""
+    """Move one gated variant into the tree and write its golden file: its manifest entries (an int8 one
+    with the ``gate`` it is checked against where the tree is opened)."""
     figures = dict(candidate.figures)
     if candidate.graph.name != onnx_path.name:  # an external-data location names the graph's final file
         raise AssertionError(f"{candidate.graph.name} would ship as {onnx_path.name}")
@@ -445,6 +446,7 @@ def _write(
         parity={**figures, **export.details},
         **({"external_data": data_entries[0]["path"]} if data_entries else {}),
         **({"speed": speed} if speed else {}),
+        **({} if fp32 else {"gate": gate}),
     )
     return [entry, *data_entries, file_entry(root, golden, role=Role.GOLDEN, fmt="npz")]
 

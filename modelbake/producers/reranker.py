@@ -18,6 +18,7 @@ from modelbake.producers import Values
 from modelbake.producers.common import ProducerError, hub_offline, log, measured, model_record, staged_output
 from modelbake.producers.onnx_export import Int8Refused, OnnxExport, export_variants
 from modelbake.producers.progress import steps
+from modelbake.runtime.gates import kendall_tau, top_k_kept
 from modelbake.runtime.sessions import session
 from modelbake.spec import ORIGIN_FILE, RERANKER_DIR, RerankerSpec, parse_reranker_list, reranker_onnx_name
 
@@ -201,9 +202,7 @@ def _ranking_gate(
         scores = _scores(run, feeds, activation, reference.shape)
         if not np.isfinite(scores).all():
             raise ProducerError("the ONNX scores hold NaN or inf on the ranking probe; nothing was written")
-        order, reference_order = np.argsort(-scores, kind="stable"), np.argsort(-reference, kind="stable")
-        # the reference's own ties may come in either order
-        tops.append(bool(np.array_equal(reference[order[:top_k]], reference[reference_order[:top_k]])))
+        tops.append(top_k_kept(scores, reference, top_k))
         taus.append(round(kendall_tau(scores, reference), 4))
         diffs.append(float(np.max(np.abs(scores - reference))))
     figures = {
@@ -220,18 +219,6 @@ def _ranking_gate(
             f"Kendall's tau {taus} (min {min_tau:g} required)"
         )
     return figures
-
-
-def kendall_tau(a: np.ndarray, b: np.ndarray) -> float:
-    """Kendall's tau-b of two score lists: (concordant - discordant pairs), over the pairs either list tells
-    apart (a pair the model scores exactly alike has no order to keep). If one list ties everything: 1.0 when
-    the other does too, else 0.0 (all order lost)."""
-    i, j = np.triu_indices(len(a), 1)
-    sa, sb = np.sign(a[i] - a[j]), np.sign(b[i] - b[j])
-    norm = np.sqrt(np.count_nonzero(sa) * np.count_nonzero(sb))
-    if not norm:
-        return float(not sa.any() and not sb.any())
-    return float(np.sum(sa * sb) / norm)
 
 
 def _load_saved(spec: RerankerSpec, path: Path, root: Path) -> tuple[Any, Path]:
@@ -290,7 +277,8 @@ def _export(ce: Any, key: str, root: Path, values: Values, done: Callable[[str],
         opset=values["ONNX_OPSET"],
         int8=values["RERANKER_INT8"],
         int8_min_cosine=-1.0,
-        int8_even_if_slower=values["INT8_EVEN_IF_SLOWER"],
+        int8_gate={"top_k": values["RERANKER_INT8_TOP_K"], "min_tau": values["RERANKER_INT8_MIN_TAU"]},
+        int8_ship=values["INT8_SHIP"],
         int8_required=values["INT8_REQUIRED"],
         external_data_bytes=values["ONNX_EXTERNAL_DATA_BYTES"],
         extra_gate=scores_gate,

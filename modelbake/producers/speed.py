@@ -80,7 +80,7 @@ def decide(fp32: Candidate, others: list[Candidate], keep_slower: bool) -> tuple
             ratio = best.batch_ms["1"] / fp32.batch_ms["1"]
             why = (
                 f"{ratio:.2f}x slower than fp32 at batch 1 on the build machine ({best.batch_ms['1']:.3g} ms against "
-                f"{fp32.batch_ms['1']:.3g} ms); INT8_EVEN_IF_SLOWER=1 ships it anyway"
+                f"{fp32.batch_ms['1']:.3g} ms); INT8_SHIP=gated ships it anyway"
             )
             dropped.append(_dropped(best, why))
     return ships, dropped

@@ -203,10 +203,7 @@ class ClipEncoder(Loader):
     def __init__(self, folder: Path, model: dict[str, Any], **kwargs: Any) -> None:
         super().__init__(folder, model, **kwargs)
         self.preprocessing = model["preprocessing"]
-        self.sessions = {
-            tower: session(resolve_inside(folder, self.onnx(model, role)["path"]), kwargs.get("threads"))
-            for tower, role in self.ROLES.items()
-        }
+        self.sessions = {tower: self.onnx_session(model, role) for tower, role in self.ROLES.items()}
         self.tokenizer = ClipTokenizer.of(folder, self.preprocessing)
 
     @classmethod

@@ -43,8 +43,16 @@ class Models:
 
     def variants(self) -> dict[str, dict[str, dict[str, str]]]:
         """What each model runs: {kind: {name: {role: variant}}}."""
+        return self._per_role("chosen")
+
+    def reasons(self) -> dict[str, dict[str, dict[str, str]]]:
+        """Why each model runs that variant here: {kind: {name: {role: why}}} (e.g. "int8: 1.90x fp32 at batch 1
+        here, cosine 0.9991 here")."""
+        return self._per_role("why")
+
+    def _per_role(self, attribute: str) -> dict[str, dict[str, dict[str, str]]]:
         return {
-            kind: {name: dict(getattr(model, "chosen", {})) for name, model in models.items()}
+            kind: {name: dict(getattr(model, attribute, {})) for name, model in models.items()}
             for kind, models in self.by_kind.items()
         }
 
@@ -74,10 +82,12 @@ def open_models(
     refused unless ``allow_unverified`` (or $MODELBAKE_ALLOW_UNVERIFIED=1): then it is searched as the seed's
     services did, CLIP ONNX pairs by name and the regressor by its look-up order, nothing verified and no
     reranker.
-    ``variant``: ``auto`` runs, per ONNX role, the variant the build measured fastest at batch 1 when this
-    CPU has the build machine's kernels (same ISA flags), else fp32; ``fp32`` or ``int8`` (built with
-    CLIP_INT8 / RERANKER_INT8; ``int8=True`` is the same) asks for one where a kind has it. Each loader's
-    ``chosen`` says what it runs.
+    ``variant``: ``auto`` (or $MODELBAKE_VARIANT) runs, per ONNX role, the variant the build measured
+    fastest at batch 1 when this CPU has the build machine's kernels (same ISA flags); on another CPU each
+    shipped variant is checked on its golden probe and timed here, and the faster one that passes runs
+    (:mod:`modelbake.runtime.variant_check`, cached). ``fp32`` or ``int8`` (built with CLIP_INT8 /
+    RERANKER_INT8; ``int8=True`` is the same) asks for one where a kind has it. :meth:`Models.variants` says
+    what each role runs, :meth:`Models.reasons` why.
     """
     folder = Path(folder)
     if not require_manifest(folder, allow_unverified):

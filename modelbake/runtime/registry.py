@@ -15,7 +15,8 @@ from typing import Any, ClassVar, Self, TypeVar
 
 import numpy as np
 
-from modelbake.manifest import Variant, checked_model
+from modelbake.manifest import Variant, checked_model, resolve_inside
+from modelbake.runtime.sessions import session
 from modelbake.runtime.variants import choose, requested
 
 BUILTIN = ("modelbake.runtime.clip", "modelbake.runtime.reranker", "modelbake.runtime.regressor")
@@ -38,14 +39,25 @@ class Loader:
         threads: int | None = None,
     ) -> None:
         self.name = model["name"]
+        self.folder, self.threads = folder, threads
         self.requested = requested(variant, int8)
         self.chosen: dict[str, str] = {}  # role -> the variant each ONNX role runs
+        self.why: dict[str, str] = {}  # role -> why it runs that variant here
+        self._checked: dict[str, Any] = {}  # role -> a session the variant check here already opened
 
     def onnx(self, model: dict[str, Any], role: str) -> dict[str, Any]:
-        """The ONNX entry of ``role`` this loader runs (``variant`` as asked, ``auto`` by the build's timings)."""
-        entry = choose(model, role, self.requested)
-        self.chosen[role] = entry.get("variant", Variant.FP32)
-        return entry
+        """The ONNX entry of ``role`` this loader runs: ``variant`` as asked; ``auto`` by the build's timings
+        on a CPU of the build machine's class, else as checked here (:func:`.variants.choose`)."""
+        choice = choose(model, role, self.requested, root=self.folder, threads=self.threads)
+        self.chosen[role], self.why[role] = choice.variant, choice.why
+        if choice.session is not None:
+            self._checked[role] = choice.session
+        return choice.entry
+
+    def onnx_session(self, model: dict[str, Any], role: str) -> Any:
+        """An onnxruntime session of the entry :meth:`onnx` picks for ``role`` (the check's own, when it made one)."""
+        entry = self.onnx(model, role)
+        return self._checked.pop(role, None) or session(resolve_inside(self.folder, entry["path"]), self.threads)
 
     @property
     def variant(self) -> str:

@@ -16,7 +16,6 @@ import numpy as np
 
 from modelbake.manifest import Role, checked_model, require_manifest, resolve_inside
 from modelbake.runtime.registry import Loader, register_loader
-from modelbake.runtime.sessions import session
 from modelbake.spec import REGRESSOR_LOOKUP, REGRESSOR_ONNX_LOOKUP
 
 log = logging.getLogger("modelbake")
@@ -73,8 +72,7 @@ class BoundaryRegressorONNX(Loader):
 
     def __init__(self, folder: Path, model: dict[str, Any], **kwargs: Any) -> None:
         super().__init__(folder, model, **kwargs)
-        entry = self.onnx(model, Role.REGRESSOR)
-        self.session = session(resolve_inside(folder, entry["path"]), kwargs.get("threads"))
+        self.session = self.onnx_session(model, Role.REGRESSOR)
         self.input_name = self.session.get_inputs()[0].name
         self.feature_dim = int(self.session.get_inputs()[0].shape[1])
 

@@ -11,7 +11,6 @@ from tokenizers import Tokenizer
 
 from modelbake.manifest import ManifestError, Role, Variant, resolve_inside
 from modelbake.runtime.registry import Loader, register_loader
-from modelbake.runtime.sessions import session
 
 
 def pair_tokenizer(folder: Path, contract: dict[str, Any]) -> Tokenizer:
@@ -63,8 +62,7 @@ class Reranker(Loader):
     def __init__(self, folder: Path, model: dict[str, Any], **kwargs: Any) -> None:
         super().__init__(folder, model, **kwargs)
         self.contract = {**model["preprocessing"], **model["details"]}
-        entry = self.onnx(model, Role.RERANKER)
-        self.session = session(resolve_inside(folder, entry["path"]), kwargs.get("threads"))
+        self.session = self.onnx_session(model, Role.RERANKER)
         self.tokenizer = pair_tokenizer(folder, self.contract)
         self._pad_right = self.tokenizer.padding["direction"] == "right"
         self._labels = int(self.contract.get("num_labels", 1))

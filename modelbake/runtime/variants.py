@@ -1,24 +1,35 @@
-"""Which variant of an ONNX role to run: the machine's facts, and the choice from the build's timings.
+"""Which variant of an ONNX role to run, and why: the machine's facts, the build's timings, a check here.
 
 The build measures every variant it ships on its own CPU and records the figures (``speed``) in each ONNX
 entry, with the facts of that machine (:func:`machine`). ``auto`` trusts those figures only where they
 apply: on a CPU with the same architecture and the same instruction-set extensions that onnxruntime's
-int8 and fp32 kernels dispatch on. Elsewhere it runs fp32, the variant every gate compares against.
+int8 and fp32 kernels dispatch on. On any other CPU an int8 variant's speed *and* accuracy are unknown
+(without VNNI, u8 x s8 products can saturate), so ``auto`` checks each shipped one where the tree is opened
+(:mod:`.variant_check`: the golden probe under the build's own thresholds, then timed beside fp32) and runs
+the faster one that passes, else fp32, the variant every gate compares against.
+
+``MODELBAKE_VARIANT`` (fp32, int8 or auto) sets what a loader asked for ``auto`` runs, process-wide.
 """
 
 from __future__ import annotations
 
 import os
 import platform
+from dataclasses import dataclass
 from functools import lru_cache
+from pathlib import Path
 from typing import Any
 
 from modelbake.manifest import Variant, onnx_entry
 
 AUTO = "auto"
+VARIANT_ENV = "MODELBAKE_VARIANT"
 # The extensions onnxruntime's CPU kernels dispatch on (int8 GEMM above all): two CPUs that agree on these
 # run a graph with the same kernels, so one's timings rank the variants for the other.
-ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8")
+ISA_FLAGS = (
+    *("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile", "amx_int8"),
+    *("asimd", "asimddp", "i8mm", "bf16", "sve"),  # arm64's (its "Features" line): NEON, int8 dot products
+)
 
 
 @lru_cache(maxsize=1)
@@ -57,28 +68,71 @@ def same_kernels(recorded: dict[str, Any] | None, here: dict[str, Any] | None = 
 
 
 def requested(variant: str | None, int8: bool = False) -> str:
-    """A loader's variant request: ``auto`` (default), or an explicit variant; ``int8=True`` means int8."""
+    """A loader's variant request: ``auto`` (default; $MODELBAKE_VARIANT when set), or an explicit variant;
+    ``int8=True`` means int8."""
     if int8 and variant in (None, AUTO):
         return Variant.INT8
     value = variant or AUTO
+    if value == AUTO and (forced := os.environ.get(VARIANT_ENV, "").strip().lower()):
+        if forced != AUTO and forced not in set(Variant):
+            raise ValueError(f"{VARIANT_ENV}={forced!r}: use auto or one of {', '.join(Variant)}, or leave it unset")
+        return forced
     if value != AUTO and value not in set(Variant):
         raise ValueError(f"variant {value!r}: use auto or one of {', '.join(Variant)}")
     return value
 
 
-def choose(model: dict[str, Any], role: str, variant: str = AUTO, here: dict[str, Any] | None = None) -> dict[str, Any]:
-    """The ONNX entry of ``model``'s ``role`` to run.
+@dataclass
+class Choice:
+    """The ONNX entry a role runs, why, and the session the check here already opened for it (if any)."""
 
-    An explicit variant must exist (LookupError naming what does). ``auto``: the entry with the smallest
-    recorded batch-1 latency when the recording machine has this one's kernels, otherwise fp32.
+    entry: dict[str, Any]
+    why: str
+    session: Any = None
+
+    @property
+    def variant(self) -> str:
+        return str(self.entry.get("variant", Variant.FP32))
+
+
+def choose(
+    model: dict[str, Any],
+    role: str,
+    variant: str = AUTO,
+    here: dict[str, Any] | None = None,
+    *,
+    root: Path | None = None,
+    threads: int | None = None,
+) -> Choice:
+    """What ``model``'s ``role`` runs on this machine (``here``) and why.
+
+    An explicit variant must exist (LookupError naming what does). ``auto``: fp32 when it is the only one;
+    the build's table (the smallest recorded batch-1 latency) when the recording machine has this one's
+    kernels; otherwise, given the tree's ``root``, each other variant checked and timed here
+    (:func:`.variant_check.check_here`), else fp32.
     """
     if variant != AUTO:
-        return onnx_entry(model, role, variant)
+        forced = os.environ.get(VARIANT_ENV, "").strip().lower() == variant
+        return Choice(
+            onnx_entry(model, role, variant), f"{variant}: asked for" + (f" ({VARIANT_ENV})" if forced else "")
+        )
+    here = here or machine()
     fp32 = onnx_entry(model, role, Variant.FP32)
-    timed = [e for e in model["files"] if e["role"] == role and "variant" in e and _batch1(e) is not None]
-    if not timed or not all(same_kernels(e["speed"].get("machine"), here) for e in timed):
-        return fp32
-    return min(timed, key=lambda e: (_batch1(e), e["variant"] != Variant.FP32))
+    others = [e for e in model["files"] if e["role"] == role and e.get("variant", Variant.FP32) != Variant.FP32]
+    if not others:
+        return Choice(fp32, "fp32: the only variant built")
+    timed = [e for e in (fp32, *others) if _batch1(e) is not None]
+    if len(timed) == 1 + len(others) and all(same_kernels(e["speed"].get("machine"), here) for e in timed):
+        best = min(timed, key=lambda e: (_batch1(e), e["variant"] != Variant.FP32))
+        what = "fastest" if best is fp32 else f"{_batch1(fp32) / max(_batch1(best), 1e-9):.3g}x fp32"
+        return Choice(
+            best, f"{best['variant']}: {what} at batch 1 on the build machine, whose ISA flags this CPU shares"
+        )
+    if root is None:
+        return Choice(fp32, "fp32: built on another CPU class, and no tree to check the other variants in")
+    from modelbake.runtime.variant_check import check_here
+
+    return check_here(root, fp32, others, here, threads)
 
 
 def _batch1(entry: dict[str, Any]) -> float | None:

@@ -11,9 +11,10 @@ from typing import Any, TextIO
 import numpy as np
 
 from modelbake.manifest import ManifestError, check_files, read_manifest, resolve_inside
+from modelbake.runtime import variants
 from modelbake.runtime.registry import loader_for
 from modelbake.runtime.sessions import session
-from modelbake.runtime.variants import AUTO, choose, machine, same_kernels
+from modelbake.runtime.variants import choose, requested
 from modelbake.signature import public_key_from_env, verify_tree
 
 
@@ -65,8 +66,9 @@ def verify(root: Path, *, quick: bool = False) -> list[Check]:
     try:
         manifest = read_manifest(root)
     except (ManifestError, OSError) as exc:
-        return [Check("-", "manifest", False, _reason(exc))]
-    checks = [Check("-", "manifest", True, f"schema {manifest['schema_version']}, {len(manifest['models'])} models")]
+        return [cpu_row(), Check("-", "manifest", False, _reason(exc))]
+    models = len(manifest["models"])
+    checks = [cpu_row(), Check("-", "manifest", True, f"schema {manifest['schema_version']}, {models} models")]
     # $MODELBAKE_SIGNING_PUBLIC_KEY: a signed tree is required. Not in the quick health check, which hashes
     # nothing: the signature hashes every file, and the service already checked it when it opened the tree.
     if not quick and (key := public_key_from_env()) is not None:
@@ -83,24 +85,26 @@ def verify(root: Path, *, quick: bool = False) -> list[Check]:
             checks.append(Check(name, "files", False, _reason(exc)))
             continue
         if not quick:
-            checks += [replace(check, model=name) for check in _inference(root, model) + _auto(model)]
+            checks += [replace(check, model=name) for check in _inference(root, model) + _auto(root, model)]
     return checks
 
 
-def _auto(model: dict[str, Any]) -> list[Check]:
-    """What ``variant="auto"`` runs here for each role the build timed, and why (an information row)."""
+def cpu_row() -> Check:
+    """The CPU this ran on: its model, architecture and the ISA flags the variants' kernels dispatch on, so a
+    log says which class of machine passed."""
+    here = variants.machine()
+    flags = " ".join(here["isa"]) or "none known"
+    return Check("-", "cpu", True, f"{here['cpu']} ({here['arch']}; {flags}; onnxruntime {here['onnxruntime']})")
+
+
+def _auto(root: Path, model: dict[str, Any]) -> list[Check]:
+    """What ``variant="auto"`` runs here for each role with more than one variant, and why (an information
+    row; on a CPU the build did not measure, the check here runs, :mod:`.variant_check`)."""
     checks = []
-    for role in dict.fromkeys(e["role"] for e in model["files"] if "speed" in e):
-        entry = choose(model, role, AUTO)
-        recorded = entry["speed"]["machine"]
-        if same_kernels(recorded):
-            ratio = entry["speed"]["vs_fp32"]["1"]
-            why = "fastest" if entry.get("variant") == "fp32" else f"{ratio:g}x fp32"
-            why += f" at batch 1 on the build machine ({recorded['cpu']}), whose ISA flags this CPU shares"
-        else:
-            why = f"this CPU's ISA flags ({' '.join(machine()['isa']) or 'unknown'}) are not the build machine's"
-            why += f" ({' '.join(recorded['isa'])}): fp32, whose timings do not transfer"
-        checks.append(Check("", f"auto {role}", True, f"runs {entry.get('variant', 'fp32')}: {why}"))
+    roles = [e["role"] for e in model["files"] if e.get("variant") not in (None, "fp32")]
+    for role in dict.fromkeys(roles):
+        choice = choose(model, role, requested(None), root=root)
+        checks.append(Check("", f"auto {role}", True, f"runs {choice.why}"))
     return checks
 
 

@@ -1,0 +1,93 @@
+#!/usr/bin/env python3
+"""What the open-time variant check adds to ``open_models``: a tree opened on a CPU the build did not measure.
+
+The default set of bench/startup.py (a full-size ViT-B/32 with random weights, MiniLM-L6 as a one-label
+cross-encoder, the seed regressor; fp32 and int8 side by side, built with ``--int8-ship gated``) is opened in
+fresh interpreters three ways, rounds interleaved:
+
+- ``table``: on this machine's own class (the build's table decides, no check): the baseline;
+- ``first``: as another CPU class (its signature faked in the child), with an empty variant cache, so every
+  int8 role is checked on its golden probe and timed beside fp32;
+- ``cached``: the same, with the cache the ``first`` run filled.
+
+Medians of ``open_models``'s time, and the differences to the baseline, are printed side by side; the
+choices and their reasons of the last ``first`` run too.
+
+    pip install -r bench/requirements.txt
+    python bench/variant_check.py [--work DIR] [--rounds 3] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from startup import build_tree
+
+CHILD = r"""
+import json, sys, time
+from modelbake.runtime import variants
+if sys.argv[2] != "table":  # another CPU class than the build machine's
+    other = {**variants.machine(), "cpu": "another CPU class", "isa": ["another_class"]}
+    variants.machine = lambda: other
+from modelbake.runtime.models import open_models
+t = time.perf_counter()
+models = open_models(sys.argv[1], threads=int(sys.argv[3]))
+print(json.dumps({"open": time.perf_counter() - t, "variants": models.variants(), "why": models.reasons()}))
+"""
+
+
+def open_once(tree: Path, mode: str, cache: Path, threads: int) -> dict:
+    env = {**os.environ, "MODELBAKE_VARIANT_CACHE": str(cache)}
+    env.pop("MODELBAKE_VARIANT", None)
+    proc = subprocess.run(
+        [sys.executable, "-c", CHILD, str(tree), mode, str(threads)], capture_output=True, text=True, env=env
+    )
+    if proc.returncode != 0:
+        raise SystemExit(proc.stderr[-3000:])
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, default=Path(".cache/bench-startup"))
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    args.work.mkdir(parents=True, exist_ok=True)
+    tree = build_tree(args.work)
+    times: dict[str, list[float]] = {"table": [], "first": [], "cached": []}
+    last = {}
+    with tempfile.TemporaryDirectory() as scratch:
+        for r in range(args.rounds):
+            cache = Path(scratch) / f"round-{r}"
+            for mode in ("table", "first", "cached") if r % 2 == 0 else ("first", "cached", "table"):
+                result = open_once(tree, mode, cache, args.threads)
+                times[mode].append(result["open"])
+                if mode == "first":
+                    last = result
+    from modelbake.runtime.variants import machine
+
+    here = machine()
+    print(f"# open_models, ViT-B/32 + MiniLM-L6 + regressor, {args.threads} threads, {args.rounds} rounds")
+    print(f"# machine: {here['cpu']} ({here['arch']}; {' '.join(here['isa'])})")
+    base = statistics.median(times["table"])
+    for mode, ts in times.items():
+        median = statistics.median(ts)
+        print(f"{mode:<7} {median:7.2f} s  (+{median - base:5.2f} s over the build's table)  runs: {ts}")
+    print("\n# the choices of the last uncached check")
+    for kind, models in last["why"].items():
+        for name, roles in models.items():
+            for role, why in roles.items():
+                print(f"{kind}:{name:<12} {role:<14} {why}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

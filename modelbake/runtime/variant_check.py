@@ -1,0 +1,181 @@
+"""``auto`` on a CPU the build did not measure: check each shipped variant here, time it, cache the choice.
+
+An int8 graph's speed *and* its accuracy depend on the CPU that runs it (onnxruntime's u8 x s8 kernels can
+saturate on x86-64 without VNNI; ARM and VNNI/AMX machines round differently), so a build machine's gate and
+timings do not carry over to another CPU class. Where a tree is opened on one, each candidate runs the
+golden probe its build recorded and must meet the same thresholds its build gate used (``gate`` in its
+manifest entry); a non-finite output or a miss refuses it here. The survivors are timed beside fp32 at
+batch 1 (a warm-up, then interleaved rounds within a time budget), and the faster one runs.
+
+The choice is cached per (CPU signature, onnxruntime version, threads, the files' sha256) as one JSON file
+in $MODELBAKE_VARIANT_CACHE, else ~/.cache/modelbake/variants when that can be written; never inside the
+model tree. A read-only container simply checks again at each start.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from modelbake.manifest import resolve_inside
+from modelbake.runtime.gates import kendall_tau, min_row_cosine, top_k_kept
+from modelbake.runtime.sessions import session
+from modelbake.runtime.variants import Choice
+
+log = logging.getLogger("modelbake")
+
+CACHE_ENV = "MODELBAKE_VARIANT_CACHE"
+ROUNDS = 7
+MIN_ROUNDS = 3
+BUDGET_S = 30.0  # the timing's total; a CPU too slow to finish MIN_ROUNDS in it runs fp32
+
+
+def cache_dir(root: Path) -> Path | None:
+    """Where choices are cached: $MODELBAKE_VARIANT_CACHE, else ~/.cache/modelbake/variants; None when it
+    cannot be written or would lie inside the model tree ``root``."""
+    configured = os.environ.get(CACHE_ENV, "").strip()
+    folder = Path(configured) if configured else Path.home() / ".cache" / "modelbake" / "variants"
+    if folder.resolve().is_relative_to(root.resolve()):
+        return None
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return None
+    return folder if os.access(folder, os.W_OK) else None
+
+
+def _key(here: dict[str, Any], entries: list[dict[str, Any]], threads: int | None) -> str:
+    signature = {
+        "cpu": here.get("cpu"),
+        "arch": here.get("arch"),
+        "isa": sorted(here.get("isa", [])),
+        "onnxruntime": here.get("onnxruntime"),
+        "threads": threads or 0,
+        "files": [[e.get("variant"), e["sha256"], e.get("gate")] for e in entries],
+    }
+    return hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()
+
+
+def _cached(folder: Path | None, key: str, entries: list[dict[str, Any]]) -> Choice | None:
+    if folder is None:
+        return None
+    try:
+        doc = json.loads((folder / f"{key}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    entry = next((e for e in entries if e.get("variant") == doc.get("variant")), None)
+    return None if entry is None else Choice(entry, f"{doc['why']} (checked here before, cached)")
+
+
+def _store(folder: Path | None, key: str, choice: Choice) -> None:
+    if folder is None:
+        return
+    try:  # atomic: a reader never sees half a file
+        with tempfile.NamedTemporaryFile("w", dir=folder, prefix=".tmp-", suffix=".json", delete=False) as f:
+            json.dump({"variant": choice.variant, "why": choice.why}, f)
+        os.replace(f.name, folder / f"{key}.json")
+    except OSError as exc:
+        log.debug("variant choice not cached in %s: %s", folder, exc)
+
+
+def _golden(root: Path, entry: dict[str, Any]) -> tuple[dict[str, np.ndarray], list[np.ndarray], list[str]]:
+    with np.load(resolve_inside(root, entry["golden"]), allow_pickle=False) as data:
+        arrays = {k: data[k] for k in data.files}
+    feeds = {k.removeprefix("input:"): v for k, v in arrays.items() if k.startswith("input:")}
+    names = [k.removeprefix("output:") for k in arrays if k.startswith("output:")]
+    return feeds, [arrays[f"output:{n}"] for n in names], names
+
+
+def accuracy_here(run: Any, root: Path, entry: dict[str, Any]) -> tuple[bool, str]:
+    """``entry``'s graph (session ``run``) on its golden probe against the recorded reference outputs, under
+    its recorded ``gate``: (passes, the figures in words)."""
+    gate = entry.get("gate")
+    if not gate:
+        return False, "no gate recorded (built before modelbake checked variants where they run)"
+    feeds, reference, names = _golden(root, entry)
+    outputs = run.run(names, feeds)
+    if not all(np.isfinite(o).all() for o in outputs):
+        return False, "non-finite outputs here"
+    words, ok = [], True
+
+    def measured(name: str, value: float, minimum: float) -> None:
+        nonlocal ok
+        ok &= value >= minimum
+        words.append(f"{name} {value:.4f} here" + ("" if value >= minimum else f", below {minimum:g}"))
+
+    if "min_cosine" in gate:
+        cosine = min(min_row_cosine(r, o) for r, o in zip(reference, outputs, strict=True))
+        measured("cosine", cosine, gate["min_cosine"])
+    if "min_tau" in gate:
+        scores, ref = np.ravel(outputs[0]), np.ravel(reference[0])
+        measured("Kendall's tau", kendall_tau(scores, ref), gate["min_tau"])
+        if not top_k_kept(scores, ref, int(gate.get("top_k", 0))):
+            ok = False
+            words.append(f"top {gate['top_k']} changed")
+    return ok, ", ".join(words)
+
+
+def time_here(runs: list[Any], feeds: dict[str, np.ndarray], budget_s: float = BUDGET_S) -> list[float] | None:
+    """Median seconds per batch-1 run of each session, interleaved (each round runs all, in a rotating
+    order), after one warm-up each; None when ``budget_s`` ran out before MIN_ROUNDS rounds."""
+    start = time.perf_counter()
+    for run in runs:
+        run.run(None, feeds)
+    times: list[list[float]] = [[] for _ in runs]
+    for r in range(ROUNDS):
+        if time.perf_counter() - start > budget_s:
+            break
+        for i in np.roll(np.arange(len(runs)), r):
+            t = time.perf_counter()
+            runs[i].run(None, feeds)
+            times[i].append(time.perf_counter() - t)
+    if len(times[0]) < MIN_ROUNDS:
+        return None
+    return [float(np.median(ts)) for ts in times]
+
+
+def check_here(
+    root: Path, fp32: dict[str, Any], others: list[dict[str, Any]], here: dict[str, Any], threads: int | None
+) -> Choice:
+    """The variant of one role to run on this CPU: each of ``others`` checked on its golden probe, the ones
+    that pass timed beside ``fp32``; the fastest, or fp32. Cached (see the module's doc)."""
+    folder = cache_dir(root)
+    key = _key(here, [fp32, *others], threads)
+    if (cached := _cached(folder, key, [fp32, *others])) is not None:
+        return cached
+    started = time.perf_counter()
+    passed, refusals = [], []
+    for entry in others:
+        run = session(resolve_inside(root, entry["path"]), threads)
+        ok, words = accuracy_here(run, root, entry)
+        if ok:
+            passed.append((entry, run, words))
+        else:
+            refusals.append(f"{entry['variant']} {words}")
+    if not passed:
+        choice = Choice(fp32, "fp32: " + "; ".join(refusals))
+    else:
+        fp32_run = session(resolve_inside(root, fp32["path"]), threads)
+        feeds, _, _ = _golden(root, fp32)
+        medians = time_here([fp32_run, *(run for _, run, _ in passed)], {k: v[:1] for k, v in feeds.items()})
+        if medians is None:
+            choice = Choice(fp32, f"fp32: timing the variants here took over {BUDGET_S:g} s", fp32_run)
+        else:
+            i = int(np.argmin(medians[1:]))
+            entry, run, words = passed[i]
+            ratio = medians[0] / medians[1 + i]
+            if ratio > 1:
+                choice = Choice(entry, f"{entry['variant']}: {ratio:.2f}x fp32 at batch 1 here, {words}", run)
+            else:
+                choice = Choice(fp32, f"fp32: {entry['variant']} {ratio:.2f}x fp32 at batch 1 here ({words})", fp32_run)
+    log.info("%s runs %s (checked here in %.2f s)", fp32["role"], choice.why, time.perf_counter() - started)
+    _store(folder, key, choice)
+    return choice
