@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from conftest import run_cli
 
@@ -160,3 +162,25 @@ def test_the_process_wide_override(built_tree: Path, monkeypatch: pytest.MonkeyP
     monkeypatch.setenv(variants.VARIANT_ENV, "fast")
     with pytest.raises(ValueError, match=r"MODELBAKE_VARIANT='fast': use auto or one of fp32, int8"):
         open_models(built_tree)
+
+
+def test_the_real_timer_decides_either_way_and_says_which(built_tree: Path, elsewhere: Path) -> None:
+    """No injected timings: whichever variant is faster on this CPU, the choice names its measured ratio."""
+    models = open_models(built_tree)
+    for role, why in models.reasons()["clip"]["tiny-vit"].items():
+        assert re.fullmatch(
+            r"int8: \d+\.\d\dx fp32 at batch 1 here, cosine 0\.\d{4} here|fp32: int8 \d+\.\d\dx fp32 at batch 1 "
+            r"here \(cosine 0\.\d{4} here\)",
+            why,
+        ), (role, why)
+
+
+def test_the_timer_gives_up_past_its_budget(built_tree: Path) -> None:
+    from modelbake.runtime.sessions import session
+
+    graph = built_tree / "onnx" / "boundary_regressor.onnx"
+    runs = [session(graph, 1), session(graph, 1)]
+    feeds = {runs[0].get_inputs()[0].name: np.zeros((1, runs[0].get_inputs()[0].shape[1]), np.float32)}
+    medians = variant_check.time_here(runs, feeds)
+    assert medians is not None and len(medians) == 2 and all(m > 0 for m in medians)
+    assert variant_check.time_here(runs, feeds, budget_s=0.0) is None
