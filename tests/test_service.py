@@ -429,3 +429,21 @@ def test_reranker_scores_are_the_same_in_any_batch_size(built_tree: Path) -> Non
         np.testing.assert_allclose(reranker.score("a query", passages, batch_size=size), whole, atol=1e-6)
     with pytest.raises(ValueError, match="batch_size"):
         reranker.score("q", passages, batch_size=0)
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "0", "-2"])
+def test_a_limit_that_is_not_a_finite_positive_number_is_refused_at_start(value: str) -> None:
+    """SEARCH_MAX_ASPECT_RATIO=nan once passed the "<= 0" check (nan compares false) and let a 100000x1
+    strip through; every limit must be finite and above 0, said at start with the variable's name."""
+    import os
+    import subprocess
+    import sys
+
+    proc = subprocess.run(
+        [sys.executable, "-c", "import app"],
+        cwd=REPO / "examples" / "search_service",
+        env={**os.environ, "SEARCH_MAX_ASPECT_RATIO": value},
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 1 and f"SEARCH_MAX_ASPECT_RATIO={value!r}: give a finite number above 0" in proc.stderr

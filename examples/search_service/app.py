@@ -55,6 +55,7 @@ import contextlib
 import io
 import json
 import logging
+import math
 import os
 import sys
 import time
@@ -115,8 +116,9 @@ class Settings:
                 values[field.name] = kind(raw)
             except ValueError:
                 raise SystemExit(f"{name}={raw!r}: give a number ({kind.__name__})") from None
-            if kind is not str and values[field.name] <= 0:
-                raise SystemExit(f"{name}={raw!r}: give a number above 0")
+            # nan compares false both ways, so "<= 0" alone let SEARCH_MAX_ASPECT_RATIO=nan turn a limit off
+            if kind is not str and not (math.isfinite(values[field.name]) and values[field.name] > 0):
+                raise SystemExit(f"{name}={raw!r}: give a finite number above 0")
         return cls(**values)
 
 
