@@ -66,6 +66,29 @@ def test_a_moved_tree_loads_its_pairs_and_a_missing_data_file_is_named(built_tre
         session(root / "onnx" / "clip_tiny-vit_text_encoder.onnx")
 
 
+def test_an_external_data_location_outside_the_folder_is_a_refusal_not_a_missing_file(tmp_path: Path) -> None:
+    """onnxruntime refuses a location that leaves the graph's folder; that is said as a refusal, not as the
+    missing NAME.onnx.data it once was reported as (which sent users looking for a file)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    (tmp_path / "m").mkdir()
+    weights = numpy_helper.from_array(np.ones((4, 4), np.float32), "w")
+    x, y = (helper.make_tensor_value_info(n, TensorProto.FLOAT, [1, 4]) for n in "xy")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x], [y], [weights])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "m" / "g.onnx"
+    onnx.save_model(model, path, save_as_external_data=True, location="g.onnx.data", size_threshold=0)
+    (path.parent / "g.onnx.data").rename(tmp_path / "outside.bin")  # the weights now lie outside the folder
+    model = onnx.load(path, load_external_data=False)
+    for entry in model.graph.initializer[0].external_data:
+        if entry.key == "location":
+            entry.value = "../outside.bin"
+    path.write_bytes(model.SerializeToString())
+    with pytest.raises(PermissionError, match=r"g\.onnx: refused, an external-data location in the graph points"):
+        session(path)
+
+
 def test_each_model_reports_its_peak_memory_in_the_manifest_and_the_summary(
     download_run: tuple[Path, str, str],
 ) -> None:

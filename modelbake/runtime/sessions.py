@@ -37,6 +37,11 @@ def session(model: Path | str | bytes, threads: int | None = None) -> ort.Infere
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail type; a graph whose weights file is gone is common
         data = None if isinstance(model, bytes) else Path(model).with_name(external_data_name(Path(model).name))
+        if "escapes model directory" in str(exc):  # a security refusal, not a missing file
+            raise PermissionError(
+                f"{model}: refused, an external-data location in the graph points outside its folder; "
+                "a graph's weights must lie beside it (NAME.onnx.data), rebuild or re-export it"
+            ) from exc
         if data is not None and "External data path" in str(exc) and not data.is_file():
             raise FileNotFoundError(
                 f"{model}: its weights are in {data.name}, which is not beside it; keep NAME.onnx and "
