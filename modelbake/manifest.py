@@ -71,6 +71,7 @@ def _validate(doc: Any, ref: str | None, what: str) -> None:
 
 UNVERIFIED_ENV = "MODELBAKE_ALLOW_UNVERIFIED"
 MANIFEST_PIN_ENV = "MODELBAKE_MANIFEST_SHA256"
+PUBLIC_KEY_ENV = "MODELBAKE_SIGNING_PUBLIC_KEY"  # read by modelbake.signature; here for require_manifest
 UNPINNED = "unpinned"
 
 
@@ -96,11 +97,23 @@ def unverified_allowed(explicit: bool = False) -> bool:
     return explicit or os.environ.get(UNVERIFIED_ENV, "") == "1"
 
 
-def require_manifest(root: Path, allow_unverified: bool = False) -> bool:
+def require_manifest(
+    root: Path, allow_unverified: bool = False, *, expected_sha256: str | None = None, public_key: object = None
+) -> bool:
     """True when ``root`` has a manifest; False when it has none and unverified loading is allowed;
-    otherwise one ManifestError naming both ways out."""
+    otherwise one ManifestError naming both ways out. A configured pin (``expected_sha256`` or
+    $MODELBAKE_MANIFEST_SHA256) or public key (``public_key`` or $MODELBAKE_SIGNING_PUBLIC_KEY) says the
+    reader expects a verified tree: then a missing manifest is refused whatever the opt-in says."""
     if (root / MANIFEST_NAME).is_file():
         return True
+    pinned = manifest_pin(expected_sha256) is not None
+    keyed = bool(str(public_key or os.environ.get(PUBLIC_KEY_ENV, "")).strip())
+    if pinned or keyed:
+        what = f"the manifest is pinned ({MANIFEST_PIN_ENV})" if pinned else f"a public key is set ({PUBLIC_KEY_ENV})"
+        raise ManifestError(
+            f"{root}: no {MANIFEST_NAME}, and {what}, so unverified loading is refused even with "
+            f"{UNVERIFIED_ENV}=1; point at the tree that was built, or unset the pin and the key"
+        )
     if unverified_allowed(allow_unverified):
         return False
     raise ManifestError(

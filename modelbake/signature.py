@@ -21,10 +21,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from modelbake.manifest import ManifestError
+from modelbake.manifest import PUBLIC_KEY_ENV, ManifestError
 from modelbake.spec import SIGNATURE_NAME
 
-PUBLIC_KEY_ENV = "MODELBAKE_SIGNING_PUBLIC_KEY"
 INSTALL_HINT = "pip install -r build/requirements-signing.txt (in the runtime image: build it with MODEL_SIGNING=1)"
 
 

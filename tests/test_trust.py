@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from modelbake import hashes
-from modelbake.manifest import MANIFEST_PIN_ENV, ManifestError, finalize, read_manifest
+from modelbake.manifest import MANIFEST_PIN_ENV, PUBLIC_KEY_ENV, ManifestError, finalize, read_manifest
 from modelbake.runtime.clip import ClipEncoder
 from modelbake.runtime.models import open_models
 from modelbake.runtime.regressor import BoundaryRegressorONNX, find_weights
@@ -46,6 +46,31 @@ def test_a_tree_without_manifest_is_refused_unless_opted_in(tree: Path, monkeypa
     monkeypatch.setenv("MODELBAKE_ALLOW_UNVERIFIED", "1")
     assert sorted(open_models(tree).clip) == ["tiny-rn", "tiny-vit"]
     assert find_weights(tree).name == "boundary_regressor_pretrained.pth"
+
+
+def test_a_configured_pin_or_key_refuses_a_missing_manifest_even_when_opted_in(
+    tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """MODELBAKE_ALLOW_UNVERIFIED=1 once returned before the pin and the key were looked at: a pinned, signed
+    tree with its manifest deleted loaded by name with a warning. A reader that expects a verified tree
+    refuses every way in, whatever the opt-in says."""
+    digest = _digest(tree)
+    (tree / MANIFEST_NAME).unlink()
+    monkeypatch.setenv("MODELBAKE_ALLOW_UNVERIFIED", "1")
+    monkeypatch.delenv(PUBLIC_KEY_ENV, raising=False)
+    loads = (open_models, ClipEncoder.from_folder, BoundaryRegressorONNX.from_folder, find_weights)
+    for setting, value, said in (
+        (MANIFEST_PIN_ENV, f"sha256:{digest}", "the manifest is pinned"),
+        (PUBLIC_KEY_ENV, str(tree / "public.pem"), "a public key is set"),
+    ):
+        monkeypatch.setenv(setting, value)
+        for load in loads:
+            with pytest.raises(ManifestError, match=f"no model_manifest.json, and {said} .*even with MODELBAKE_ALLOW"):
+                load(tree)
+        monkeypatch.delenv(setting)
+    with pytest.raises(ManifestError, match="the manifest is pinned"):
+        open_models(tree, manifest_sha256=digest)  # given as an argument, too
+    assert sorted(open_models(tree).clip) == ["tiny-rn", "tiny-vit"]  # neither set: the opt-in still works
 
 
 def test_the_manifest_itself_is_pinned(tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

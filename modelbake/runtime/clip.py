@@ -216,7 +216,7 @@ class ClipEncoder(Loader):
         then it is searched as the original services did (see :func:`detect`), nothing verified.
         """
         folder = Path(folder)
-        if not require_manifest(folder, allow_unverified):
+        if not require_manifest(folder, allow_unverified, expected_sha256=kwargs.get("manifest_sha256")):
             return cls(folder, detect(folder, name), **kwargs)
         return super().from_folder(folder, name, **kwargs)
 

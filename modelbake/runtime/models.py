@@ -90,7 +90,7 @@ def open_models(
     what each role runs, :meth:`Models.reasons` why.
     """
     folder = Path(folder)
-    if not require_manifest(folder, allow_unverified):
+    if not require_manifest(folder, allow_unverified, expected_sha256=manifest_sha256, public_key=public_key):
         return _open_by_names(folder, threads)
     manifest = read_manifest(folder, expected_sha256=manifest_sha256)
     if (key := public_key_from_env(public_key)) is not None:

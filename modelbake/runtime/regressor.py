@@ -90,7 +90,7 @@ class BoundaryRegressorONNX(Loader):
         """Through the manifest (files checked). Without one, only with ``allow_unverified`` (or
         $MODELBAKE_ALLOW_UNVERIFIED=1): the first file of the ONNX look-up order, with a warning."""
         folder = Path(folder)
-        if not require_manifest(folder, allow_unverified):
+        if not require_manifest(folder, allow_unverified, expected_sha256=kwargs.get("manifest_sha256")):
             path = find_weights(folder, REGRESSOR_ONNX_LOOKUP, allow_unverified=True)
             return cls.from_file(path, threads=kwargs.get("threads"))
         return super().from_folder(folder, name, **kwargs)
