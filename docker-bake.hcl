@@ -101,7 +101,8 @@ target "_common" {
   # Labels live here only; every target inherits them.
   labels = merge({
     "org.opencontainers.image.title"    = "modelbake"
-    "org.opencontainers.image.source"   = SOURCE_URL
+    # without user info, query or fragment (https://user:TOKEN@host/repo?access_token=...), as `modelbake bake` cleans it
+    "org.opencontainers.image.source"   = regex_replace(SOURCE_URL, "^(https?://)?(?:[^@/?#]*@)?([^?#]*).*$", "$1$2")
     "org.opencontainers.image.revision" = GIT_REVISION
     "org.opencontainers.image.created" = notequal(SOURCE_DATE_EPOCH, "") ? formatdate("YYYY-MM-DD'T'hh:mm:ssZ", timeadd("1970-01-01T00:00:00Z", "${SOURCE_DATE_EPOCH}s")) : timestamp()
     "io.modelbake.clip-models"          = CLIP_MODELS

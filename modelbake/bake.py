@@ -200,12 +200,17 @@ def stage_sizes(client: Any, image: str, manifest: dict[str, Any], base_image: s
 
 
 def public_url(url: str) -> str:
-    """``url`` without user info: an origin such as https://user:TOKEN@host/repo must not reach a label."""
+    """``url`` without user info, query or fragment: an origin such as https://user:TOKEN@host/repo or
+    .../repo?access_token=TOKEN must not reach a label; "" for one that does not parse (a bad port)."""
     parts = urlsplit(url)
     if not parts.scheme or not parts.hostname:
         return url
-    netloc = parts.hostname + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
+    try:
+        port = parts.port
+    except ValueError:  # e.g. host:99999: not a URL to publish
+        return ""
+    netloc = parts.hostname + (f":{port}" if port else "")
+    return urlunsplit(parts._replace(netloc=netloc, query="", fragment=""))
 
 
 def _provenance(environ: os._Environ[str] | dict[str, str]) -> dict[str, str]:

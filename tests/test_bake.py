@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -99,6 +100,30 @@ def test_git_credentials_never_reach_the_source_label(tmp_path: Path, monkeypatc
     assert found["SOURCE_URL"] == "https://git.example/acme/x.git"
     assert given["SOURCE_URL"] == "https://git.example:8443/acme/x"
     assert "s3cr3t" not in str(found) and "tok" not in str(given)
+    # a token in the query or fragment, a port that is no port (it once raised a raw ValueError)
+    assert _provenance({"SOURCE_URL": "https://git.example/acme/x?access_token=T0K#frag"})["SOURCE_URL"] == (
+        "https://git.example/acme/x"
+    )
+    assert _provenance({"SOURCE_URL": "https://git.example:99999/acme/x"})["SOURCE_URL"] == ""
+
+
+@pytest.mark.docker
+def test_plain_bake_cleans_the_source_label_too() -> None:
+    """`docker buildx bake` without the driver: docker-bake.hcl itself drops user info, query and fragment."""
+    import json
+
+    from conftest import REPO
+
+    env = {**os.environ, "SOURCE_URL": "https://me:s3cr3t@git.example/acme/x.git?access_token=T0K#frag"}
+    proc = subprocess.run(
+        ["docker", "buildx", "bake", "-f", str(REPO / "docker-bake.hcl"), "--print", "runtime"],
+        capture_output=True, text=True, env=env, cwd=REPO,
+    )  # fmt: skip
+    if proc.returncode != 0 and "is not a docker command" in proc.stderr and os.environ.get("CI") != "true":
+        pytest.skip("no docker buildx here; run `bash docker/setup-engine.sh` (root, Debian 12) to get one")
+    assert proc.returncode == 0, proc.stderr
+    labels = json.loads(proc.stdout)["target"]["runtime"]["labels"]
+    assert labels["org.opencontainers.image.source"] == "https://git.example/acme/x.git"
 
 
 def test_compose_services_run_hardened_and_take_the_token_as_a_secret() -> None:
