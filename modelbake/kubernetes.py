@@ -27,6 +27,17 @@ SERVICE_PORT = 8080  # examples/search_service listens here
 RUNTIME_UID = 10001  # the runtime image's user (RUNTIME_UID)
 SIGNING_MOUNT = "/etc/modelbake/signing"  # the ConfigMap's folder in the service container
 SIGNING_KEY_NAME = "model-signing.pub"
+# The restricted Pod Security Standard's container settings, plus a read-only root (the service writes nothing:
+# no variant cache then, which it does without). Resources: the full-size default set (ViT-B/32, MiniLM-L6, the
+# regressor) peaked at 1.05 GB in fp32 (bench/README.md, start-up); the 4 GiB limit leaves room for the
+# batches of concurrent requests.
+CONTAINER_SECURITY = {
+    "allowPrivilegeEscalation": False,
+    "readOnlyRootFilesystem": True,
+    "capabilities": {"drop": ["ALL"]},
+}
+SERVICE_RESOURCES = {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "4Gi"}}
+COPIER_RESOURCES = {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}}
 
 
 def _deployment(
@@ -47,10 +58,16 @@ def _deployment(
         "startupProbe": {**probe, "periodSeconds": 5, "failureThreshold": 60},  # loading and hashing the tree
         "readinessProbe": {**probe, "periodSeconds": 10},
         "livenessProbe": {**probe, "periodSeconds": 30},
-        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        "resources": SERVICE_RESOURCES,
+        "securityContext": CONTAINER_SECURITY,
     }
     pod: dict[str, Any] = {
-        "securityContext": {"runAsNonRoot": True, "runAsUser": RUNTIME_UID, "runAsGroup": RUNTIME_UID},
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": RUNTIME_UID,
+            "runAsGroup": RUNTIME_UID,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
         "containers": [container],
         "volumes": [{"name": "models", **models["volume"]}],
     }
@@ -112,7 +129,8 @@ def manifests(
         "image": runtime_image,
         "command": ["python", "-c", "import shutil; shutil.copytree('/models', '/copy', dirs_exist_ok=True)"],
         "volumeMounts": [{"name": "models", "mountPath": "/copy"}],
-        "securityContext": {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}},
+        "resources": COPIER_RESOURCES,
+        "securityContext": CONTAINER_SECURITY,
     }
     init_copy = {"volume": {"emptyDir": {}}, "init": copier}
     key = [] if signing_public_key is None else [_signing_key(name, signing_public_key)]
