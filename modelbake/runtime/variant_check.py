@@ -42,9 +42,9 @@ def cache_dir(root: Path) -> Path | None:
     """Where choices are cached: $MODELBAKE_VARIANT_CACHE, else ~/.cache/modelbake/variants; None when it
     cannot be written or would lie inside the model tree ``root``."""
     configured = os.environ.get(CACHE_ENV, "").strip()
-    folder = Path(configured) if configured else Path.home() / ".cache" / "modelbake" / "variants"
-    if folder.resolve().is_relative_to(root.resolve()):
-        return None
+    folder = Path(configured).absolute() if configured else Path(os.path.expanduser("~/.cache/modelbake/variants"))
+    if not folder.is_absolute() or folder.resolve().is_relative_to(root.resolve()):
+        return None  # no home to expand "~" in (a uid without a passwd entry), or inside the model tree
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError:
