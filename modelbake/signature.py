@@ -124,6 +124,13 @@ def sign_tree(root: Path, private_key: Path) -> Path:
     return signature
 
 
+def check_signature(root: Path, public_key: Path | str | None = None) -> str | None:
+    """What every way into a tree does first: with a public key (``public_key``, else
+    $MODELBAKE_SIGNING_PUBLIC_KEY), :func:`verify_tree`; without one, nothing (None)."""
+    key = public_key_from_env(public_key)
+    return None if key is None else verify_tree(root, key)
+
+
 def verify_tree(root: Path, public_key: Path) -> str:
     """Check ``root``'s signature with ``public_key``: every file signed, none added, none changed. One-line
     ManifestError otherwise. Returns a short description for a verify row."""

@@ -129,6 +129,43 @@ def test_a_tampered_or_unsigned_tree_is_refused_before_anything_loads(
     assert proc.returncode == 1 and proc.stderr.startswith("error: ") and expected in proc.stderr
 
 
+@pytest.mark.parametrize("tamper", ["graph and manifest together", "unsigned"])
+def test_every_per_model_loader_checks_the_signature_too(
+    signed: Path, keys: dict[str, tuple[Path, Path]], tmp_path: Path, tamper: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loaders of one model (not only open_models) once skipped the signature: a signed tree whose graph
+    and manifest were rewritten together, or whose model.sig was deleted, loaded through them."""
+    from modelbake.hashes import sha256_file
+    from modelbake.runtime.clip import ClipEncoder
+    from modelbake.runtime.regressor import BoundaryRegressorONNX, find_weights
+    from modelbake.runtime.reranker import Reranker
+
+    tree = _copy(signed, tmp_path)
+    if tamper == "unsigned":
+        (tree / SIGNATURE_NAME).unlink()
+    else:  # the regressor's graph replaced by another, the manifest saying so: every file checks out
+        import onnx
+
+        graph = tree / "onnx" / "boundary_regressor.onnx"
+        swapped = onnx.load(graph)
+        swapped.doc_string = "not the graph that was signed"
+        onnx.save(swapped, graph)
+        manifest = json.loads((tree / MANIFEST_NAME).read_text())
+        for model in manifest["models"]:
+            for entry in model["files"]:
+                if entry["path"] == "onnx/boundary_regressor.onnx":
+                    entry.update(sha256=sha256_file(graph), bytes=graph.stat().st_size)
+        (tree / MANIFEST_NAME).write_text(json.dumps(manifest, indent=2))
+    monkeypatch.setenv(PUBLIC_KEY_ENV, str(keys["ours"][1]))
+    for load in (ClipEncoder.from_folder, Reranker.from_folder, BoundaryRegressorONNX.from_folder, find_weights):
+        with pytest.raises(ManifestError, match=r"signature check failed|unsigned"):
+            load(tree)
+    monkeypatch.delenv(PUBLIC_KEY_ENV)
+    assert BoundaryRegressorONNX.from_folder(tree, public_key=None)  # no key set: the file check alone
+    with pytest.raises(ManifestError, match=r"signature check failed|unsigned"):
+        BoundaryRegressorONNX.from_folder(tree, public_key=keys["ours"][1])  # or given as an argument
+
+
 def test_without_a_public_key_an_unsigned_tree_loads_as_before(
     built_tree: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

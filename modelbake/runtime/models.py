@@ -13,7 +13,7 @@ from modelbake.runtime.registry import loader_for
 from modelbake.runtime.regressor import BoundaryRegressorONNX, WeightsNotFound
 from modelbake.runtime.reranker import Reranker
 from modelbake.runtime.variants import AUTO, requested
-from modelbake.signature import public_key_from_env, verify_tree
+from modelbake.signature import check_signature
 from modelbake.spec import REGRESSOR_ONNX
 
 
@@ -93,8 +93,7 @@ def open_models(
     if not require_manifest(folder, allow_unverified, expected_sha256=manifest_sha256, public_key=public_key):
         return _open_by_names(folder, threads)
     manifest = read_manifest(folder, expected_sha256=manifest_sha256)
-    if (key := public_key_from_env(public_key)) is not None:
-        verify_tree(folder, key)
+    check_signature(folder, public_key)
     check_files(folder, manifest["models"])
     models = Models()
     for model in manifest["models"]:

@@ -18,6 +18,7 @@ import numpy as np
 from modelbake.manifest import Variant, checked_model, resolve_inside
 from modelbake.runtime.sessions import session
 from modelbake.runtime.variants import choose, requested
+from modelbake.signature import check_signature
 
 BUILTIN = ("modelbake.runtime.clip", "modelbake.runtime.reranker", "modelbake.runtime.regressor")
 LOADERS: dict[str, type[Loader]] = {}
@@ -67,11 +68,19 @@ class Loader:
 
     @classmethod
     def from_folder(
-        cls, folder: Path | str, name: str | None = None, *, manifest_sha256: str | None = None, **kwargs: Any
+        cls,
+        folder: Path | str,
+        name: str | None = None,
+        *,
+        manifest_sha256: str | None = None,
+        public_key: Path | str | None = None,
+        **kwargs: Any,
     ) -> Self:
-        """The ``kind`` model ``name`` (default: the first listed) of the tree at ``folder``, files checked
-        (and the manifest against ``manifest_sha256`` or $MODELBAKE_MANIFEST_SHA256 when pinned)."""
+        """The ``kind`` model ``name`` (default: the first listed) of the tree at ``folder``: the tree's
+        signature checked when a public key is set (``public_key`` or $MODELBAKE_SIGNING_PUBLIC_KEY), the
+        manifest against ``manifest_sha256`` or $MODELBAKE_MANIFEST_SHA256 when pinned, the model's files."""
         folder = Path(folder)
+        check_signature(folder, public_key)
         return cls(folder, checked_model(folder, cls.kind, name, manifest_sha256=manifest_sha256), **kwargs)
 
     @classmethod

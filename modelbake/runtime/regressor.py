@@ -16,6 +16,7 @@ import numpy as np
 
 from modelbake.manifest import Role, checked_model, require_manifest, resolve_inside
 from modelbake.runtime.registry import Loader, register_loader
+from modelbake.signature import check_signature
 from modelbake.spec import REGRESSOR_LOOKUP, REGRESSOR_ONNX_LOOKUP
 
 log = logging.getLogger("modelbake")
@@ -39,15 +40,18 @@ def find_weights(
     *,
     allow_unverified: bool = False,
     manifest_sha256: str | None = None,
+    public_key: Path | str | None = None,
 ) -> Path:
     """The regressor's PyTorch weights (a state dict for ``load_weights``) in the model folder ``folder``.
 
-    With a manifest: the state dict it lists, its files checked, whatever else lies in the folder. Without
+    With a manifest: the state dict it lists, its files checked (and the tree's signature when a public key
+    is set, ``public_key`` or $MODELBAKE_SIGNING_PUBLIC_KEY), whatever else lies in the folder. Without
     one, only with ``allow_unverified`` (or $MODELBAKE_ALLOW_UNVERIFIED=1): the first existing file of
     ``order`` (default: the seed's look-up order, or $MODELBAKE_REGRESSOR_LOOKUP), unverified.
     """
     folder = Path(folder)
-    if require_manifest(folder, allow_unverified):
+    if require_manifest(folder, allow_unverified, expected_sha256=manifest_sha256, public_key=public_key):
+        check_signature(folder, public_key)
         model = checked_model(folder, BoundaryRegressorONNX.kind, manifest_sha256=manifest_sha256)
         entry = next(f for f in model["files"] if f["role"] == Role.WEIGHTS_STATE_DICT)
         return resolve_inside(folder, entry["path"])
