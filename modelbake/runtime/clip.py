@@ -92,6 +92,11 @@ class ClipTokenizer:
 # 22.4M x 224 pixels); 256:1 keeps the build's own probe strip (9 x 4*size pixels, 228:1 at size 512).
 MAX_IMAGE_PIXELS = 64_000_000
 MAX_ASPECT_RATIO = 256.0
+# A progressive JPEG decodes each of its scans over the whole image, and a scan can cost 31 bytes: 6,000 of
+# them in 280 KB held a worker for minutes, past any request timeout (a decode cannot be interrupted).
+# Encoders write about 10; libjpeg-turbo's own tools suggest a limit of this order.
+MAX_JPEG_SCANS = 100
+_SOS = b"\xff\xda"  # start of scan: 0xFF then 0xDA never occurs inside entropy-coded data (0xFF is stuffed)
 
 
 def check_image_size(
@@ -124,8 +129,25 @@ def _decode(source: Any, max_pixels: int | None, max_aspect_ratio: float | None)
         raise ValueError(f"an image over the limit of {max_pixels or MAX_IMAGE_PIXELS} pixels ({exc})") from exc
     with img:
         check_image_size(*img.size, max_pixels, max_aspect_ratio)
+        if img.format == "JPEG":
+            _check_jpeg_scans(source)
         img.load()
         return img
+
+
+def _check_jpeg_scans(source: Any) -> None:
+    """Refuse a JPEG with more than MAX_JPEG_SCANS scans, before it is decoded (an embedded thumbnail's
+    scans count too: a few at most)."""
+    if isinstance(source, io.BytesIO):
+        scans = source.getvalue().count(_SOS)
+    else:
+        with open(source, "rb") as fh:
+            scans = fh.read().count(_SOS)
+    if scans > MAX_JPEG_SCANS:
+        raise ValueError(
+            f"a JPEG of {scans} scans is over the limit of {MAX_JPEG_SCANS} (modelbake.runtime.clip.MAX_JPEG_SCANS): "
+            "each scan decodes the whole image again; re-encode it (baseline, or progressive with a standard script)"
+        )
 
 
 def _open(image: ImageInput, max_pixels: int | None = None, max_aspect_ratio: float | None = None) -> Image.Image:
