@@ -44,7 +44,8 @@ def _deployment(
     name: str, service_image: str, manifest_digest: str, models: dict[str, Any], replicas: int, signed: bool
 ) -> dict:
     labels = {"app.kubernetes.io/name": name}
-    probe = {"httpGet": {"path": "/models", "port": "http"}, "timeoutSeconds": 5}
+    # /healthz is answered outside the service's request limit: clients holding every slot do not fail probes
+    probe = {"httpGet": {"path": "/healthz", "port": "http"}, "timeoutSeconds": 5}
     container = {
         "name": "service",
         "image": service_image,

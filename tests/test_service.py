@@ -5,6 +5,7 @@ short load run with bench/load.py. Also the library limits it relies on (image s
 from __future__ import annotations
 
 import base64
+import contextlib
 import http.client
 import importlib.util
 import io
@@ -469,3 +470,60 @@ def test_a_jpeg_of_many_scans_is_refused_before_it_is_decoded() -> None:
     with pytest.raises(ValueError, match=r"a JPEG of 3000 scans is over the limit of 100 "):
         clip_runtime.preprocess_image(bomb, cfg)
     assert clip_runtime.preprocess_image(many_scans(10, 64, 64), cfg).shape == (3, 32, 32)
+
+
+@pytest.fixture(scope="module")
+def send_bound_service(built_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Service:
+    """An instance whose replies may wait 2 s for a client that does not read them."""
+    log = tmp_path_factory.mktemp("search-service-send") / "service.log"
+    env = {"SEARCH_MAX_CONCURRENCY": "4", "SEARCH_SEND_TIMEOUT": "2"}
+    proc, port = load.start_service(built_tree, log, env=env)
+    yield Service(proc, port, log)
+    load.stop_service(proc)
+
+
+def _never_reading(port: int) -> socket.socket:
+    """A client that sends three pipelined requests with large replies and never reads (a small receive buffer,
+    set before it connects, so the replies back up into the service)."""
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect(("127.0.0.1", port))
+    texts = doc({"texts": ["a dog runs on the beach " * 100] * 256})
+    head = f"POST /embed/text HTTP/1.1\r\nHost: t\r\nContent-Type: application/json\r\nContent-Length: {len(texts)}"
+    sock.sendall(((head + "\r\n\r\n").encode() + texts) * 3)
+    return sock
+
+
+def test_clients_that_never_read_lose_their_slots_and_probes_are_answered_meanwhile(
+    send_bound_service: Service,
+) -> None:
+    """16 sockets of 3 pipelined requests each, never read, once held every slot for good: a fresh GET /models
+    got 503 busy at 3 s and at 33 s, and Kubernetes probes on /models restarted the pod. Now /healthz answers
+    outside the limit, and each reply waits at most SEARCH_SEND_TIMEOUT before its connection is dropped."""
+    port = send_bound_service.port
+    abusers = [_never_reading(port) for _ in range(16)]
+    try:
+        end = time.monotonic() + 30
+        while True:  # until the abusers hold every slot
+            status, _, reply = request(port, b"GET /models HTTP/1.1\r\nHost: t\r\n\r\n")
+            if status == 503 or time.monotonic() > end:
+                break
+            time.sleep(0.05)
+        assert status == 503 and reply["error"].startswith("busy"), reply
+        status, _, reply = request(port, b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n")
+        assert (status, reply) == (200, {"status": "ok"})
+        end = time.monotonic() + 60
+        while request(port, b"GET /models HTTP/1.1\r\nHost: t\r\n\r\n")[0] != 200 and time.monotonic() < end:
+            time.sleep(0.2)
+        # the abusers' connections were dropped (reset or closed), not kept waiting with their replies
+        for sock in abusers:
+            sock.settimeout(30)
+            with contextlib.suppress(ConnectionResetError):
+                while sock.recv(1 << 20):
+                    pass
+    finally:
+        for sock in abusers:
+            sock.close()
+    assert request(port, b"GET /models HTTP/1.1\r\nHost: t\r\n\r\n")[0] == 200
+    log = send_bound_service.log.read_text(errors="replace")
+    assert "Traceback" not in log and "Exception in ASGI application" not in log, log[-3000:]

@@ -1,6 +1,7 @@
 """A search service FROM the modelbake runtime image: uvicorn + Starlette, pydantic request models, and a
 limit on everything a client controls. The models come from $MODELBAKE_MODELS (/models), checked at start-up.
 
+    GET  /healthz                                                   -> {"status": "ok"}: outside every limit, for probes
     GET  /models                                                    -> {"clip": {name: dim}, "reranker": bool,
                                                                         "regressor": bool, "variants":
                                                                         {kind: {name: {role: variant}}},
@@ -37,6 +38,8 @@ Limits, from the environment [default]:
     SEARCH_MAX_CONCURRENCY [16]             requests in progress, and model jobs queued or running; beyond: 503
     SEARCH_REQUEST_TIMEOUT [30]             seconds for a request's model work, queueing included; beyond: 503
     SEARCH_READ_TIMEOUT [10]                seconds for a request's headers to arrive, and again for its body: 408
+    SEARCH_SEND_TIMEOUT [10]                seconds a reply may wait for a client that does not read it; beyond,
+                                            the connection is dropped and its slot freed
     SEARCH_KEEP_ALIVE [5]                   seconds an idle keep-alive connection stays open
     SEARCH_HOST [0.0.0.0]                   the address to listen on; the port is the first argument [8080]
 
@@ -101,6 +104,7 @@ class Settings:
     max_concurrency: int = 16
     request_timeout: float = 30.0
     read_timeout: float = 10.0
+    send_timeout: float = 10.0
     keep_alive: int = 5
     host: str = "0.0.0.0"
 
@@ -375,9 +379,14 @@ def decode_image(index: int, text: str) -> bytes:
     return data
 
 
+HEALTH = json.dumps({"status": "ok"}).encode()
+
+
 class Guard:
-    """Around the whole app (pure ASGI): at most SEARCH_MAX_CONCURRENCY requests in progress, and each body
-    read whole before any route sees it, under its size limit and within SEARCH_READ_TIMEOUT."""
+    """Around the whole app (pure ASGI): at most SEARCH_MAX_CONCURRENCY requests in progress, each body read
+    whole before any route sees it, under its size limit and within SEARCH_READ_TIMEOUT, and each reply sent
+    within SEARCH_SEND_TIMEOUT. ``GET /healthz`` is answered here, outside the limit: a probe must not get
+    503 because clients hold every slot (on Kubernetes that restarted busy pods)."""
 
     def __init__(self, app: Callable[..., Awaitable[None]], settings: Settings) -> None:
         self.app, self.settings, self.active = app, settings, 0
@@ -385,13 +394,39 @@ class Guard:
     async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        send = self.bounded(send)
+        if scope["path"] == "/healthz" and scope["method"] in ("GET", "HEAD"):
+            head = [(b"content-type", b"application/json"), (b"content-length", str(len(HEALTH)).encode())]
+            with contextlib.suppress(ConnectionError):
+                await send({"type": "http.response.start", "status": 200, "headers": head})
+                await send({"type": "http.response.body", "body": HEALTH})
+            return None
         if self.active >= self.settings.max_concurrency:
             return await self.refuse(send, 503, f"busy: {self.active} requests in progress", {"retry-after": "1"})
         self.active += 1
         try:
             await self.guarded(scope, receive, send)
+        except ConnectionError:  # the reply was not taken in time: the connection is gone, the slot is free
+            return None
         finally:
             self.active -= 1
+
+    def bounded(self, send: Callable) -> Callable:
+        """``send`` that gives up after SEARCH_SEND_TIMEOUT: a client that never reads its replies (the socket
+        buffers full) once held its slot for good. The connection is then dropped, not closed: closing waits
+        for the unread bytes to leave, which they never do."""
+        timeout = self.settings.send_timeout
+
+        async def send_within(message: dict[str, Any]) -> None:
+            try:
+                await asyncio.wait_for(send(message), timeout)
+            except TimeoutError:
+                transport = getattr(getattr(send, "__self__", None), "transport", None)  # uvicorn's cycle
+                if transport is not None:
+                    transport.abort()
+                raise ConnectionError(f"reply not taken within {timeout:g} s (SEARCH_SEND_TIMEOUT)") from None
+
+        return send_within
 
     async def guarded(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
         # h11 refuses headers over 16 KiB only while they are incomplete: the same headers in one read pass.
