@@ -79,7 +79,8 @@ def test_on_another_cpu_class_auto_checks_times_and_caches_its_choice(
     calls = _timed(monkeypatch, 0.5)  # int8 slower there
     models = open_models(built_tree)
     assert set(models.variants()["clip"]["tiny-rn"].values()) == {"fp32"}
-    assert models.reasons()["clip"]["tiny-rn"]["text_encoder"].startswith("fp32: int8 0.50x fp32 at batch 1 here (")
+    why = models.reasons()["clip"]["tiny-rn"]["text_encoder"]
+    assert why.startswith("fp32: int8 0.50x fp32 at batch 1 here, under 1.1x (")
     assert calls == [2] * INT8_ROLES and len(list(elsewhere.glob("*.json"))) == 2 * INT8_ROLES
 
 
@@ -170,7 +171,7 @@ def test_the_real_timer_decides_either_way_and_says_which(built_tree: Path, else
     for role, why in models.reasons()["clip"]["tiny-vit"].items():
         assert re.fullmatch(
             r"int8: \d+\.\d\dx fp32 at batch 1 here, cosine 0\.\d{4} here|fp32: int8 \d+\.\d\dx fp32 at batch 1 "
-            r"here \(cosine 0\.\d{4} here\)",
+            r"here, under 1\.1x \(cosine 0\.\d{4} here\)",
             why,
         ), (role, why)
 
