@@ -22,7 +22,7 @@ from modelbake.bake import BakeError
 from modelbake.manifest import ManifestError, build_notes, finalize
 from modelbake.params import SELECTION, add_flags, bare_bool_flags, resolve
 from modelbake.producers import STAGES, Stage
-from modelbake.producers.common import ProducerError  # stdlib only: keeps this CLI torch-free
+from modelbake.producers.common import ProducerError, staged_tree  # stdlib only: keeps this CLI torch-free
 from modelbake.spec import SpecError
 
 if TYPE_CHECKING:
@@ -60,30 +60,34 @@ def _cmd_download(args: argparse.Namespace) -> int:
 
         key_id(args.sign_key, private=True)  # a bad key fails before hours of exporting, not after
     seconds: dict[str, float] = {}
-    for stage in only or STAGES.values():
-        start = time.perf_counter()
-        stage.run(args.out, values)
-        seconds[stage.name] = time.perf_counter() - start
-    manifest = finalize(args.out)  # as the image's merge step: readable by a non-root service
+    # Built beside args.out and swapped in whole at the end: until then args.out stays the previous tree.
+    with staged_tree(args.out) as tree:
+        for stage in only or STAGES.values():
+            start = time.perf_counter()
+            stage.run(tree, values)
+            seconds[stage.name] = time.perf_counter() - start
+        manifest = finalize(tree)  # as the image's merge step: readable by a non-root service
+        _sign_or_drop_stale(tree, args.sign_key, args.out)
     print(summary_table(manifest, seconds))
     for note in build_notes(manifest):
         print(f"note: {note}")
     print(f"{len(manifest['models'])} models in {args.out}/model_manifest.json")
-    _sign_or_drop_stale(args.out, args.sign_key)
     return 0
 
 
-def _sign_or_drop_stale(tree: Path, key: Path | None) -> None:
+def _sign_or_drop_stale(tree: Path, key: Path | None, shown: Path) -> None:
     """Sign the finished tree with ``key``; without one, a signature left by an earlier run no longer covers
-    this tree, so it goes (a reader with a public key then says "unsigned", not "altered")."""
+    this tree, so it goes (a reader with a public key then says "unsigned", not "altered"). ``shown``: the
+    folder the tree is published as, for the messages."""
     from modelbake.signature import key_id, sign_tree
     from modelbake.spec import SIGNATURE_NAME
 
     if key is not None:
-        print(f"signed: {sign_tree(tree, key)} (key {key_id(key)})")
+        sign_tree(tree, key)
+        print(f"signed: {shown / SIGNATURE_NAME} (key {key_id(key)})")
     elif (tree / SIGNATURE_NAME).exists():
         (tree / SIGNATURE_NAME).unlink()
-        print(f"removed {tree / SIGNATURE_NAME}: it signed an earlier tree (give --sign-key to sign this one)")
+        print(f"removed {shown / SIGNATURE_NAME}: it signed an earlier tree (give --sign-key to sign this one)")
 
 
 def summary_table(manifest: dict, seconds: dict[str, float]) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import stat
 import subprocess
@@ -170,6 +171,58 @@ def test_a_killed_bundle_leaves_no_bundle_and_the_rerun_clears_its_scratch(tmp_p
     assert json.loads((out / "bundle_manifest.json").read_text())["files"]
     assert _leftovers(tmp_path) == []
     assert (dist / "older-bundle.txt").read_text() == "kept"
+
+
+@pytest.mark.slow
+def test_a_killed_download_leaves_the_previous_tree_whole(
+    tmp_path: Path, built_tree: Path, tiny_specs: dict[str, str]
+) -> None:
+    """`modelbake download` once published each stage into the output as it finished: killed in a later
+    stage, it left new CLIP files beside the old manifest (refused at load, and the previous tree gone). The
+    tree is now built beside the output and swapped in whole, so the kill leaves the previous one as it was."""
+    from modelbake.runtime.verify import verify
+
+    out, logs = tmp_path / "models", tmp_path / "logs"
+    shutil.copytree(built_tree, out)
+    logs.mkdir()
+    before = _listing(out)
+    args = ["download", "--clip", tiny_specs["clip"], "--reranker", tiny_specs["reranker"], "--out", str(out)]
+    proc = _start([*args, "--regressor-epochs", "500"], logs / "download.txt")
+    _kill_when(proc, _epochs_done(logs / "download.txt", 500), "while the regressor trains, CLIP and reranker done")
+    assert _listing(out) == before
+    assert _killed_runs_scratch(tmp_path / SCRATCH_DIR, proc.pid), "the new tree was being built beside it"
+
+    run_cli(*args, "--regressor-epochs", "2", check=True)
+    assert _leftovers(tmp_path) == []
+    assert all(check.ok for check in verify(out))
+
+
+@pytest.mark.parametrize("exchange", [True, False])
+def test_a_staged_tree_keeps_what_it_does_not_remake_and_swaps_in_whole(
+    tmp_path: Path, exchange: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With renameat2's exchange, and without it (two journaled renames): the new tree replaces the old in
+    one step, the old tree's files are untouched while the new one is built, and no scratch is left."""
+    from modelbake.producers import common
+
+    if not exchange:
+        monkeypatch.setattr(common, "_exchange", lambda a, b: False)
+    out = tmp_path / "out"
+    (out / "sub").mkdir(parents=True)
+    (out / "kept.txt").write_text("kept")
+    (out / "sub" / "old.txt").write_text("old")
+    with common.staged_tree(out) as tree:
+        assert tree != out and (tree / "kept.txt").read_text() == "kept"
+        (tree / "sub" / "old.txt").unlink()
+        (tree / "new.txt").write_text("new")
+        assert (out / "sub" / "old.txt").read_text() == "old" and not (out / "new.txt").exists()
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["kept.txt", "new.txt", "sub"]
+    assert _leftovers(tmp_path) == []
+    with pytest.raises(RuntimeError), common.staged_tree(out) as tree:  # a failed run swaps nothing
+        (tree / "new.txt.tmp").write_text("half")
+        os.replace(tree / "new.txt.tmp", tree / "new.txt")  # files are replaced by rename, never written into
+        raise RuntimeError
+    assert (out / "new.txt").read_text() == "new" and _leftovers(tmp_path) == []
 
 
 _HALF_PUBLISH = """

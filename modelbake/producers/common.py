@@ -1,5 +1,6 @@
 """What every producer shares: staged output (nothing half-written, even when killed: scratch lives beside
-the output and the next run clears it), the model record, an offline hub switch, tool versions, logging."""
+the output and the next run clears it; a whole tree swapped in by one rename), the model record, an offline
+hub switch, tool versions, logging."""
 
 from __future__ import annotations
 
@@ -188,6 +189,70 @@ def staged_output(out_root: Path) -> Iterator[Path]:
         out_root.mkdir(parents=True, exist_ok=True)
         files = sorted(p for p in scratch.rglob("*") if not p.is_dir())
         publish(scratch, [(src, out_root / src.relative_to(scratch)) for src in files])
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one step (Linux's renameat2 with RENAME_EXCHANGE); False where that is not there."""
+    import ctypes
+    import errno
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # an old kernel, or a filesystem without it
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def _link_copy(src: Path, dest: Path) -> None:
+    """``src``'s tree into ``dest`` as hard links (no bytes copied; copies where links cannot be made). The
+    run then replaces files by rename only, so the linked originals never change."""
+
+    def link(source: str, target: str) -> None:
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copy2(source, target)
+
+    shutil.copytree(src, dest, symlinks=True, copy_function=link, dirs_exist_ok=True)
+
+
+@contextmanager
+def staged_tree(out: Path) -> Iterator[Path]:
+    """Yield a whole tree for ``out``, built beside it and swapped in by one rename when the block succeeds.
+
+    It starts as ``out``'s files (hard links), so a run that remakes part of a tree keeps the rest; until the
+    swap, ``out`` stays the previous complete tree whatever stops the run (a kill, an error). The contract
+    that makes the links safe: a file in the tree is replaced by a rename (what staged_output, the manifest
+    and the signature do), never written into, which would change the linked original too. Where the
+    scratch cannot lie beside ``out`` (a mount point), the tree is ``out`` itself and each stage publishes
+    its own files, as :func:`staged_output` does.
+    """
+    if scratch_place(out).parent == out.resolve():
+        yield out
+        return
+    with scratch_folder(out, "tree") as work:
+        if out.is_dir():
+            _link_copy(out, work)
+        yield work
+        if not out.exists():
+            os.rename(work, out)
+        elif not _exchange(work, out):
+            # Two renames, journaled first: a kill between them leaves no `out`, and the next run's clean-up
+            # finishes the move instead of removing the new tree with the scratch.
+            previous = work.parent / "previous"
+            journal = work.parent / f".{_JOURNAL}"
+            journal.write_text(json.dumps([[work.name, str(out.absolute())]]))
+            os.replace(journal, work.parent / _JOURNAL)
+            os.rename(out, previous)
+            os.rename(work, out)
+        # the previous tree is now at `work` (or `previous`), removed with the scratch folder
 
 
 def model_record(
