@@ -8,6 +8,11 @@ connection error, counts as an error. Only 127.0.0.1 is ever contacted.
 
     python bench/load.py --models DIR [--requests 2000] [--concurrency 16]   # starts the service on a free port
     python bench/load.py --port 8080 [...]                                   # a service already on 127.0.0.1
+    python bench/load.py --models DIR --abuse [...]   # the same run alone, then beside an abusive client
+
+--abuse: a second client, from its own loopback address (127.0.0.2), keeps 16 connections open that send three
+large pipelined requests each and never read a reply; the well-behaved run's figures are printed without and
+with it side by side.
 
 With --models it starts examples/search_service/app.py with this Python (which needs the run-time set and
 build/requirements-example.txt), SEARCH_* variables from the environment, and stops it at the end.
@@ -162,6 +167,54 @@ def run_load(
     }
 
 
+ABUSER = "127.0.0.2"  # a loopback address of its own, so the service sees another client
+
+
+def abuse_slow_readers(
+    port: int, stop: threading.Event, connections: int = 16, hold: float = 3.0, source: str = ABUSER
+) -> dict[str, int]:
+    """Until ``stop``: ``connections`` sockets (a small receive buffer) that each send three pipelined
+    /embed/text requests with large replies and never read; every ``hold`` seconds they are replaced by new
+    ones. Returns how many were opened."""
+    body = json.dumps({"texts": ["a dog runs on the beach " * 100] * 256}).encode()
+    head = f"POST /embed/text HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json\r\n"
+    request = (head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+    opened = 0
+    while not stop.is_set():
+        sockets = []
+        for _ in range(connections):
+            sock = socket.socket()
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.settimeout(5)
+            try:
+                sock.bind((source, 0))
+                sock.connect((HOST, port))
+                sock.sendall(request * 3)
+                opened += 1
+                sockets.append(sock)
+            except OSError:  # refused or dropped by the service: it is allowed to
+                sock.close()
+        stop.wait(hold)
+        for sock in sockets:
+            sock.close()
+    return {"abusive_connections": opened}
+
+
+def run_beside_abuse(port: int, **load: Any) -> dict[str, Any]:
+    """:func:`run_load` while :func:`abuse_slow_readers` runs from another address; the load's figures."""
+    stop = threading.Event()
+    opened: dict[str, int] = {}
+    abuser = threading.Thread(target=lambda: opened.update(abuse_slow_readers(port, stop)), name="abuser")
+    abuser.start()
+    try:
+        time.sleep(1)  # its connections are in before the well-behaved client starts
+        result = run_load(port, **load)
+    finally:
+        stop.set()
+        abuser.join()
+    return {**result, **opened}
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
@@ -217,32 +270,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--log", type=Path, default=Path("search-service.log"), help="the started service's log")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--abuse", action="store_true", help="also run beside a client that never reads (see above)")
     args = parser.parse_args(argv)
 
     proc = None
     port = args.port
     if args.models is not None:
         proc, port = start_service(args.models, args.log)
+    load = {"requests": args.requests, "concurrency": args.concurrency, "max_seconds": args.max_seconds}
+    runs: dict[str, dict[str, Any]] = {}
     try:
-        result = run_load(port, args.requests, args.concurrency, args.max_seconds, args.seed)
+        runs["alone"] = run_load(port, **load, seed=args.seed)
+        if args.abuse:
+            runs["beside a client that never reads"] = run_beside_abuse(port, **load, seed=args.seed)
         if proc is not None:
-            result["server_peak_rss_mb"] = peak_rss_mb(proc.pid)
+            runs["alone"]["server_peak_rss_mb"] = peak_rss_mb(proc.pid)
     finally:
         if proc is not None:
             stop_service(proc)
     if args.json:
-        print(json.dumps(result, indent=2))
-    else:
+        print(json.dumps(runs if args.abuse else runs["alone"], indent=2))
+    for name, result in [] if args.json else runs.items():
         print(
-            f"{result['done']} of {result['requests']} requests at concurrency {result['concurrency']} in "
+            f"{name}: {result['done']} of {result['requests']} requests at concurrency {result['concurrency']} in "
             f"{result['seconds']:.1f} s: {result['throughput_rps']:.1f} req/s, p50 {result['p50_ms']:.1f} ms, "
             f"p99 {result['p99_ms']:.1f} ms, max {result['max_ms']:.1f} ms, errors {result['errors']}"
         )
         peak = f", server peak RSS {result['server_peak_rss_mb']:.0f} MB" if "server_peak_rss_mb" in result else ""
-        print(f"statuses {result['statuses']}{peak}")
+        abusive = f", abusive connections {result['abusive_connections']}" if "abusive_connections" in result else ""
+        print(f"  statuses {result['statuses']}{peak}{abusive}")
         for line in result["first_errors"]:
             print(f"  {line}")
-    return 0 if result["errors"] == 0 and result["not_run"] == 0 else 1
+    return 0 if all(r["errors"] == 0 and r["not_run"] == 0 for r in runs.values()) else 1
 
 
 if __name__ == "__main__":

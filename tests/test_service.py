@@ -474,9 +474,10 @@ def test_a_jpeg_of_many_scans_is_refused_before_it_is_decoded() -> None:
 
 @pytest.fixture(scope="module")
 def send_bound_service(built_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Service:
-    """An instance whose replies may wait 2 s for a client that does not read them."""
+    """An instance whose replies may wait 2 s for a client that does not read them; 4 requests in progress,
+    2 of them from one client."""
     log = tmp_path_factory.mktemp("search-service-send") / "service.log"
-    env = {"SEARCH_MAX_CONCURRENCY": "4", "SEARCH_SEND_TIMEOUT": "2"}
+    env = {"SEARCH_MAX_CONCURRENCY": "4", "SEARCH_MAX_PER_CLIENT": "2", "SEARCH_SEND_TIMEOUT": "2"}
     proc, port = load.start_service(built_tree, log, env=env)
     yield Service(proc, port, log)
     load.stop_service(proc)
@@ -527,3 +528,14 @@ def test_clients_that_never_read_lose_their_slots_and_probes_are_answered_meanwh
     assert request(port, b"GET /models HTTP/1.1\r\nHost: t\r\n\r\n")[0] == 200
     log = send_bound_service.log.read_text(errors="replace")
     assert "Traceback" not in log and "Exception in ASGI application" not in log, log[-3000:]
+
+
+def test_one_abusive_client_and_the_others_are_still_served(send_bound_service: Service) -> None:
+    """A client (its own loopback address) keeps 16 connections of large pipelined requests that never read
+    their replies; beside it a well-behaved client gets no error at all: the abuser holds at most
+    SEARCH_MAX_PER_CLIENT slots (2 here), each for at most SEARCH_SEND_TIMEOUT. Its latency is printed, never
+    asserted (bench/load.py --abuse gives the figures)."""
+    result = load.run_beside_abuse(send_bound_service.port, requests=60, concurrency=2, max_seconds=300)
+    print(f"\nbeside an abusive client: p50 {result['p50_ms']:.0f} ms, p99 {result['p99_ms']:.0f} ms, {result}")
+    assert result["abusive_connections"] >= 16
+    assert result["errors"] == 0 and result["not_run"] == 0, result["first_errors"]

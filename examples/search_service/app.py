@@ -36,6 +36,8 @@ Limits, from the environment [default]:
     SEARCH_BATCH_SIZE [16]                  texts, pairs or images per model call
     SEARCH_WORKERS [2]                      model calls at once (each with MODELBAKE_THREADS onnxruntime threads)
     SEARCH_MAX_CONCURRENCY [16]             requests in progress, and model jobs queued or running; beyond: 503
+    SEARCH_MAX_PER_CLIENT [8]               requests in progress from one client address; beyond: 503 (behind a
+                                            proxy every client has its address: raise it to SEARCH_MAX_CONCURRENCY)
     SEARCH_REQUEST_TIMEOUT [30]             seconds for a request's model work, queueing included; beyond: 503
     SEARCH_READ_TIMEOUT [10]                seconds for a request's headers to arrive, and again for its body: 408
     SEARCH_SEND_TIMEOUT [10]                seconds a reply may wait for a client that does not read it; beyond,
@@ -62,6 +64,7 @@ import math
 import os
 import sys
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
@@ -102,6 +105,7 @@ class Settings:
     batch_size: int = 16
     workers: int = 2
     max_concurrency: int = 16
+    max_per_client: int = 8
     request_timeout: float = 30.0
     read_timeout: float = 10.0
     send_timeout: float = 10.0
@@ -390,6 +394,7 @@ class Guard:
 
     def __init__(self, app: Callable[..., Awaitable[None]], settings: Settings) -> None:
         self.app, self.settings, self.active = app, settings, 0
+        self.by_client: Counter[str] = Counter()  # requests in progress per client address
 
     async def __call__(self, scope: dict[str, Any], receive: Callable, send: Callable) -> None:
         if scope["type"] != "http":
@@ -403,13 +408,23 @@ class Guard:
             return None
         if self.active >= self.settings.max_concurrency:
             return await self.refuse(send, 503, f"busy: {self.active} requests in progress", {"retry-after": "1"})
+        # One client cannot hold every slot: the others are still served while it floods or stalls.
+        client = (scope.get("client") or ("?", 0))[0]
+        if self.by_client[client] >= self.settings.max_per_client:
+            mine = self.by_client[client]
+            message = f"busy: {mine} requests of this client in progress (SEARCH_MAX_PER_CLIENT)"
+            return await self.refuse(send, 503, message, {"retry-after": "1"})
         self.active += 1
+        self.by_client[client] += 1
         try:
             await self.guarded(scope, receive, send)
         except ConnectionError:  # the reply was not taken in time: the connection is gone, the slot is free
             return None
         finally:
             self.active -= 1
+            self.by_client[client] -= 1
+            if not self.by_client[client]:
+                del self.by_client[client]
 
     def bounded(self, send: Callable) -> Callable:
         """``send`` that gives up after SEARCH_SEND_TIMEOUT: a client that never reads its replies (the socket
