@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
 import shutil
 import time
 from collections.abc import Iterable
@@ -20,6 +21,7 @@ from typing import Any
 
 from modelbake import __version__, hashes
 from modelbake.hashes import sha256_file
+from modelbake.onnx_refs import external_locations
 from modelbake.spec import FRAGMENTS_DIR, MANIFEST_NAME
 
 SCHEMA_VERSION = 2
@@ -197,7 +199,30 @@ def check_files(root: Path, models: Iterable[dict[str, Any]], *, cached: bool = 
                     f"{entry['path']}: sha256 {actual} does not match the manifest's {entry['sha256']}; "
                     "the file was altered, rebuild or restore it"
                 )
+        _check_references(root, model)
     hashes.save()
+
+
+def _check_references(root: Path, model: dict[str, Any]) -> None:
+    """Every file a model's graphs or preprocessing make a loader read is one of its listed files: a graph's
+    external-data locations (onnxruntime opens them itself) and the tokenizer. Otherwise a verified graph or
+    manifest could still load bytes no digest covers."""
+    listed = {entry["path"] for entry in model["files"]}
+
+    def unlisted(named: str, by: str, fix: str) -> ManifestError:
+        return ManifestError(f"{by} names {named}, which the manifest does not list for model {model['name']}; {fix}")
+
+    tokenizer = model.get("preprocessing", {}).get("tokenizer")
+    if tokenizer and tokenizer not in listed:
+        raise unlisted(tokenizer, "its preprocessing", "rebuild the tree")
+    for entry in model["files"]:
+        if entry.get("format") != "onnx":
+            continue
+        folder = PurePosixPath(entry["path"]).parent
+        for location in external_locations(resolve_inside(root, entry["path"])):
+            named = posixpath.normpath((folder / location).as_posix())
+            if named not in listed:
+                raise unlisted(named, entry["path"], "a graph's weights must be a listed file beside it; rebuild it")
 
 
 def merge_fragments(root: Path) -> dict[str, Any]:

@@ -191,3 +191,41 @@ def test_the_merge_touches_only_what_the_build_made(tree: Path, monkeypatch: pyt
     finalize(tree)
     assert oct(mine.stat().st_mode & 0o777) == "0o600" and int(mine.stat().st_mtime) == 1_000_000_000
     assert int((tree / "onnx" / "boundary_regressor.onnx").stat().st_mtime) == 1_700_000_000
+
+
+def test_files_a_model_refers_to_must_be_listed_files_of_that_model(tree: Path) -> None:
+    """A graph's external-data location and a tokenizer path once could name any file: an unlisted
+    weights.bin beside a graph loaded (and could be edited) without the file check noticing. Here the
+    graph and its manifest entry are rewritten together, so every listed file still checks out."""
+    import onnx
+
+    from modelbake.hashes import sha256_file
+
+    graph = tree / "onnx" / "clip_tiny-vit_text_encoder.onnx"
+    shutil.copyfile(graph.with_name(graph.name + ".data"), graph.with_name("weights.bin"))
+    model = onnx.load(graph, load_external_data=False)
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = "weights.bin"
+    graph.write_bytes(model.SerializeToString())
+    doc = json.loads((tree / MANIFEST_NAME).read_text())
+    (clip,) = [m for m in doc["models"] if m["name"] == "tiny-vit"]
+    (entry,) = [f for f in clip["files"] if f["path"] == "onnx/clip_tiny-vit_text_encoder.onnx"]
+    entry.update(sha256=sha256_file(graph), bytes=graph.stat().st_size)
+    (tree / MANIFEST_NAME).write_text(json.dumps(doc, indent=2))
+    with pytest.raises(ManifestError, match=r"clip_tiny-vit_text_encoder\.onnx names onnx/weights\.bin, which the"):
+        open_models(tree)
+    with pytest.raises(ManifestError, match=r"onnx/weights\.bin, which the manifest does not list"):
+        ClipEncoder.from_folder(tree, "tiny-vit")
+    assert not next(c for c in verify(tree) if c.model == "clip:tiny-vit" and c.what == "files").ok
+
+    # the tokenizer: a path in preprocessing that is no file of the model
+    shutil.copyfile(tree / clip["preprocessing"]["tokenizer"], tree / "clip" / "tiny-vit" / "other.json")
+    doc = json.loads((tree / MANIFEST_NAME).read_text())
+    doc["models"] = [m for m in doc["models"] if m["name"] != "tiny-vit"]  # the graph case aside
+    (rn,) = [m for m in doc["models"] if m["name"] == "tiny-rn"]
+    rn["preprocessing"]["tokenizer"] = "clip/tiny-vit/other.json"
+    (tree / MANIFEST_NAME).write_text(json.dumps(doc, indent=2))
+    with pytest.raises(ManifestError, match=r"its preprocessing names clip/tiny-vit/other\.json, which the manifest"):
+        open_models(tree)
