@@ -5,6 +5,11 @@ only a shortcut, never a verdict: a row is used only when its digest is the very
 any other case hashes the file now, and a digest computed now always wins over a row read from disk.
 With $MODELBAKE_HASH_CACHE naming a JSON file the table lives on disk too; the runtime image writes it at
 build time as root, read-only to the service (which then only reads it). ``verify`` always re-hashes.
+
+A row read from disk speaks only for files as protected as the table itself: on its filesystem, owned by
+its owner, writable by no group or other user. A tree mounted from elsewhere (a bind mount: another
+device) or writable by others is hashed at every start, since whoever can write it can keep a file's size
+and put its mtime back.
 Torch-free and stdlib-only.
 """
 
@@ -20,6 +25,7 @@ _CHUNK = 1 << 20
 _VERSION = 2
 Key = tuple[str, str, int, int]  # manifest sha256, path, mtime_ns, size
 _TABLE: dict[Key, str] = {}
+_FROM_DISK: set[Key] = set()  # rows read from a table file, not hashed by this process
 _LOADED: set[str] = set()
 _unsaved = False
 
@@ -48,7 +54,10 @@ def _table_file() -> Path | None:
             doc = json.loads(Path(name).read_text())
             rows = doc["files"] if doc.get("version") == _VERSION else []
             for manifest, path, mtime, size, digest in rows:
-                _TABLE.setdefault((str(manifest), str(path), int(mtime), int(size)), str(digest))
+                key = (str(manifest), str(path), int(mtime), int(size))
+                if key not in _TABLE:
+                    _TABLE[key] = str(digest)
+                    _FROM_DISK.add(key)
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             pass  # missing, unreadable or another version: hash as if there were none
     return Path(name)
@@ -60,14 +69,27 @@ def checked_digest(path: Path, expected: str, manifest_sha256: str, *, cached: b
     global _unsaved
     key = _key(manifest_sha256, path)
     if cached:
-        _table_file()
-        if _TABLE.get(key) == expected:
+        table = _table_file()
+        if _TABLE.get(key) == expected and (key not in _FROM_DISK or _as_protected(path, table)):
             return expected
     actual = sha256_file(path)
+    _FROM_DISK.discard(key)
     if actual == expected and _TABLE.get(key) != actual:
         _TABLE[key] = actual
         _unsaved = True
     return actual
+
+
+def _as_protected(path: Path, table: Path | None) -> bool:
+    """Whether ``path`` is as hard to change as the table file: same filesystem, same owner, and no write
+    permission for group or others."""
+    try:
+        st, tst = path.stat(), (table.stat() if table is not None else None)
+    except OSError:
+        return False
+    if tst is None or st.st_dev != tst.st_dev or st.st_uid != tst.st_uid:
+        return False
+    return not st.st_mode & 0o022
 
 
 def save() -> None:

@@ -229,3 +229,35 @@ def test_files_a_model_refers_to_must_be_listed_files_of_that_model(tree: Path) 
     (tree / MANIFEST_NAME).write_text(json.dumps(doc, indent=2))
     with pytest.raises(ManifestError, match=r"its preprocessing names clip/tiny-vit/other\.json, which the manifest"):
         open_models(tree)
+
+
+def test_hash_table_rows_speak_only_for_files_as_protected_as_the_table(
+    tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A model file edited in place, its size kept and its mtime put back, once loaded on the strength of a
+    table row wherever the tree lay (compose's search-mounted mounts a host folder). A row read from disk now
+    counts only for a file on the table's filesystem, of its owner, writable by no group or other user."""
+    table = tmp_path / "table.json"
+    monkeypatch.setenv(hashes.HASH_CACHE_ENV, str(table))
+    for fresh in ("_TABLE", "_LOADED", "_FROM_DISK"):
+        monkeypatch.setattr(hashes, fresh, {} if fresh == "_TABLE" else set())
+    assert all(c.ok for c in verify(tree))  # fills the table on disk
+    golden = tree / "golden" / "boundary_regressor.npz"
+    data = bytearray(golden.read_bytes())
+    data[-1] ^= 0x01
+    _same_stat_other_bytes(golden, bytes(data))
+
+    def reopen() -> None:  # a new process: only the table on disk
+        for fresh in ("_TABLE", "_LOADED", "_FROM_DISK"):
+            monkeypatch.setattr(hashes, fresh, {} if fresh == "_TABLE" else set())
+        open_models(tree)
+
+    reopen()  # as protected as the table: the row spares the hash (what the table is for)
+    golden.chmod(0o666)  # writable by others
+    with pytest.raises(ManifestError, match=r"golden/boundary_regressor\.npz: sha256 .* does not match"):
+        reopen()
+    golden.chmod(0o644)
+    if os.geteuid() == 0:  # only root can give a file away (the tests and CI run as root)
+        os.chown(golden, 12345, 12345)  # another owner than the table's
+        with pytest.raises(ManifestError, match=r"golden/boundary_regressor\.npz: sha256 .* does not match"):
+            reopen()
