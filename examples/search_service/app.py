@@ -36,8 +36,10 @@ Limits, from the environment [default]:
     SEARCH_BATCH_SIZE [16]                  texts, pairs or images per model call
     SEARCH_WORKERS [2]                      model calls at once (each with MODELBAKE_THREADS onnxruntime threads)
     SEARCH_MAX_CONCURRENCY [16]             requests in progress, and model jobs queued or running; beyond: 503
-    SEARCH_MAX_PER_CLIENT [8]               requests in progress from one client address; beyond: 503 (behind a
-                                            proxy every client has its address: raise it to SEARCH_MAX_CONCURRENCY)
+    SEARCH_MAX_PER_CLIENT [as CONCURRENCY]  requests in progress from one client address; beyond: 503. Set it
+                                            below SEARCH_MAX_CONCURRENCY (half, say) where clients come with
+                                            their own addresses, so one cannot hold every slot (not behind a
+                                            proxy: every client then has the proxy's address)
     SEARCH_REQUEST_TIMEOUT [30]             seconds for a request's model work, queueing included; beyond: 503
     SEARCH_READ_TIMEOUT [10]                seconds for a request's headers to arrive, and again for its body: 408
     SEARCH_SEND_TIMEOUT [10]                seconds a reply may wait for a client that does not read it; beyond,
@@ -105,7 +107,7 @@ class Settings:
     batch_size: int = 16
     workers: int = 2
     max_concurrency: int = 16
-    max_per_client: int = 8
+    max_per_client: int = 0  # 0: as max_concurrency (a proxy in front makes every client one address)
     request_timeout: float = 30.0
     read_timeout: float = 10.0
     send_timeout: float = 10.0
@@ -410,7 +412,7 @@ class Guard:
             return await self.refuse(send, 503, f"busy: {self.active} requests in progress", {"retry-after": "1"})
         # One client cannot hold every slot: the others are still served while it floods or stalls.
         client = (scope.get("client") or ("?", 0))[0]
-        if self.by_client[client] >= self.settings.max_per_client:
+        if self.by_client[client] >= (self.settings.max_per_client or self.settings.max_concurrency):
             mine = self.by_client[client]
             message = f"busy: {mine} requests of this client in progress (SEARCH_MAX_PER_CLIENT)"
             return await self.refuse(send, 503, message, {"retry-after": "1"})
