@@ -26,7 +26,7 @@ from modelbake.sources.tiny import RANKER_WEIGHTS, SOURCES_VERSION
 PINNED = {
     "VERSION": "4e07408562bedb8b60ce05c1decfe3ad16b72230967de01f640b7e4729b49fce",
     "clip/tiny-rn/open_clip_config.json": "10b04ab5e41af1b91d79120c6aca235b9f64f602e31379d53cdcf84c45fad8c6",
-    "clip/tiny-rn/open_clip_model.safetensors": "6b3e258e12ce6d21c1152efc265e10c3724be4f3cf2d7bc6a9d9ce47924b8ba6",
+    "clip/tiny-rn/open_clip_model.safetensors": "e769adbaf580451f2c8172315707d3d5d33c2041bbe07070b4cf8cb303af6e7e",
     "clip/tiny-vit/open_clip_config.json": "fd8cedf49230dc327ed21ab0d2a10c351f6e4ba1c309acda8b750a44770db49c",
     "clip/tiny-vit/open_clip_model.safetensors": "c5ba99049f1220feaee177c8e7e5bedf7687e3b0a5dea0925d6354a694c163b6",
     "reranker/tiny-bert/config.json": "e8344396ae39e782b3e91cb48b2e20895776afb3fac7f7ff783c85533219dc14",

@@ -327,7 +327,8 @@ SOURCES_VERSION = "3"  # 2: tiny-bert trained to rank; 3: the same bytes on ever
 
 def make_tiny_sources(dest: Path) -> dict[str, Path]:
     """Both tiny models under ``dest`` (and its ``VERSION``); returns {name: folder}."""
-    made = {name: make_tiny_clip(dest / "clip" / name, name) for name in TINY_CLIP_CFGS}
+    # a seed each: the same one would give both the same text tower (drawn first, in name order)
+    made = {name: make_tiny_clip(dest / "clip" / name, name, seed) for seed, name in enumerate(TINY_CLIP_CFGS)}
     made["tiny-bert"] = make_tiny_cross_encoder(dest / "reranker" / "tiny-bert")
     (dest / "VERSION").write_text(SOURCES_VERSION)
     return made
