@@ -21,17 +21,32 @@ import logging
 import os
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from modelbake.manifest import resolve_inside
+from modelbake.manifest import Variant, resolve_inside
 from modelbake.runtime.gates import kendall_tau, min_row_cosine, top_k_kept
 from modelbake.runtime.sessions import session
-from modelbake.runtime.variants import Choice
 
 log = logging.getLogger("modelbake")
+
+
+@dataclass
+class Choice:
+    """The ONNX entry a role runs, why, and the session the check here already opened for it (if any);
+    what :func:`modelbake.runtime.variants.choose` returns."""
+
+    entry: dict[str, Any]
+    why: str
+    session: Any = None
+
+    @property
+    def variant(self) -> str:
+        return str(self.entry.get("variant", Variant.FP32))
+
 
 CACHE_ENV = "MODELBAKE_VARIANT_CACHE"
 ROUNDS = 7

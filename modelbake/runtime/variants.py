@@ -15,12 +15,13 @@ from __future__ import annotations
 
 import os
 import platform
-from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from modelbake.manifest import Variant, onnx_entry
+from modelbake.runtime import variant_check
+from modelbake.runtime.variant_check import Choice
 
 AUTO = "auto"
 VARIANT_ENV = "MODELBAKE_VARIANT"
@@ -82,19 +83,6 @@ def requested(variant: str | None, int8: bool = False) -> str:
     return value
 
 
-@dataclass
-class Choice:
-    """The ONNX entry a role runs, why, and the session the check here already opened for it (if any)."""
-
-    entry: dict[str, Any]
-    why: str
-    session: Any = None
-
-    @property
-    def variant(self) -> str:
-        return str(self.entry.get("variant", Variant.FP32))
-
-
 def choose(
     model: dict[str, Any],
     role: str,
@@ -130,9 +118,7 @@ def choose(
         )
     if root is None:
         return Choice(fp32, "fp32: built on another CPU class, and no tree to check the other variants in")
-    from modelbake.runtime.variant_check import check_here
-
-    return check_here(root, fp32, others, here, threads)
+    return variant_check.check_here(root, fp32, others, here, threads)
 
 
 def _batch1(entry: dict[str, Any]) -> float | None:
