@@ -12,15 +12,14 @@ import os
 import posixpath
 import shutil
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from enum import StrEnum
-from functools import lru_cache
+from functools import lru_cache, partial
 from importlib import resources
 from pathlib import Path, PurePosixPath
 from typing import Any
 
-from modelbake import __version__, hashes
-from modelbake.hashes import sha256_file
+from modelbake import __version__
 from modelbake.onnx_refs import external_locations
 from modelbake.spec import FRAGMENTS_DIR, MANIFEST_NAME
 
@@ -174,55 +173,93 @@ def write_fragment(root: Path, stage: str, models: list[dict[str, Any]]) -> Path
     return path
 
 
-def check_files(root: Path, models: Iterable[dict[str, Any]], *, cached: bool = True) -> None:
-    """Every listed file exists inside ``root`` with the recorded size and sha256.
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
-    ``cached``: a digest that matched this manifest before for the same path, mtime and size (in this
-    process, or in the $MODELBAKE_HASH_CACHE table) is not computed again (:mod:`modelbake.hashes`).
+
+def check_files(root: Path, models: Iterable[dict[str, Any]], *, quick: bool = False) -> None:
+    """Every listed file exists inside ``root`` with the recorded size and sha256, and every file a model's
+    graphs or preprocessing name is one of its listed files.
+
+    ``quick``: no sha256. What opening a tree does: the loaders then hash the very bytes they load
+    (:func:`read_listed`), so a file swapped after a check made by path cannot be what loads.
     """
-    manifest = root / MANIFEST_NAME
-    manifest_sha256 = sha256_file(manifest) if manifest.is_file() else ""
     for model in models:
         for entry in model["files"]:
             path = resolve_inside(root, entry["path"])
             if not path.is_file():
                 raise ManifestError(f"{entry['path']}: listed for model {model['name']} but missing; rebuild it")
-            size = path.stat().st_size
-            if size != entry["bytes"]:
-                raise ManifestError(
-                    f"{entry['path']}: size {size} bytes, manifest says {entry['bytes']}; "
-                    "the file is truncated or replaced, rebuild or restore it"
-                )
-            actual = hashes.checked_digest(path, entry["sha256"], manifest_sha256, cached=cached)
-            if actual != entry["sha256"]:
-                raise ManifestError(
-                    f"{entry['path']}: sha256 {actual} does not match the manifest's {entry['sha256']}; "
-                    "the file was altered, rebuild or restore it"
-                )
+            _check_entry(entry, path.stat().st_size, None if quick else partial(sha256_file, path))
         _check_references(root, model)
-    hashes.save()
+
+
+def _check_entry(entry: dict[str, Any], size: int, digest: Callable[[], str] | None) -> None:
+    """``entry``'s recorded size, then its sha256 (``digest()``: computed only when the size matched)."""
+    if size != entry["bytes"]:
+        raise ManifestError(
+            f"{entry['path']}: size {size} bytes, manifest says {entry['bytes']}; "
+            "the file is truncated or replaced, rebuild or restore it"
+        )
+    if digest is not None and (actual := digest()) != entry["sha256"]:
+        raise ManifestError(
+            f"{entry['path']}: sha256 {actual} does not match the manifest's {entry['sha256']}; "
+            "the file was altered, rebuild or restore it"
+        )
+
+
+def read_listed(root: Path, model: dict[str, Any], relpath: str, *, by: str = "the loader") -> bytes:
+    """The bytes of ``relpath``, a file the manifest lists for ``model``, read once and checked (size and
+    sha256 of the buffer). A loader hands on these bytes, never the path: a file swapped on disk after this
+    check cannot be what loads. ``by`` names who asked for the file, for the refusal of an unlisted one."""
+    entry = _listed(model, relpath, by)
+    path = resolve_inside(root, relpath)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError as exc:
+        raise ManifestError(f"{relpath}: listed for model {model['name']} but missing; rebuild it") from exc
+    _check_entry(entry, len(data), lambda: hashlib.sha256(data).hexdigest())
+    return data
+
+
+def read_graph(root: Path, model: dict[str, Any], entry: dict[str, Any]) -> tuple[bytes, dict[str, bytes]]:
+    """An ONNX entry's graph and the external-data files it names ({location as written: bytes}), each read
+    once and checked (:func:`read_listed`); every location must be a listed file of the same model."""
+    graph = read_listed(root, model, entry["path"])
+    folder = PurePosixPath(entry["path"]).parent
+    external = {
+        location: read_listed(root, model, posixpath.normpath((folder / location).as_posix()), by=entry["path"])
+        for location in sorted(external_locations(graph))
+    }
+    return graph, external
+
+
+def _listed(model: dict[str, Any], relpath: str, by: str) -> dict[str, Any]:
+    """The entry of ``model`` listing ``relpath``; refuses a file the model does not list."""
+    for entry in model["files"]:
+        if entry["path"] == relpath:
+            return entry
+    raise ManifestError(
+        f"{by} names {relpath}, which the manifest does not list for model {model['name']}; "
+        "every file a model reads (a graph's weights beside it, its tokenizer) must be listed: rebuild the tree"
+    )
 
 
 def _check_references(root: Path, model: dict[str, Any]) -> None:
     """Every file a model's graphs or preprocessing make a loader read is one of its listed files: a graph's
     external-data locations (onnxruntime opens them itself) and the tokenizer. Otherwise a verified graph or
     manifest could still load bytes no digest covers."""
-    listed = {entry["path"] for entry in model["files"]}
-
-    def unlisted(named: str, by: str, fix: str) -> ManifestError:
-        return ManifestError(f"{by} names {named}, which the manifest does not list for model {model['name']}; {fix}")
-
-    tokenizer = model.get("preprocessing", {}).get("tokenizer")
-    if tokenizer and tokenizer not in listed:
-        raise unlisted(tokenizer, "its preprocessing", "rebuild the tree")
+    if tokenizer := model.get("preprocessing", {}).get("tokenizer"):
+        _listed(model, tokenizer, "its preprocessing")
     for entry in model["files"]:
         if entry.get("format") != "onnx":
             continue
         folder = PurePosixPath(entry["path"]).parent
         for location in external_locations(resolve_inside(root, entry["path"])):
-            named = posixpath.normpath((folder / location).as_posix())
-            if named not in listed:
-                raise unlisted(named, entry["path"], "a graph's weights must be a listed file beside it; rebuild it")
+            _listed(model, posixpath.normpath((folder / location).as_posix()), entry["path"])
 
 
 def merge_fragments(root: Path) -> dict[str, Any]:
@@ -254,7 +291,7 @@ def merge_fragments(root: Path) -> dict[str, Any]:
                     f"{entry['path']}: written by {seen_paths[entry['path']]} and {model['name']}; names must be unique"
                 )
             seen_paths[entry["path"]] = model["name"]
-    check_files(root, models, cached=False)
+    check_files(root, models)
     manifest = {
         "schema_version": SCHEMA_VERSION,
         "modelbake_version": __version__,
@@ -325,9 +362,8 @@ def build_notes(manifest: dict[str, Any]) -> list[str]:
 def checked_model(
     root: Path, kind: str, name: str | None = None, *, manifest_sha256: str | None = None
 ) -> dict[str, Any]:
-    """The first ``kind`` model (named ``name``, if given) of ``root``'s manifest, its files checked.
-
-    What every run-time loader does before it opens a file; raises LookupError naming what there is.
+    """The first ``kind`` model (named ``name``, if given) of ``root``'s manifest, its files present with
+    their sizes (the loader hashes what it reads, :func:`read_listed`); LookupError names what there is.
     """
     models = [m for m in read_manifest(root, expected_sha256=manifest_sha256)["models"] if m["kind"] == kind]
     chosen = [m for m in models if name in (None, m["name"])]
@@ -335,7 +371,7 @@ def checked_model(
         names = ", ".join(m["name"] for m in models) or "none"
         wanted = f"{kind} model {name!r}" if name else f"{kind} model"
         raise LookupError(f"no {wanted} in {root}; it has: {names}. Build it with modelbake (see README)")
-    check_files(root, chosen[:1])
+    check_files(root, chosen[:1], quick=True)
     return chosen[0]
 
 

@@ -101,14 +101,21 @@ def _graph(buf: mmap.mmap | bytes, start: int, end: int) -> set[str]:
     return found
 
 
-def external_locations(path: Path) -> set[str]:
-    """Every external-data location the ONNX graph at ``path`` names, as written (relative to its folder)."""
-    with open(path, "rb") as fh:
+def external_locations(graph: Path | bytes) -> set[str]:
+    """Every external-data location an ONNX graph (a file, or its bytes) names, as written (relative to its
+    folder)."""
+    if isinstance(graph, bytes):
+        return _locations(graph)
+    with open(graph, "rb") as fh:
         if not fh.seek(0, 2):
             return set()
         with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-            found: set[str] = set()
-            for field, wire, a, b in _fields(buf, 0, len(buf)):
-                if field == 7 and wire == _LEN:  # ModelProto.graph
-                    found |= _graph(buf, a, b)
-            return found
+            return _locations(buf)
+
+
+def _locations(buf: mmap.mmap | bytes) -> set[str]:
+    found: set[str] = set()
+    for field, wire, a, b in _fields(buf, 0, len(buf)):
+        if field == 7 and wire == _LEN:  # ModelProto.graph
+            found |= _graph(buf, a, b)
+    return found

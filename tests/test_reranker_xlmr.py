@@ -126,15 +126,16 @@ def test_without_a_recorded_pad_token_the_tokenizer_json_decides_or_it_is_an_err
     contract = _model(xlmr_tree)["preprocessing"]
     legacy = {k: v for k, v in contract.items() if k not in ("pad_token", "pad_id", "padding_side")}
     with pytest.raises(ManifestError, match=re.escape("records no pad token and the tokenizer.json sets no padding")):
-        pair_tokenizer(xlmr_tree, legacy)
+        pair_tokenizer((xlmr_tree / contract["tokenizer"]).read_bytes(), legacy)
     with pytest.raises(ManifestError, match=re.escape("pad token '<pad>' is id 1 there, not the recorded 0")):
-        pair_tokenizer(xlmr_tree, {**contract, "pad_id": 0})
+        pair_tokenizer((xlmr_tree / contract["tokenizer"]).read_bytes(), {**contract, "pad_id": 0})
     # A tokenizer.json that pads by itself is followed (a manifest written before the pad token was recorded).
     own = Tokenizer.from_file(str(xlmr_tree / contract["tokenizer"]))
     own.enable_padding(pad_id=1, pad_token="<pad>")
     shutil.copytree(xlmr_tree / "reranker", tmp_path / "reranker")
     own.save(str(tmp_path / contract["tokenizer"]))
-    feeds = encode_pairs(pair_tokenizer(tmp_path, legacy), QUERY, PASSAGES)
-    reference = encode_pairs(pair_tokenizer(xlmr_tree, contract), QUERY, PASSAGES)
+    own_json, recorded_json = ((tree / contract["tokenizer"]).read_bytes() for tree in (tmp_path, xlmr_tree))
+    feeds = encode_pairs(pair_tokenizer(own_json, legacy), QUERY, PASSAGES)
+    reference = encode_pairs(pair_tokenizer(recorded_json, contract), QUERY, PASSAGES)
     for name, value in reference.items():
         np.testing.assert_array_equal(feeds[name], value, err_msg=name)

@@ -120,20 +120,32 @@ def test_reranker_batches_pairs_of_similar_length() -> None:
     assert [len(b) for b in length_batches(np.full(70, 7), batch_size=32)] == [32, 32, 6]
 
 
-def test_every_artifact_flipped_or_truncated_is_caught_by_load_and_verify(built_tree: Path, tmp_path: Path) -> None:
-    from modelbake.manifest import ManifestError, read_manifest
+def test_every_artifact_flipped_or_truncated_is_caught_by_load_and_verify(
+    built_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Truncated: refused at open (sizes). Flipped: refused at open when a loader reads the file there
+    (its bytes are hashed as they load), else by verify, which hashes every file; verify catches both."""
+    from modelbake import manifest
     from modelbake.runtime.models import open_models
 
     root = tmp_path / "m"
     shutil.copytree(built_tree, root)
-    paths = [f["path"] for m in read_manifest(root)["models"] for f in m["files"]]
+    paths = [f["path"] for m in manifest.read_manifest(root)["models"] for f in m["files"]]
     assert len(paths) > 20
+    read, real = [], Path.read_bytes  # the loaders read each file once, whole
+    monkeypatch.setattr(Path, "read_bytes", lambda p: read.append(p.relative_to(root).as_posix()) or real(p))
+    open_models(root)
+    monkeypatch.setattr(Path, "read_bytes", real)
+    assert any(p.endswith(".onnx.data") for p in read) and any(p.endswith("tokenizer.json") for p in read)
     for rel in paths:
         original = (root / rel).read_bytes()
         for damaged in (original[:-1], original[:7] + bytes([original[7] ^ 0x20]) + original[8:]):
             (root / rel).write_bytes(damaged)
-            with pytest.raises(ManifestError, match=re.escape(rel)):
-                open_models(root)
+            if len(damaged) < len(original) or rel in read:
+                with pytest.raises(manifest.ManifestError, match=re.escape(rel)):
+                    open_models(root)
+            else:
+                open_models(root)  # nothing reads it at open: verify's to hash
             failed = [c for c in verify(root) if not c.ok]
             assert failed and rel in failed[0].detail, (rel, failed)
         (root / rel).write_bytes(original)
@@ -191,40 +203,20 @@ def test_open_models_without_a_manifest_finds_files_by_the_seed_names(
         open_models(flat, allow_unverified=True).regressor.predict(probe)
 
 
-def test_hash_cache_file_spares_a_restart_the_hashing_and_stat_changes_invalidate_it(
-    built_tree: Path, tmp_path: Path
-) -> None:
-    """$MODELBAKE_HASH_CACHE: verify fills it; a new process trusts it for the same path, mtime and size."""
-    import json
-    import os
-
+def test_open_hashes_what_it_loads_and_verify_hashes_every_file(built_tree: Path, tmp_path: Path) -> None:
+    """Opening a tree checks every listed file's presence and size, and the sha256 of the bytes each loader
+    reads, as it reads them; a file no loader reads at open (a golden probe) is ``verify``'s to hash."""
     root = tmp_path / "m"
     shutil.copytree(built_tree, root)
-    cache = tmp_path / "cache" / "sha256.json"
-    env = {**os.environ, "MODELBAKE_HASH_CACHE": str(cache)}
-    opens = [sys.executable, "-c", f"from modelbake.runtime.models import open_models; open_models({str(root)!r})"]
-    subprocess.run(
-        [sys.executable, "-m", "modelbake.runtime", "verify", str(root)], env=env, check=True, capture_output=True
-    )
-    listed = json.loads((root / "model_manifest.json").read_text())["models"]
-    rows = json.loads(cache.read_text())["files"]
-    assert len(rows) == sum(len(m["files"]) for m in listed)
-    # Alter a file the loaders check but do not parse, keeping its size and mtime: a process that trusts
-    # the cache does not notice (that is what the cache saves), one without it and verify do.
     golden = next(root.glob("golden/*.npz"))
-    stat = golden.stat()
     data = bytearray(golden.read_bytes())
     data[-1] ^= 0xFF
     golden.write_bytes(bytes(data))
-    os.utime(golden, ns=(stat.st_atime_ns, stat.st_mtime_ns))
-    assert subprocess.run(opens, env=env, capture_output=True).returncode == 0
-    no_cache = subprocess.run(opens, capture_output=True, text=True)
-    assert no_cache.returncode == 1 and "does not match the manifest" in no_cache.stderr
-    full = subprocess.run(
-        [sys.executable, "-m", "modelbake.runtime", "verify", str(root)], env=env, capture_output=True, text=True
-    )
-    assert full.returncode == 1 and golden.name in full.stdout
-    # A new mtime (any rewrite) misses the cache and is hashed again.
-    golden.touch()
-    again = subprocess.run(opens, env=env, capture_output=True, text=True)
-    assert again.returncode == 1 and "does not match the manifest" in again.stderr
+    opens = [sys.executable, "-c", f"from modelbake.runtime.models import open_models; open_models({str(root)!r})"]
+    assert subprocess.run(opens, capture_output=True).returncode == 0
+    verify = [sys.executable, "-m", "modelbake.runtime", "verify", str(root)]
+    full = subprocess.run(verify, capture_output=True, text=True)
+    assert full.returncode == 1 and golden.name in full.stdout and "does not match the manifest" in full.stdout
+    golden.write_bytes(bytes(data[:-1]))  # a size that differs is refused at open
+    shorter = subprocess.run(opens, capture_output=True, text=True)
+    assert shorter.returncode == 1 and f"{golden.name}: size" in shorter.stderr

@@ -53,7 +53,7 @@ def test_siglip_ships_its_own_tokenizer_and_embeds_as_open_clip_does(siglip_tree
     assert text_graph["inputs"][0]["shape"] == ["batch", 16]
     reference, _, _ = open_clip.create_model_and_transforms(f"local-dir:{siglip_source}")
     tokenizer = open_clip.get_tokenizer(f"local-dir:{siglip_source}")
-    ours = ClipTokenizer.of(siglip_tree, pre)
+    ours = ClipTokenizer.of(siglip_tree, model)
     np.testing.assert_array_equal(ours(TEXTS), tokenizer(TEXTS).numpy())
     assert ours([""]).tolist() == [[1] * 16]
     with torch.no_grad():

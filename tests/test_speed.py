@@ -180,6 +180,10 @@ def test_auto_picks_what_the_table_says_on_the_same_kernels_and_checks_elsewhere
     vnni = _model({"fp32": 4.0, "int8": 1.0}, ["avx2", "avx512_vnni", "fma"])
     assert choose(vnni, Role.IMAGE_ENCODER, AUTO, here).why.startswith("fp32: built on another CPU class")
     assert choose(vnni, Role.IMAGE_ENCODER, "int8", here).why == "int8: asked for"
+    # int8 asked for where the build shipped none (refused by its gate): fp32, saying so; never a LookupError
+    fp32_only = {**vnni, "files": [e for e in vnni["files"] if e["variant"] == "fp32"]}
+    fallback = choose(fp32_only, Role.IMAGE_ENCODER, "int8", here)
+    assert fallback.variant == "fp32" and fallback.why.startswith("fp32: int8 asked for, but none was built")
     assert not same_kernels({"arch": here["arch"], "isa": []}, here)  # no flags recorded: never trusted
     with pytest.raises(ValueError, match="use auto or one of fp32, int8"):
         requested("fp16")

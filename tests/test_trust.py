@@ -1,8 +1,8 @@
 """Fail closed at run time: what a service loads is what was built and checked, or it is refused.
 
 Each test here failed on the code before it: manifest-less loading was silently allowed, the manifest itself
-was not pinned, the hash table could refuse a legitimate build and keep stale rows, unlisted weights shadowed
-listed ones, NaN passed the gates, verify showed tracebacks, and the merge re-timed the user's own files.
+was not pinned, a file swapped after its check loaded, unlisted weights shadowed listed ones,
+NaN passed the gates, verify showed tracebacks, and the merge re-timed the user's own files.
 """
 
 from __future__ import annotations
@@ -10,13 +10,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from modelbake import hashes
+from modelbake import manifest as manifest_module
 from modelbake.manifest import MANIFEST_PIN_ENV, PUBLIC_KEY_ENV, ManifestError, finalize, read_manifest
 from modelbake.runtime.clip import ClipEncoder
 from modelbake.runtime.models import open_models
@@ -102,36 +103,6 @@ def _same_stat_other_bytes(path: Path, data: bytes) -> None:
     os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
-def test_hash_table_rows_are_tied_to_the_manifest_and_never_refuse(
-    tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Another legitimate build at the same path, size and mtime (same SOURCE_DATE_EPOCH) is loaded, not
-    refused as altered; a row read from disk never overrides a digest computed in this process."""
-    monkeypatch.setenv(hashes.HASH_CACHE_ENV, str(tmp_path / "table.json"))
-    monkeypatch.setattr(hashes, "_TABLE", {})
-    monkeypatch.setattr(hashes, "_LOADED", set())
-    assert all(c.ok for c in verify(tree))  # fills the table
-    rows = json.loads((tmp_path / "table.json").read_text())["files"]
-    assert {row[0] for row in rows} == {_digest(tree)}
-    # "Rebuild" the regressor's golden file with other content but the same size and mtime, and list it.
-    golden = tree / "golden" / "boundary_regressor.npz"
-    data = bytearray(golden.read_bytes())
-    data[-1] ^= 0x01
-    _same_stat_other_bytes(golden, bytes(data))
-    doc = json.loads((tree / MANIFEST_NAME).read_text())
-    entry = next(f for m in doc["models"] for f in m["files"] if f["path"] == "golden/boundary_regressor.npz")
-    entry["sha256"] = hashlib.sha256(bytes(data)).hexdigest()
-    (tree / MANIFEST_NAME).write_text(json.dumps(doc, indent=2))
-    monkeypatch.setattr(hashes, "_TABLE", {})
-    monkeypatch.setattr(hashes, "_LOADED", set())
-    assert open_models(tree).regressor is not None  # the old row is for another manifest: hashed, matched
-    # A stale table on disk cannot replace what this process computed.
-    stale = {"version": 2, "files": [[m, p, t, n, "0" * 64] for m, p, t, n, _ in rows]}
-    (tmp_path / "table.json").write_text(json.dumps(stale))
-    monkeypatch.setattr(hashes, "_LOADED", set())
-    assert open_models(tree).regressor is not None
-
-
 def test_listed_weights_win_over_unlisted_files_beside_them(tree: Path) -> None:
     shutil.copy(tree / "onnx" / "boundary_regressor.onnx", tree / "boundary_regressor_pretrained.pth")
     assert find_weights(tree) == (tree / "regressor" / "boundary_regressor_pretrained.pth").resolve()
@@ -148,10 +119,11 @@ def test_non_finite_outputs_fail_the_gate_and_verify(tree: Path) -> None:
         compare(ref, [np.full((2, 4), np.nan, np.float32)])
     manifest = read_manifest(tree)
     entry = next(f for m in manifest["models"] for f in m["files"] if f["path"] == "onnx/boundary_regressor.onnx")
+    model = next(m for m in manifest["models"] if entry in m["files"])
     with np.load(tree / entry["golden"]) as data:
         golden = {k: data[k] for k in data.files}
     golden["output:deltas"] = np.full_like(golden["output:deltas"], np.nan)
-    assert not run_golden(tree, entry, golden).ok  # max() skipped NaN and reported 0 before
+    assert not run_golden(tree, model, entry, golden).ok  # max() skipped NaN and reported 0 before
 
 
 def test_verify_reports_unreadable_files_as_failures_not_tracebacks(tree: Path) -> None:
@@ -167,14 +139,14 @@ def test_verify_reports_unreadable_files_as_failures_not_tracebacks(tree: Path) 
 def test_verify_reports_a_file_it_may_not_read_as_a_failure(tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """As a service user without read permission would see it (the tests run as root, who reads everything,
     so the operating system's refusal is injected at the one place files are read)."""
-    real = hashes.sha256_file
+    real = manifest_module.sha256_file
 
     def refuse(path: Path) -> str:
         if path.name == "boundary_regressor.onnx":
             raise PermissionError(13, "Permission denied", str(path))
         return real(path)
 
-    monkeypatch.setattr(hashes, "sha256_file", refuse)
+    monkeypatch.setattr(manifest_module, "sha256_file", refuse)
     failed = [c for c in verify(tree) if not c.ok]
     assert [c.model for c in failed] == ["regressor:boundary_regressor"]
     assert failed[0].detail.startswith("PermissionError: [Errno 13] Permission denied")
@@ -199,7 +171,7 @@ def test_files_a_model_refers_to_must_be_listed_files_of_that_model(tree: Path) 
     graph and its manifest entry are rewritten together, so every listed file still checks out."""
     import onnx
 
-    from modelbake.hashes import sha256_file
+    from modelbake.manifest import sha256_file
 
     graph = tree / "onnx" / "clip_tiny-vit_text_encoder.onnx"
     shutil.copyfile(graph.with_name(graph.name + ".data"), graph.with_name("weights.bin"))
@@ -231,33 +203,41 @@ def test_files_a_model_refers_to_must_be_listed_files_of_that_model(tree: Path) 
         open_models(tree)
 
 
-def test_hash_table_rows_speak_only_for_files_as_protected_as_the_table(
-    tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """A model file edited in place, its size kept and its mtime put back, once loaded on the strength of a
-    table row wherever the tree lay (compose's search-mounted mounts a host folder). A row read from disk now
-    counts only for a file on the table's filesystem, of its owner, writable by no group or other user."""
-    table = tmp_path / "table.json"
-    monkeypatch.setenv(hashes.HASH_CACHE_ENV, str(table))
-    for fresh in ("_TABLE", "_LOADED", "_FROM_DISK"):
-        monkeypatch.setattr(hashes, fresh, {} if fresh == "_TABLE" else set())
-    assert all(c.ok for c in verify(tree))  # fills the table on disk
-    golden = tree / "golden" / "boundary_regressor.npz"
-    data = bytearray(golden.read_bytes())
+def test_a_graph_edited_in_place_with_its_size_and_mtime_kept_is_refused_at_open(tree: Path) -> None:
+    """A table of digests keyed by (path, mtime, size) once spared the hash of a file edited in place with
+    its size kept and its mtime put back. No such table remains: what loads is hashed as it loads."""
+    graph = tree / "onnx" / "boundary_regressor.onnx"
+    data = bytearray(graph.read_bytes())
     data[-1] ^= 0x01
-    _same_stat_other_bytes(golden, bytes(data))
-
-    def reopen() -> None:  # a new process: only the table on disk
-        for fresh in ("_TABLE", "_LOADED", "_FROM_DISK"):
-            monkeypatch.setattr(hashes, fresh, {} if fresh == "_TABLE" else set())
+    _same_stat_other_bytes(graph, bytes(data))
+    with pytest.raises(ManifestError, match=r"onnx/boundary_regressor\.onnx: sha256 .* does not match"):
         open_models(tree)
 
-    reopen()  # as protected as the table: the row spares the hash (what the table is for)
-    golden.chmod(0o666)  # writable by others
-    with pytest.raises(ManifestError, match=r"golden/boundary_regressor\.npz: sha256 .* does not match"):
-        reopen()
-    golden.chmod(0o644)
-    if os.geteuid() == 0:  # only root can give a file away (the tests and CI run as root)
-        os.chown(golden, 12345, 12345)  # another owner than the table's
-        with pytest.raises(ManifestError, match=r"golden/boundary_regressor\.npz: sha256 .* does not match"):
-            reopen()
+
+@pytest.mark.parametrize("swapped", ["clip_tiny-vit_text_encoder.onnx", "clip_tiny-vit_text_encoder.onnx.data"])
+def test_a_file_swapped_between_its_check_and_its_load_is_not_what_loads(
+    tree: Path, swapped: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loaders once hashed a graph by its path and let onnxruntime open that path again (and its
+    ``.onnx.data`` by itself): a graph or its weights swapped right after the check loaded under the pin.
+    Here the swap happens at the last moment before onnxruntime builds the session; the session must still
+    be the checked model's (the same embeddings as before the swap)."""
+    from modelbake.runtime import sessions
+
+    texts = ["a photo of a cat", "a diagram"]
+    expected = open_models(tree).clip["tiny-vit"].encode_text(texts)
+    target = tree / "onnx" / swapped
+    other = (tree / "onnx" / swapped.replace("tiny-vit", "tiny-rn")).read_bytes()
+    real = sessions.session
+
+    def swap_then_build(*args: object, **kwargs: object) -> object:
+        if target.read_bytes() != other:
+            target.write_bytes(other)  # what someone with write access to the tree could do at this moment
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sessions, "session", swap_then_build)
+    encoder = open_models(tree).clip["tiny-vit"]
+    assert target.read_bytes() == other  # the swap happened before the session was built
+    np.testing.assert_allclose(encoder.encode_text(texts), expected, atol=1e-6)
+    with pytest.raises(ManifestError, match=f"onnx/{re.escape(swapped)}: (size|sha256)"):
+        open_models(tree)  # and the next open refuses the swapped file

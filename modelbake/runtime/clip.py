@@ -17,7 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
-from modelbake.manifest import Role, Variant, require_manifest, resolve_inside
+from modelbake.manifest import Role, Variant, read_listed, require_manifest, resolve_inside
 from modelbake.runtime.registry import Loader, register_loader
 from modelbake.runtime.sessions import session
 
@@ -58,22 +58,28 @@ def cut_after_eot(ids: np.ndarray) -> np.ndarray:
 class ClipTokenizer:
     """``tokenizer(texts) -> (n, context_length) int64``, id-exact with open_clip's tokenizer."""
 
-    def __init__(self, tokenizer_json: Path, context_length: int, clean: str = "clip") -> None:
+    def __init__(self, tokenizer_json: Path | bytes, context_length: int, clean: str = "clip") -> None:
+        """``tokenizer_json``: the file, or its contents."""
         from tokenizers import Tokenizer
 
         if clean not in TEXT_CLEAN:
             raise ValueError(f"text_clean {clean!r} is not one of {', '.join(TEXT_CLEAN)}; rebuild with this modelbake")
-        self.tokenizer = Tokenizer.from_file(str(tokenizer_json))
+        if isinstance(tokenizer_json, bytes):
+            self.tokenizer = Tokenizer.from_str(tokenizer_json.decode())
+        else:
+            self.tokenizer = Tokenizer.from_file(str(tokenizer_json))
         self.context_length, self.clean = context_length, clean
         self.pad_id = int((self.tokenizer.padding or {}).get("pad_id", 0))
 
     @classmethod
-    def of(cls, root: Path, preprocessing: dict[str, Any]) -> ClipTokenizer | None:
-        """The tokenizer a manifest's CLIP ``preprocessing`` names, or None when the build shipped none."""
-        path = preprocessing.get("tokenizer")
-        if not path:
+    def of(cls, root: Path, model: dict[str, Any], *, checked: bool = True) -> ClipTokenizer | None:
+        """The tokenizer a CLIP ``model``'s preprocessing names (read once and hashed, :func:`read_listed`;
+        ``checked=False`` only for files found by name without a manifest), or None when none shipped."""
+        pre = model["preprocessing"]
+        if not (path := pre.get("tokenizer")):
             return None
-        return cls(resolve_inside(root, path), preprocessing["context_length"], preprocessing.get("text_clean", "clip"))
+        data = read_listed(root, model, path, by="its preprocessing") if checked else resolve_inside(root, path)
+        return cls(data, pre["context_length"], pre.get("text_clean", "clip"))
 
     def __call__(self, texts: list[str]) -> np.ndarray:
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
@@ -226,7 +232,7 @@ class ClipEncoder(Loader):
         super().__init__(folder, model, **kwargs)
         self.preprocessing = model["preprocessing"]
         self.sessions = {tower: self.onnx_session(model, role) for tower, role in self.ROLES.items()}
-        self.tokenizer = ClipTokenizer.of(folder, self.preprocessing)
+        self.tokenizer = ClipTokenizer.of(folder, model, checked=not self.unverified)
 
     @classmethod
     def from_folder(
@@ -239,7 +245,7 @@ class ClipEncoder(Loader):
         """
         folder = Path(folder)
         if not require_manifest(folder, allow_unverified, expected_sha256=kwargs.get("manifest_sha256")):
-            return cls(folder, detect(folder, name), **kwargs)
+            return cls(folder, detect(folder, name), unverified=True, **kwargs)
         return super().from_folder(folder, name, **kwargs)
 
     @classmethod
@@ -249,7 +255,7 @@ class ClipEncoder(Loader):
         """The tokenizer on the probe texts, or the preprocessing on the probe images, against the golden inputs."""
         pre = model.get("preprocessing", {})
         if "raw:text" in golden and pre.get("tokenizer"):
-            ids = ClipTokenizer.of(root, pre)(list(golden["raw:text"]))
+            ids = ClipTokenizer.of(root, model)(list(golden["raw:text"]))
             same = np.array_equal(ids, golden["input:input_ids"])
             return same, f"tokenizer ids {'identical' if same else 'DIFFER'} on {len(ids)} probe texts"
         images = [golden[k] for k in sorted(golden) if k.startswith("raw:image:")]

@@ -16,7 +16,7 @@ from typing import Any, ClassVar, Self, TypeVar
 import numpy as np
 
 from modelbake.manifest import Variant, checked_model, resolve_inside
-from modelbake.runtime.sessions import session
+from modelbake.runtime.sessions import checked_session, session
 from modelbake.runtime.variants import choose, requested
 from modelbake.signature import check_signature
 
@@ -38,9 +38,11 @@ class Loader:
         variant: str | None = None,
         int8: bool = False,
         threads: int | None = None,
+        unverified: bool = False,
     ) -> None:
         self.name = model["name"]
         self.folder, self.threads = folder, threads
+        self.unverified = unverified  # files found by name without a manifest (allow_unverified): no digests
         self.requested = requested(variant, int8)
         self.chosen: dict[str, str] = {}  # role -> the variant each ONNX role runs
         self.why: dict[str, str] = {}  # role -> why it runs that variant here
@@ -56,9 +58,12 @@ class Loader:
         return choice.entry
 
     def onnx_session(self, model: dict[str, Any], role: str) -> Any:
-        """An onnxruntime session of the entry :meth:`onnx` picks for ``role`` (the check's own, when it made one)."""
+        """An onnxruntime session of the entry :meth:`onnx` picks for ``role`` (the check's own, when it made one),
+        built from the bytes its digest check read."""
         entry = self.onnx(model, role)
-        return self._checked.pop(role, None) or session(resolve_inside(self.folder, entry["path"]), self.threads)
+        if self.unverified:
+            return session(resolve_inside(self.folder, entry["path"]), self.threads)
+        return self._checked.pop(role, None) or checked_session(self.folder, model, entry, self.threads)
 
     @property
     def variant(self) -> str:

@@ -85,7 +85,7 @@ class BoundaryRegressorONNX(Loader):
         """An ONNX file outside any manifest: nothing is verified."""
         path = Path(onnx_path)
         model = {"name": path.stem, "kind": cls.kind, "files": [{"role": Role.REGRESSOR, "path": path.name}]}
-        return cls(path.parent, model, threads=threads)
+        return cls(path.parent, model, threads=threads, unverified=True)
 
     @classmethod
     def from_folder(

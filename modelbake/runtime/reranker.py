@@ -9,14 +9,15 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
-from modelbake.manifest import ManifestError, Role, Variant, resolve_inside
+from modelbake.manifest import ManifestError, Role, Variant, read_listed
 from modelbake.runtime.registry import Loader, register_loader
 
 
-def pair_tokenizer(folder: Path, contract: dict[str, Any]) -> Tokenizer:
-    """The model's tokenizer.json with the recorded truncation (both texts, longest first, to max_length) and
-    padding (to the longest pair, with the model's own pad token: id 1 for RoBERTa and XLM-R, not 0)."""
-    tokenizer = Tokenizer.from_file(str(resolve_inside(folder, contract["tokenizer"])))
+def pair_tokenizer(tokenizer_json: bytes, contract: dict[str, Any]) -> Tokenizer:
+    """The model's tokenizer.json (its contents) with the recorded truncation (both texts, longest first, to
+    max_length) and padding (to the longest pair, with the model's own pad token: id 1 for RoBERTa and XLM-R,
+    not 0)."""
+    tokenizer = Tokenizer.from_str(tokenizer_json.decode())
     tokenizer.enable_truncation(contract["max_length"], direction=contract.get("truncation_side", "right"))
     tokenizer.enable_padding(**_padding(tokenizer, contract))
     return tokenizer
@@ -63,7 +64,7 @@ class Reranker(Loader):
         super().__init__(folder, model, **kwargs)
         self.contract = {**model["preprocessing"], **model["details"]}
         self.session = self.onnx_session(model, Role.RERANKER)
-        self.tokenizer = pair_tokenizer(folder, self.contract)
+        self.tokenizer = pair_tokenizer(read_listed(folder, model, self.contract["tokenizer"]), self.contract)
         self._pad_right = self.tokenizer.padding["direction"] == "right"
         self._labels = int(self.contract.get("num_labels", 1))
 
@@ -74,7 +75,8 @@ class Reranker(Loader):
         """The pair encoding of the probe query and passages against the golden inputs."""
         if "raw:passages" not in golden:
             return None
-        tokenizer = pair_tokenizer(root, {**model["preprocessing"], **model["details"]})
+        contract = {**model["preprocessing"], **model["details"]}
+        tokenizer = pair_tokenizer(read_listed(root, model, contract["tokenizer"]), contract)
         feeds = encode_pairs(tokenizer, str(golden["raw:query"][0]), list(golden["raw:passages"]))
         same = all(np.array_equal(feeds[k], golden[f"input:{k}"]) for k in feeds)
         return same, f"pair encoding {'identical' if same else 'DIFFERS'} on {len(feeds['input_ids'])} pairs"

@@ -1,5 +1,8 @@
 """The one place onnxruntime sessions are made: the build's gates, verify and every loader.
 
+A tree's graphs are opened by :func:`checked_session`: from the bytes the manifest check hashed, their
+external data included, never from a path onnxruntime would open again after the check.
+
 Threads: the ``threads`` argument, else $MODELBAKE_THREADS, else onnxruntime's default (one per core).
 Inter-op threads stay at 1: the graphs run sequentially, and a second pool only competes for the cores.
 """
@@ -8,9 +11,11 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import Any
 
 import onnxruntime as ort
 
+from modelbake.manifest import read_graph
 from modelbake.spec import external_data_name
 
 THREADS_ENV = "MODELBAKE_THREADS"
@@ -25,13 +30,29 @@ def threads_from_env() -> int | None:
     return int(value)
 
 
-def session(model: Path | str | bytes, threads: int | None = None) -> ort.InferenceSession:
-    """A CPU session for an ONNX file (or its bytes)."""
+def checked_session(
+    root: Path, model: dict[str, Any], entry: dict[str, Any], threads: int | None = None
+) -> ort.InferenceSession:
+    """A session of the manifest ONNX ``entry`` of ``model`` in the tree at ``root``: the graph and its
+    external data read once, hashed and handed to onnxruntime as bytes (:func:`modelbake.manifest.read_graph`)."""
+    graph, external = read_graph(root, model, entry)
+    return session(graph, threads, external=external)
+
+
+def session(
+    model: Path | str | bytes, threads: int | None = None, *, external: dict[str, bytes] | None = None
+) -> ort.InferenceSession:
+    """A CPU session for an ONNX file, or its bytes with the contents of the external-data files it names
+    (``external``: {location as written in the graph: bytes}; onnxruntime copies them while it builds)."""
     options = ort.SessionOptions()
     threads = threads or threads_from_env()
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
+    if external:
+        names = list(external)
+        buffers = [external[name] for name in names]
+        options.add_external_initializers_from_files_in_memory(names, buffers, [len(b) for b in buffers])
     source = model if isinstance(model, bytes) else str(model)
     try:
         return ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])

@@ -27,9 +27,10 @@ from typing import Any
 
 import numpy as np
 
-from modelbake.manifest import Variant, resolve_inside
+from modelbake.manifest import Variant
 from modelbake.runtime.gates import kendall_tau, min_row_cosine, top_k_kept
-from modelbake.runtime.sessions import session
+from modelbake.runtime.golden import feeds_and_outputs, read_golden
+from modelbake.runtime.sessions import checked_session, threads_from_env
 
 log = logging.getLogger("modelbake")
 
@@ -77,7 +78,7 @@ def _key(here: dict[str, Any], entries: list[dict[str, Any]], threads: int | Non
         "arch": here.get("arch"),
         "isa": sorted(here.get("isa", [])),
         "onnxruntime": here.get("onnxruntime"),
-        "threads": threads or 0,
+        "threads": threads or threads_from_env() or 0,  # what the sessions will use
         "files": [[e.get("variant"), e["sha256"], e.get("gate")] for e in entries],
     }
     return hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()
@@ -105,21 +106,14 @@ def _store(folder: Path | None, key: str, choice: Choice) -> None:
         log.debug("variant choice not cached in %s: %s", folder, exc)
 
 
-def _golden(root: Path, entry: dict[str, Any]) -> tuple[dict[str, np.ndarray], list[np.ndarray], list[str]]:
-    with np.load(resolve_inside(root, entry["golden"]), allow_pickle=False) as data:
-        arrays = {k: data[k] for k in data.files}
-    feeds = {k.removeprefix("input:"): v for k, v in arrays.items() if k.startswith("input:")}
-    names = [k.removeprefix("output:") for k in arrays if k.startswith("output:")]
-    return feeds, [arrays[f"output:{n}"] for n in names], names
-
-
-def accuracy_here(run: Any, root: Path, entry: dict[str, Any]) -> tuple[bool, str]:
+def accuracy_here(run: Any, root: Path, model: dict[str, Any], entry: dict[str, Any]) -> tuple[bool, str]:
     """``entry``'s graph (session ``run``) on its golden probe against the recorded reference outputs, under
     its recorded ``gate``: (passes, the figures in words)."""
     gate = entry.get("gate")
     if not gate:
         return False, "no gate recorded (built before modelbake checked variants where they run)"
-    feeds, reference, names = _golden(root, entry)
+    feeds, recorded = feeds_and_outputs(read_golden(root, model, entry))
+    names, reference = list(recorded), list(recorded.values())
     outputs = run.run(names, feeds)
     if not all(np.isfinite(o).all() for o in outputs):
         return False, "non-finite outputs here"
@@ -162,7 +156,12 @@ def time_here(runs: list[Any], feeds: dict[str, np.ndarray], budget_s: float = B
 
 
 def check_here(
-    root: Path, fp32: dict[str, Any], others: list[dict[str, Any]], here: dict[str, Any], threads: int | None
+    root: Path,
+    model: dict[str, Any],
+    fp32: dict[str, Any],
+    others: list[dict[str, Any]],
+    here: dict[str, Any],
+    threads: int | None,
 ) -> Choice:
     """The variant of one role to run on this CPU: each of ``others`` checked on its golden probe, the ones
     that pass timed beside ``fp32``; the fastest, or fp32. Cached (see the module's doc)."""
@@ -173,8 +172,8 @@ def check_here(
     started = time.perf_counter()
     passed, refusals = [], []
     for entry in others:
-        run = session(resolve_inside(root, entry["path"]), threads)
-        ok, words = accuracy_here(run, root, entry)
+        run = checked_session(root, model, entry, threads)
+        ok, words = accuracy_here(run, root, model, entry)
         if ok:
             passed.append((entry, run, words))
         else:
@@ -182,8 +181,8 @@ def check_here(
     if not passed:
         choice = Choice(fp32, "fp32: " + "; ".join(refusals))
     else:
-        fp32_run = session(resolve_inside(root, fp32["path"]), threads)
-        feeds, _, _ = _golden(root, fp32)
+        fp32_run = checked_session(root, model, fp32, threads)
+        feeds, _ = feeds_and_outputs(read_golden(root, model, fp32))
         medians = time_here([fp32_run, *(run for _, run, _ in passed)], {k: v[:1] for k, v in feeds.items()})
         if medians is None:
             choice = Choice(fp32, f"fp32: timing the variants here took over {BUDGET_S:g} s", fp32_run)

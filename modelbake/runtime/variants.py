@@ -94,16 +94,20 @@ def choose(
 ) -> Choice:
     """What ``model``'s ``role`` runs on this machine (``here``) and why.
 
-    An explicit variant must exist (LookupError naming what does). ``auto``: fp32 when it is the only one;
+    An explicit variant runs where the build shipped it, else fp32 (an int8 refused by its gate at build time
+    is a normal outcome), the reason saying so. ``auto``: fp32 when it is the only one;
     the build's table (the smallest recorded batch-1 latency) when the recording machine has this one's
     kernels; otherwise, given the tree's ``root``, each other variant checked and timed here
     (:func:`.variant_check.check_here`), else fp32.
     """
     if variant != AUTO:
-        forced = os.environ.get(VARIANT_ENV, "").strip().lower() == variant
-        return Choice(
-            onnx_entry(model, role, variant), f"{variant}: asked for" + (f" ({VARIANT_ENV})" if forced else "")
-        )
+        how = f" ({VARIANT_ENV})" if os.environ.get(VARIANT_ENV, "").strip().lower() == variant else ""
+        if variant != Variant.FP32 and not any(
+            e["role"] == role and e.get("variant") == variant for e in model["files"]
+        ):  # an optional variant the build did not ship (refused by its gate, or not asked for)
+            why = f"fp32: {variant} asked for{how}, but none was built for this role (see the build's notes)"
+            return Choice(onnx_entry(model, role, Variant.FP32), why)
+        return Choice(onnx_entry(model, role, variant), f"{variant}: asked for{how}")
     here = here or machine()
     fp32 = onnx_entry(model, role, Variant.FP32)
     others = [e for e in model["files"] if e["role"] == role and e.get("variant", Variant.FP32) != Variant.FP32]
@@ -118,7 +122,7 @@ def choose(
         )
     if root is None:
         return Choice(fp32, "fp32: built on another CPU class, and no tree to check the other variants in")
-    return variant_check.check_here(root, fp32, others, here, threads)
+    return variant_check.check_here(root, model, fp32, others, here, threads)
 
 
 def _batch1(entry: dict[str, Any]) -> float | None:

@@ -10,10 +10,11 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from modelbake.manifest import ManifestError, check_files, read_manifest, resolve_inside
+from modelbake.manifest import ManifestError, check_files, read_manifest
 from modelbake.runtime import variants
+from modelbake.runtime.golden import feeds_and_outputs, read_golden
 from modelbake.runtime.registry import loader_for
-from modelbake.runtime.sessions import session
+from modelbake.runtime.sessions import checked_session
 from modelbake.runtime.variants import choose, requested
 from modelbake.signature import public_key_from_env, verify_tree
 
@@ -24,11 +25,6 @@ class Check:
     what: str
     ok: bool
     detail: str
-
-
-def _load_npz(path: Path) -> dict[str, np.ndarray]:
-    with np.load(path, allow_pickle=False) as data:  # never unpickle what a file says
-        return {k: data[k] for k in data.files}
 
 
 def replay_inputs(
@@ -42,11 +38,10 @@ def replay_inputs(
     return Check("", f"inputs {Path(entry['path']).name}", same, detail)
 
 
-def run_golden(root: Path, entry: dict[str, Any], golden: dict[str, np.ndarray]) -> Check:
-    feeds = {k.removeprefix("input:"): v for k, v in golden.items() if k.startswith("input:")}
-    expected = {k.removeprefix("output:"): v for k, v in golden.items() if k.startswith("output:")}
+def run_golden(root: Path, model: dict[str, Any], entry: dict[str, Any], golden: dict[str, np.ndarray]) -> Check:
+    feeds, expected = feeds_and_outputs(golden)
     names = list(expected)
-    outputs = session(resolve_inside(root, entry["path"])).run(names, feeds)
+    outputs = checked_session(root, model, entry).run(names, feeds)
     atol = entry["tolerance"]["atol"]
     # NaN compares false both ways: a non-finite difference is a failure, never a pass.
     diffs = [np.abs(out - expected[n]) for n, out in zip(names, outputs, strict=True)]
@@ -79,7 +74,7 @@ def verify(root: Path, *, quick: bool = False) -> list[Check]:
     for model in manifest["models"]:
         name = f"{model['kind']}:{model['name']}"
         try:
-            _files(root, model, quick)
+            check_files(root, [model], quick=quick)
             checks.append(Check(name, "files", True, f"{len(model['files'])} files" + ("" if quick else ", sha256 ok")))
         except (ManifestError, OSError) as exc:
             checks.append(Check(name, "files", False, _reason(exc)))
@@ -112,16 +107,6 @@ def _reason(exc: Exception) -> str:
     return str(exc) if isinstance(exc, ManifestError) else f"{type(exc).__name__}: {exc}"
 
 
-def _files(root: Path, model: dict[str, Any], quick: bool) -> None:
-    if not quick:
-        check_files(root, [model], cached=False)
-        return
-    for entry in model["files"]:
-        path = resolve_inside(root, entry["path"])
-        if not path.is_file() or path.stat().st_size != entry["bytes"]:
-            raise ManifestError(f"{entry['path']}: missing or size differs from the manifest")
-
-
 def _inference(root: Path, model: dict[str, Any]) -> list[Check]:
     """Each ONNX file on its golden inputs, and the kind's own input pipeline on the raw probes."""
     checks: list[Check] = []
@@ -129,8 +114,8 @@ def _inference(root: Path, model: dict[str, Any]) -> list[Check]:
         if "golden" not in entry:
             continue
         try:
-            golden = _load_npz(resolve_inside(root, entry["golden"]))
-            found = [run_golden(root, entry, golden), replay_inputs(root, model, entry, golden)]
+            golden = read_golden(root, model, entry)
+            found = [run_golden(root, model, entry, golden), replay_inputs(root, model, entry, golden)]
         except Exception as exc:  # a corrupt model must show up in the table, not as a traceback
             found = [Check("", f"inference {Path(entry['path']).name}", False, f"{type(exc).__name__}: {exc}")]
         checks += filter(None, found)
