@@ -2,8 +2,11 @@
 # Everything the Docker tests need on a Debian 12 host, as root, idempotent and quick the second time:
 #   1. a Docker engine with the buildx and compose plugins, started and answering;
 #   2. a local base image (debootstrap + docker import), since no image can be pulled here;
-#   3. a wheelhouse of the pinned requirement sets (build/requirements-*.txt), for offline image builds;
+#   3. a wheelhouse of the pinned requirement sets, for offline image builds, every wheel checked against
+#      build/wheelhouse-lock.txt (sha256; written by docker/lock_wheelhouse.py);
 #   4. an OCI registry on loopback (Debian 12's docker-registry, storage in the cache), for push and pull;
+#      only the one this script started is used (its pid file names the listener), never whatever else
+#      answers on that port, and the Debian package's own service (every interface, :5000) never runs;
 #   5. a second engine, "another builder": its own dockerd with the containerd image store, socket, data and
 #      bridge, sharing nothing with the first but the registry (the cross-builder cache test, provenance).
 # Prints the variables the build needs as `export` lines (eval "$(bash docker/setup-engine.sh)").
@@ -26,6 +29,14 @@ say() { printf '[setup-engine] %s\n' "$*" >&2; }
 die() { say "error: $*"; exit 1; }
 
 [ "$(id -u)" = 0 ] || die "run as root (it installs Debian packages and starts dockerd)"
+
+registry=${MODELBAKE_REGISTRY:-127.0.0.1:5055}
+# The registry speaks plain HTTP without authentication: loopback only, checked before anything is done.
+case $registry in
+  127.*:[0-9]*|localhost:[0-9]*) ;;
+  *) die "MODELBAKE_REGISTRY=$registry: not a loopback host:port; the test registry has no authentication, so it listens on loopback only (e.g. 127.0.0.1:5055)" ;;
+esac
+registry_pidfile=$cache/registry.pid
 
 debian_mirror() {
   # The mirror this machine's apt already uses, so no host name is hard-coded here.
@@ -111,12 +122,14 @@ setup_base_image() {
 }
 
 setup_wheelhouse() {
-  local stamp=$wheelhouse/.requirements.sha256 want
-  want=$(cat "$here"/build/requirements-*.txt | sha256sum | cut -d' ' -f1)
+  # Hash-locked: pip refuses any wheel whose sha256 is not the lock's, and downloads nothing the lock does
+  # not name (--no-deps; the lock holds the whole resolved set).
+  local lock=$here/build/wheelhouse-lock.txt stamp=$wheelhouse/.lock.sha256 want
+  want=$(sha256sum "$lock" | cut -d' ' -f1)
   if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then say "wheelhouse up to date"; return; fi
-  say "pip download into the wheelhouse (several GB the first time)"
+  say "pip download into the wheelhouse, every wheel checked against its locked sha256 (several GB the first time)"
   mkdir -p "$wheelhouse"
-  python3 -m pip download -q --only-binary=:all: -d "$wheelhouse" -r "$here/build/requirements-dev.txt" \
+  python3 -m pip download -q --only-binary=:all: --no-deps --require-hashes -d "$wheelhouse" -r "$lock" \
     2> >(grep -v "is ignored: it is neither" >&2)
   echo "$want" >"$stamp"
 }
@@ -125,12 +138,37 @@ registry_up() {
   python3 -c "import sys, urllib.request; urllib.request.urlopen('http://$1/v2/', timeout=3)" 2>/dev/null
 }
 
+listener_pid() {
+  # The pid of the process listening on TCP port $1, if any.
+  ss -Hltnp "sport = :$1" 2>/dev/null | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2
+}
+
+registry_ours() {
+  # The listener on the registry's port is the docker-registry this script started (its pid file), not
+  # whatever a local user started there first: pushes and cache imports would go to it.
+  local pid listener
+  pid=$(cat "$registry_pidfile" 2>/dev/null || true)
+  listener=$(listener_pid "${registry##*:}")
+  [ -n "$pid" ] && [ "$listener" = "$pid" ] && [ "$(readlink "/proc/$pid/exe")" = /usr/bin/docker-registry ]
+}
+
 setup_registry() {
-  # Loopback only, on its own port: the package's own service (if its postinst started one) listens on
-  # every interface at 5000 and is left alone. The engine treats 127.0.0.0/8 registries as insecure
-  # (plain HTTP) by default, so nothing in the engine's configuration changes.
-  apt_install docker-registry
-  if registry_up "$registry"; then say "registry answers at $registry"; return; fi
+  # Loopback only, on its own port. The Debian package's service would listen on every interface at 5000:
+  # policy-rc.d keeps its install from starting it, and one started before is stopped. The engine treats
+  # 127.0.0.0/8 registries as insecure (plain HTTP) by default, so the engine's configuration is untouched.
+  if ! dpkg -s docker-registry >/dev/null 2>&1; then
+    local policy=/usr/sbin/policy-rc.d made=0
+    [ -e $policy ] || { printf '#!/bin/sh\nexit 101\n' >$policy; chmod 0755 $policy; made=1; }
+    apt_install docker-registry || { [ $made = 0 ] || rm -f $policy; die "apt-get install docker-registry failed"; }
+    [ $made = 0 ] || rm -f $policy
+  fi
+  pkill -f '^/usr/bin/docker-registry serve /etc/docker/registry/config.yml' && say "stopped the docker-registry package's own service (every interface, :5000)" || true
+  apt_install iproute2  # ss
+  if registry_ours && registry_up "$registry"; then say "registry answers at $registry (pid $(cat "$registry_pidfile"), ours)"; return; fi
+  local other; other=$(listener_pid "${registry##*:}")
+  if [ -n "$other" ]; then
+    die "$registry: port taken by pid $other ($(tr '\0' ' ' <"/proc/$other/cmdline" | cut -c1-120)), not the registry this script started; stop it, or set MODELBAKE_REGISTRY to a free loopback port"
+  fi
   mkdir -p "$cache/registry"
   cat >"$cache/registry.yml" <<YAML
 version: 0.1
@@ -141,9 +179,11 @@ storage:
 http: {addr: $registry}
 YAML
   say "starting a registry at $registry (storage: $cache/registry, log: $cache/registry.log)"
-  nohup docker-registry serve "$cache/registry.yml" >"$cache/registry.log" 2>&1 &
-  for _ in $(seq 30); do registry_up "$registry" && break; sleep 1; done
-  registry_up "$registry" || { tail -20 "$cache/registry.log" >&2 || true; die "the registry did not answer within 30 s"; }
+  nohup /usr/bin/docker-registry serve "$cache/registry.yml" >"$cache/registry.log" 2>&1 &
+  echo $! >"$registry_pidfile"
+  for _ in $(seq 30); do registry_ours && registry_up "$registry" && break; sleep 1; done
+  registry_ours && registry_up "$registry" \
+    || { tail -20 "$cache/registry.log" >&2 || true; die "the registry did not answer at $registry within 30 s (log above)"; }
 }
 
 setup_second_builder() {
@@ -176,7 +216,6 @@ setup_second_builder() {
   builder2=unix://$sock
 }
 
-registry=${MODELBAKE_REGISTRY:-127.0.0.1:5055}
 setup_engine
 setup_base_image
 setup_wheelhouse
