@@ -140,7 +140,7 @@ registry_up() {
 
 listener_pid() {
   # The pid of the process listening on TCP port $1, if any.
-  ss -Hltnp "sport = :$1" 2>/dev/null | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2
+  { ss -Hltnp "sport = :$1" 2>/dev/null | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2; } || true
 }
 
 registry_ours() {
