@@ -135,7 +135,7 @@ def test_every_per_model_loader_checks_the_signature_too(
 ) -> None:
     """The loaders of one model (not only open_models) once skipped the signature: a signed tree whose graph
     and manifest were rewritten together, or whose model.sig was deleted, loaded through them."""
-    from modelbake.hashes import sha256_file
+    from modelbake.manifest import sha256_file
     from modelbake.runtime.clip import ClipEncoder
     from modelbake.runtime.regressor import BoundaryRegressorONNX, find_weights
     from modelbake.runtime.reranker import Reranker
