@@ -12,13 +12,10 @@ Python API::
 
 from __future__ import annotations
 
-import difflib
 import hashlib
-import importlib.util
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tomllib
@@ -28,15 +25,17 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from modelbake.buildkit import TRANSIENT_ERROR
+from modelbake.engine import docker, sdk_client
+from modelbake.errors import ModelbakeError
 from modelbake.manifest import build_notes
 from modelbake.params import BY_NAME, SELECTION
-from modelbake.spec import SIGNATURE_NAME, SpecError, parse_clip_list, parse_reranker_list
+from modelbake.spec import SIGNATURE_NAME, SpecError, check_clip_architecture, parse_clip_list, parse_reranker_list
 
 # The same key docker-bake.hcl labels when MODELS_MANIFEST_DIGEST is given.
 DIGEST_LABEL = "io.modelbake.manifest-digest"
 
 
-class BakeError(Exception):
+class BakeError(ModelbakeError):
     """The build cannot start or did not succeed; the message names the fix."""
 
 
@@ -86,12 +85,8 @@ class Selection:
     def variables(self) -> dict[str, str]:
         """The bake variables, after checking every spec (raises SpecError with suggestions)."""
         variables = {p.name: p.as_arg(getattr(self, p.field)) for p in SELECTION}
-        known = openclip_architectures()
         for spec in parse_clip_list(variables["CLIP_MODELS"]):  # tags are checked by the stage, before downloads
-            from_folder = spec.local is not None and spec.local.kind == "dir"
-            if known and not from_folder and spec.arch not in known:
-                close = difflib.get_close_matches(spec.arch, sorted(known), n=5, cutoff=0.5)
-                raise SpecError(f"{spec.text!r}: unknown OpenCLIP architecture; close names: {', '.join(close)}")
+            check_clip_architecture(spec)
         parse_reranker_list(variables["RERANKER_MODELS"])
         return variables
 
@@ -99,36 +94,11 @@ class Selection:
 _FIELDS = {p.field: p for p in SELECTION}
 
 
-def openclip_architectures() -> set[str]:
-    """OpenCLIP's architecture names from its model_configs/ folder, without importing open_clip (torch)."""
-    spec = importlib.util.find_spec("open_clip")
-    if spec is None or not spec.origin:
-        return set()
-    return {p.stem for p in (Path(spec.origin).parent / "model_configs").glob("*.json")}
-
-
 def command(targets: list[str], overrides: list[str], *, print_only: bool = False, progress: str = "auto") -> list[str]:
     cmd = ["docker", "buildx", "bake", f"--progress={progress}", *targets]
     for item in overrides:
         cmd += ["--set", item]
     return [*cmd, "--print"] if print_only else cmd
-
-
-def preflight() -> Any:
-    """A Docker SDK client, or a BakeError naming what is missing and how to get it."""
-    if shutil.which("docker") is None:
-        raise BakeError("no docker client on PATH; install Docker (tests/run.sh sets one up on Debian 12)")
-    if subprocess.run(["docker", "buildx", "version"], capture_output=True).returncode != 0:
-        raise BakeError("the buildx plugin is missing; install docker-buildx (or docker/setup-engine.sh)")
-    import docker
-
-    try:
-        client = docker.from_env()
-        client.ping()
-    except Exception as exc:
-        where = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
-        raise BakeError(f"no Docker engine answers at {where} ({type(exc).__name__}); start dockerd") from exc
-    return client
 
 
 @dataclass
@@ -271,7 +241,7 @@ def bake(
     targets = targets or ["runtime"]
     overrides = overrides or []
     cmd = command(targets, overrides)
-    client = preflight()
+    client = sdk_client()
     env = {**os.environ, **variables, **_provenance(os.environ), **_signing(sign_key)}
     if sign_key is not None and kubernetes is not None:
         env["MODEL_SIGNING"] = "1"
@@ -324,13 +294,12 @@ def _signing(sign_key: Path | None) -> dict[str, str]:
     public fingerprint (a build argument: the signing step reruns for a new key)."""
     if sign_key is None:
         return {}
-    from modelbake.manifest import ManifestError
-    from modelbake.signature import key_id
+    from modelbake.signature import SigningError, key_id
 
     try:
         return {"SIGNING_KEY_FILE": str(sign_key.resolve()), "SIGNING_KEY_ID": key_id(sign_key, private=True)}
-    except ManifestError as exc:
-        raise BakeError(f"--sign-key {exc}") from exc
+    except SigningError as exc:
+        raise SigningError(f"--sign-key {exc}") from exc
 
 
 def check_cache(client: Any, ref: str) -> str:
@@ -362,7 +331,7 @@ def check_repository(repository: str) -> None:
 
 
 def _docker(*args: str, env: dict[str, str]) -> str:
-    proc = subprocess.run(["docker", *args], capture_output=True, text=True, env=env)
+    proc = docker(*args, env=env)
     if proc.returncode != 0:
         raise BakeError(f"docker {' '.join(args)} failed: {proc.stderr.strip()[-2000:]}")
     return proc.stdout

@@ -21,9 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from modelbake.bake import BakeError, Selection
+from modelbake.fs import publish, scratch_folder
+from modelbake.hub import fetch_snapshot
 from modelbake.manifest import build_time, sha256_file
 from modelbake.params import SELECTION
-from modelbake.producers.common import publish, scratch_folder
 from modelbake.spec import ORIGIN_FILE, parse_clip_list, parse_reranker_list
 
 REQUIREMENTS = Path(__file__).resolve().parents[1] / "build" / "requirements-build.txt"
@@ -91,12 +92,8 @@ def _reranker_sources(selection: Selection, sources: Path) -> list[str]:
         if spec.local is not None:
             _copy(Path(spec.local.path), dest)
         else:
-            from huggingface_hub import HfApi, snapshot_download
-
             # The commit the revision means now, recorded beside the files: the build names it as the origin.
-            commit = HfApi().model_info(spec.repo, revision=spec.revision).sha
-            snapshot_download(spec.repo, revision=commit, local_dir=dest)
-            shutil.rmtree(dest / ".cache", ignore_errors=True)
+            commit = fetch_snapshot(spec.repo, spec.revision, dest, name=repr(spec.text))
             origin = {"type": "hub", "id": spec.repo, "revision": commit}
             (dest / ORIGIN_FILE).write_text(json.dumps(origin, indent=2) + "\n")
         specs.append(f"{spec.key}@dir:{MOUNT}/reranker/{spec.key}")

@@ -18,11 +18,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from modelbake import __version__, demo
-from modelbake.bake import BakeError
-from modelbake.manifest import ManifestError, build_notes, finalize
+from modelbake.errors import ModelbakeError
+from modelbake.fs import staged_tree
+from modelbake.manifest import build_notes, finalize
 from modelbake.params import SELECTION, add_flags, bare_bool_flags, resolve
 from modelbake.producers import STAGES, Stage
-from modelbake.producers.common import ProducerError, staged_tree  # stdlib only: keeps this CLI torch-free
 from modelbake.spec import SpecError
 
 if TYPE_CHECKING:
@@ -351,7 +351,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with _bars_beside_logs():
             return args.func(args)
-    except (SpecError, ManifestError, ProducerError, BakeError) as exc:
+    except ModelbakeError as exc:  # every refusal of the project (modelbake.errors)
         # One line naming the problem and the fix; a traceback only with --verbose.
         log.debug("traceback", exc_info=True)
         print(f"modelbake {args.command}: error: {exc}", file=sys.stderr)

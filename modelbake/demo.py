@@ -32,7 +32,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from modelbake.buildkit import TRANSIENT_ERROR
+from modelbake.engine import check_engine, docker, last_line
+from modelbake.errors import ModelbakeError
 from modelbake.params import BAKE, TABLE
 from modelbake.sources.tiny import MOUNTED_CLIP_SPECS, MOUNTED_RERANKER_SPEC
 from modelbake.spec import DEFAULT_CLIP_MODELS, DEFAULT_RERANKER_MODELS
@@ -56,7 +57,7 @@ PASSAGES = [
 ]
 
 
-class DemoError(Exception):
+class DemoError(ModelbakeError):
     """A step cannot go on; the message is one line naming the fix."""
 
 
@@ -113,26 +114,10 @@ class _Clock:
 
 
 def _docker(*args: str, check: bool = True, timeout: float | None = None) -> subprocess.CompletedProcess:
-    cmd = ["docker", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0 and TRANSIENT_ERROR in proc.stderr:  # BuildKit's intermittent scheduler bug: once more
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    proc = docker(*args, timeout=timeout)
     if check and proc.returncode != 0:
-        last = (proc.stderr.strip() or proc.stdout.strip() or "no output").splitlines()[-1]
-        raise DemoError(f"`docker {' '.join(args[:2])} ...` failed: {last}")
+        raise DemoError(f"`docker {' '.join(args[:2])} ...` failed: {last_line(proc)}")
     return proc
-
-
-def _engine_answers() -> bool:
-    if shutil.which("docker") is None:
-        return False
-    try:
-        return all(
-            subprocess.run(["docker", *probe], capture_output=True, timeout=30).returncode == 0
-            for probe in (["info"], ["buildx", "version"])
-        )
-    except subprocess.TimeoutExpired:
-        return False
 
 
 def _port_free(port: int) -> bool:
@@ -213,8 +198,7 @@ def setup_engine(clock: _Clock) -> dict[str, str]:
 
 def use_running_engine(clock: _Clock) -> dict[str, str]:
     """--no-setup: the engine as it is, with the build inputs from the environment."""
-    if not _engine_answers():
-        raise DemoError("`docker info` or `docker buildx version` does not answer: start Docker (with buildx) first")
+    check_engine()  # an EngineError names what is missing
     base = os.environ.get("BASE_IMAGE") or "python:3.11-slim-bookworm"
     wheelhouse = os.environ.get("WHEELHOUSE", "")
     if wheelhouse and not Path(wheelhouse).is_dir():
@@ -483,7 +467,7 @@ def run(args: argparse.Namespace) -> int:
 
         clock.next("one request to each route")
         lines = exercise(args.port, name)
-    except DemoError as exc:
+    except ModelbakeError as exc:  # DemoError, or an EngineError naming what is missing
         print(f"modelbake demo: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

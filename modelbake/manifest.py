@@ -20,6 +20,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from modelbake import __version__
+from modelbake.errors import ModelbakeError
+from modelbake.fs import atomic_write
 from modelbake.onnx_refs import external_locations
 from modelbake.spec import FRAGMENTS_DIR, MANIFEST_NAME
 
@@ -50,7 +52,7 @@ class Variant(StrEnum):
     INT8 = "int8"
 
 
-class ManifestError(Exception):
+class ManifestError(ModelbakeError):
     """The manifest or a file it lists is wrong; the message names the file and what to do."""
 
 
@@ -159,10 +161,7 @@ def build_time() -> str:
 
 def _dump(doc: dict[str, Any], path: Path) -> None:
     """Atomic write: a reader never sees half a manifest."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(doc, indent=2, sort_keys=False) + "\n")
 
 
 def write_fragment(root: Path, stage: str, models: list[dict[str, Any]]) -> Path:

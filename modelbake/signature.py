@@ -21,8 +21,15 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from modelbake.errors import first_line
 from modelbake.manifest import PUBLIC_KEY_ENV, ManifestError
 from modelbake.spec import SIGNATURE_NAME
+
+
+class SigningError(ManifestError):
+    """A signature cannot be made or does not verify, or a key is unusable. A ManifestError too: every
+    reader that refuses an unchecked tree refuses an unsigned or altered one the same way."""
+
 
 INSTALL_HINT = "pip install -r build/requirements-signing.txt (in the runtime image: build it with MODEL_SIGNING=1)"
 
@@ -37,14 +44,8 @@ def _model_signing() -> Any:
     try:
         import model_signing
     except ImportError as exc:
-        raise ManifestError(f"verifying or making a signature needs model_signing ({exc}): {INSTALL_HINT}") from exc
+        raise SigningError(f"verifying or making a signature needs model_signing ({exc}): {INSTALL_HINT}") from exc
     return model_signing
-
-
-def _first_line(exc: BaseException, limit: int = 300) -> str:
-    # model_signing's mismatch messages repr every digest: keep the line that names the file
-    text = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _public_key(key: Path, private: bool) -> Any:
@@ -62,16 +63,16 @@ def _public_key(key: Path, private: bool) -> Any:
             public = serialization.load_pem_public_key(data)
     except (OSError, ValueError, TypeError) as exc:
         kind = "an unencrypted EC private key" if private else "an EC key"
-        raise ManifestError(f"{key}: not {kind} in PEM ({_first_line(exc)})") from exc
+        raise SigningError(f"{key}: not {kind} in PEM ({first_line(exc, with_type=False)})") from exc
     if not isinstance(public, ec.EllipticCurvePublicKey):
-        raise ManifestError(f"{key}: a {type(public).__name__}; model signing takes EC keys (P-256, P-384, P-521)")
+        raise SigningError(f"{key}: a {type(public).__name__}; model signing takes EC keys (P-256, P-384, P-521)")
     return public
 
 
 def key_id(key: Path, *, private: bool = False) -> str:
     """A short public fingerprint of a key pair (sha256 of the public key's DER), from its private or public
     PEM: safe to print and to pass as a build argument (the signing step's cache key, so a new key signs
-    again). ``private``: only an unencrypted EC private key will do. One-line ManifestError otherwise."""
+    again). ``private``: only an unencrypted EC private key will do. One-line SigningError otherwise."""
     from cryptography.hazmat.primitives import serialization
 
     public = _public_key(key, private)
@@ -95,9 +96,9 @@ def _readable(key: Path, name: str, fix: str) -> None:
         with key.open("rb"):
             pass
     except FileNotFoundError as exc:
-        raise ManifestError(f"{name}: no key there; {fix}") from exc
+        raise SigningError(f"{name}: no key there; {fix}") from exc
     except OSError as exc:
-        raise ManifestError(
+        raise SigningError(
             f"{name}: cannot read it ({exc.strerror}); it must be readable by uid {os.getuid()}, and its folder "
             f"searchable"
         ) from exc
@@ -116,7 +117,9 @@ def sign_tree(root: Path, private_key: Path) -> Path:
         config.set_hashing_config(hashing).sign(root, partial)
     except ValueError as exc:
         partial.unlink(missing_ok=True)
-        raise ManifestError(f"{private_key}: cannot sign with it ({_first_line(exc)}); use a P-256 EC key") from exc
+        raise SigningError(
+            f"{private_key}: cannot sign with it ({first_line(exc, with_type=False)}); use a P-256 EC key"
+        ) from exc
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
@@ -133,11 +136,11 @@ def check_signature(root: Path, public_key: Path | str | None = None) -> str | N
 
 def verify_tree(root: Path, public_key: Path) -> str:
     """Check ``root``'s signature with ``public_key``: every file signed, none added, none changed. One-line
-    ManifestError otherwise. Returns a short description for a verify row."""
+    SigningError otherwise. Returns a short description for a verify row."""
     signature = root / SIGNATURE_NAME
     _readable(public_key, f"{PUBLIC_KEY_ENV}={public_key}", "mount it, or unset the variable")
     if not signature.is_file():
-        raise ManifestError(
+        raise SigningError(
             f"{root}: unsigned ({SIGNATURE_NAME} missing) but a public key is configured ({PUBLIC_KEY_ENV}); "
             f"build the tree with a signing key, or unset {PUBLIC_KEY_ENV} to accept unsigned trees"
         )
@@ -145,8 +148,8 @@ def verify_tree(root: Path, public_key: Path) -> str:
     try:
         model_signing.verifying.Config().use_elliptic_key_verifier(public_key=public_key).verify(root, signature)
     except Exception as exc:  # ValueError (mismatch, wrong key), InvalidSignature, a malformed bundle
-        why = _first_line(exc) or type(exc).__name__
-        raise ManifestError(f"{root}: signature check failed ({why}); the tree or its signature was altered") from exc
+        why = first_line(exc, with_type=False)
+        raise SigningError(f"{root}: signature check failed ({why}); the tree or its signature was altered") from exc
     return f"{SIGNATURE_NAME} verified with key {key_id(public_key)}"
 
 

@@ -16,9 +16,17 @@ This module is torch-free: the bake driver and the run-time loaders use it too.
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
+import json
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
-from pathlib import PurePosixPath
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path, PurePosixPath
+
+from modelbake.errors import ModelbakeError
 
 # OpenAI spellings that users of the original system type, and the OpenCLIP architecture each means.
 OPENAI_NAMES = {
@@ -42,7 +50,7 @@ _LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]*$")
 LOCAL_KINDS = ("dir", "file")
 
 
-class SpecError(ValueError):
+class SpecError(ModelbakeError, ValueError):
     """A model spec that cannot be used; the message names the problem and the fix."""
 
 
@@ -131,6 +139,36 @@ def parse_reranker(text: str) -> RerankerSpec:
     if not name or not _LABEL.match(name) or PurePosixPath(name).is_absolute():
         raise SpecError(f"{text!r}: a reranker spec is a hub id such as cross-encoder/ms-marco-MiniLM-L-6-v2")
     return RerankerSpec(text, name, revision, local)
+
+
+@lru_cache(maxsize=1)
+def openclip_architectures() -> frozenset[str]:
+    """OpenCLIP's architecture names: the pinned open_clip release's, recorded in
+    ``modelbake/data/openclip_architectures.json`` so a name is checked where open_clip is not installed (the
+    bake driver's set), plus those of an installed open_clip (its model_configs/, read without importing it)."""
+    names = set(json.loads(resources.files("modelbake.data").joinpath("openclip_architectures.json").read_text()))
+    found = importlib.util.find_spec("open_clip")
+    if found is not None and found.origin:
+        names |= {p.stem for p in (Path(found.origin).parent / "model_configs").glob("*.json")}
+    return frozenset(names)
+
+
+def suggest(name: str, valid: Iterable[str]) -> str:
+    """Up to five close names (else the first dozen), for a "did you mean" line."""
+    valid = sorted(valid)
+    close = difflib.get_close_matches(name, valid, n=5, cutoff=0.5)
+    return ", ".join(close) if close else ", ".join(valid[:12]) + ", ..."
+
+
+def check_clip_architecture(spec: ClipSpec) -> None:
+    """Refuse, before any download, an OpenCLIP architecture that does not exist (a local folder's own
+    ``open_clip_config.json`` defines its architecture: not checked here)."""
+    if spec.local is not None and spec.local.kind == "dir":
+        return
+    if spec.arch not in (known := openclip_architectures()):
+        raise SpecError(
+            f"{spec.text!r}: unknown OpenCLIP architecture {spec.arch!r}; close names: {suggest(spec.arch, known)}"
+        )
 
 
 def parse_clip_list(value: str) -> list[ClipSpec]:

@@ -36,7 +36,7 @@ def test_dry_run_prints_the_exact_command() -> None:
 def test_unknown_architecture_fails_before_any_build() -> None:
     proc = run_cli("bake", "--clip", "ViT-B/32,ViT-B/33")
     assert proc.returncode == 2
-    assert "'ViT-B/33': unknown OpenCLIP architecture; close names: ViT-B-32" in proc.stderr
+    assert "'ViT-B/33': unknown OpenCLIP architecture 'ViT-B/33'; close names: ViT-B-32" in proc.stderr
     assert "Traceback" not in proc.stderr
 
 

@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 from conftest import EXTERNAL_DATA_BYTES, REPO, free_port, run_cli
 
-from modelbake.buildkit import TRANSIENT_ERROR, parse_rawjson, ran, render, stage_runs
+from modelbake.buildkit import parse_rawjson, ran, render, stage_runs
+from modelbake.engine import docker
 from modelbake.manifest import check_files, read_manifest
 from modelbake.sources.tiny import MOUNTED_CLIP_SPECS, MOUNTED_RERANKER_SPEC
 
@@ -42,9 +43,7 @@ def _missing(reason: str) -> None:
 def _docker(
     *args: str, check: bool = True, env: dict[str, str] | None = None, timeout: int = 1800
 ) -> subprocess.CompletedProcess:
-    proc = subprocess.run(["docker", *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
-    if proc.returncode != 0 and TRANSIENT_ERROR in proc.stderr:  # BuildKit's intermittent scheduler bug: once more
-        proc = subprocess.run(["docker", *args], capture_output=True, text=True, env=env, cwd=REPO, timeout=timeout)
+    proc = docker(*args, env=env, cwd=REPO, timeout=timeout)  # once more on BuildKit's transient error
     if check and proc.returncode != 0:
         raise AssertionError(
             f"docker {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-6000:]}"

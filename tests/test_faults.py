@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO, run_cli
 
+from modelbake.fs import SCRATCH_DIR, clear_stale_scratch, scratch_folder, scratch_place
 from modelbake.manifest import sha256_file
-from modelbake.producers.common import SCRATCH_DIR, clear_stale_scratch, scratch_folder, scratch_place
 
 Listing = dict[str, tuple[bool, int, int]]
 
@@ -203,22 +203,22 @@ def test_a_staged_tree_keeps_what_it_does_not_remake_and_swaps_in_whole(
 ) -> None:
     """With renameat2's exchange, and without it (two journaled renames): the new tree replaces the old in
     one step, the old tree's files are untouched while the new one is built, and no scratch is left."""
-    from modelbake.producers import common
+    from modelbake import fs
 
     if not exchange:
-        monkeypatch.setattr(common, "_exchange", lambda a, b: False)
+        monkeypatch.setattr(fs, "_exchange", lambda a, b: False)
     out = tmp_path / "out"
     (out / "sub").mkdir(parents=True)
     (out / "kept.txt").write_text("kept")
     (out / "sub" / "old.txt").write_text("old")
-    with common.staged_tree(out) as tree:
+    with fs.staged_tree(out) as tree:
         assert tree != out and (tree / "kept.txt").read_text() == "kept"
         (tree / "sub" / "old.txt").unlink()
         (tree / "new.txt").write_text("new")
         assert (out / "sub" / "old.txt").read_text() == "old" and not (out / "new.txt").exists()
     assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["kept.txt", "new.txt", "sub"]
     assert _leftovers(tmp_path) == []
-    with pytest.raises(RuntimeError), common.staged_tree(out) as tree:  # a failed run swaps nothing
+    with pytest.raises(RuntimeError), fs.staged_tree(out) as tree:  # a failed run swaps nothing
         (tree / "new.txt.tmp").write_text("half")
         os.replace(tree / "new.txt.tmp", tree / "new.txt")  # files are replaced by rename, never written into
         raise RuntimeError
@@ -228,11 +228,11 @@ def test_a_staged_tree_keeps_what_it_does_not_remake_and_swaps_in_whole(
 _HALF_PUBLISH = """
 import os, signal, sys
 from pathlib import Path
-from modelbake.producers import common
+from modelbake import fs
 
 out = Path(sys.argv[1])
 moved = []
-real_move = common._move
+real_move = fs._move
 
 def move_then_die(src, dest):
     real_move(src, dest)
@@ -240,8 +240,8 @@ def move_then_die(src, dest):
     if len(moved) == 1:
         os.kill(os.getpid(), signal.SIGKILL)  # between the first and the second rename
 
-common._move = move_then_die
-with common.staged_output(out) as work:
+fs._move = move_then_die
+with fs.staged_output(out) as work:
     for name in ("a.bin", "b.bin"):
         (work / name).write_text("new " + name)
 """

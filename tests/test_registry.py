@@ -13,9 +13,10 @@ import pytest
 import torch
 
 from modelbake import cli
+from modelbake.fs import staged_output
 from modelbake.manifest import Role, onnx_entry, read_manifest, resolve_inside, write_fragment
 from modelbake.producers import STAGES, Stage, Values, register_stage
-from modelbake.producers.common import model_record, staged_output
+from modelbake.producers.common import model_record
 from modelbake.producers.onnx_export import OnnxExport, export_variants
 from modelbake.runtime.models import open_models
 from modelbake.runtime.registry import LOADERS, Loader, register_loader

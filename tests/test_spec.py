@@ -95,3 +95,32 @@ def test_onnx_names_follow_the_seed() -> None:
     assert match is not None and match["key"] == "RN50" and match["tower"] == "image"
     with pytest.raises(ValueError):
         clip_onnx_name("RN50", "audio")
+
+
+def test_openclip_names_are_checked_without_open_clip_and_the_recorded_list_is_current(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The bake driver's set (``.[bake]``) has no open_clip; its architecture check once switched itself off
+    there. The names of the pinned release ship as data, checked here against open_clip itself."""
+    import json
+    import sys
+    from importlib import resources
+
+    import open_clip
+
+    from modelbake.bake import Selection
+    from modelbake.spec import openclip_architectures
+
+    recorded = json.loads(resources.files("modelbake.data").joinpath("openclip_architectures.json").read_text())
+    assert recorded == sorted(open_clip.list_models()), (
+        "regenerate: python -c 'import json, open_clip; print(json.dumps(sorted(open_clip.list_models()), indent=0))'"
+        " > modelbake/data/openclip_architectures.json"
+    )
+    monkeypatch.setitem(sys.modules, "open_clip", None)  # not installed, as in the driver's own set
+    openclip_architectures.cache_clear()
+    try:
+        assert "ViT-B-32" in openclip_architectures()
+        with pytest.raises(SpecError, match=r"'ViT-B/33': unknown OpenCLIP architecture 'ViT-B/33'; close names: ViT"):
+            Selection(clip=["ViT-B/33"]).variables()
+    finally:
+        openclip_architectures.cache_clear()

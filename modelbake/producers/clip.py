@@ -7,7 +7,6 @@ name -> config -> weights happens in one place (:func:`load_clip`), whatever the
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass
 from math import inf
 from pathlib import Path
@@ -17,30 +16,30 @@ import numpy as np
 import torch
 from PIL import Image
 
+from modelbake.errors import first_line
+from modelbake.fs import staged_output
 from modelbake.manifest import Role, Variant, file_entry, sha256_file, write_fragment
 from modelbake.producers import Values
 from modelbake.producers.common import (
     ProducerError,
     check_memory,
-    first_line,
     log,
     measured,
     model_record,
-    staged_output,
 )
 from modelbake.producers.onnx_export import (
     DEFAULT_OPSET,
     EXTERNAL_DATA_BYTES,
     ExtraGate,
     OnnxExport,
-    ParityError,
+    ToleranceMiss,
     compare,
     export_variants,
 )
 from modelbake.producers.progress import steps
 from modelbake.runtime.clip import cut_after_eot
 from modelbake.runtime.sessions import session
-from modelbake.spec import CLIP_DIR, ClipSpec, clip_onnx_name, parse_clip_list
+from modelbake.spec import CLIP_DIR, ClipSpec, SpecError, check_clip_architecture, clip_onnx_name, parse_clip_list
 
 STAGE = "clip-export"
 TOOLS = ("torch", "open_clip_torch", "onnx", "onnxruntime", "onnxsim")
@@ -132,23 +131,15 @@ class _ImageTower(torch.nn.Module):
         return self.clip.encode_image(pixel_values)
 
 
-def _suggest(name: str, valid: list[str]) -> str:
-    close = difflib.get_close_matches(name, valid, n=5, cutoff=0.5)
-    return ", ".join(close) if close else ", ".join(sorted(valid)[:12]) + ", ..."
-
-
 def validate(spec: ClipSpec) -> None:
     """Fail before any download when the architecture or tag is unknown to OpenCLIP."""
-    import open_clip
+    try:
+        check_clip_architecture(spec)
+    except SpecError as exc:
+        raise ProducerError(str(exc)) from exc
+    if spec.tag is not None and (spec.local is None or spec.local.kind != "dir"):
+        import open_clip
 
-    if spec.local is not None and spec.local.kind == "dir":
-        return  # the folder's own open_clip_config.json defines the architecture
-    models = open_clip.list_models()
-    if spec.arch not in models:
-        raise ProducerError(
-            f"{spec.text!r}: unknown OpenCLIP architecture {spec.arch!r}; close names: {_suggest(spec.arch, models)}"
-        )
-    if spec.tag is not None:
         tags = open_clip.list_pretrained_tags_by_model(spec.arch)
         if spec.tag not in tags:
             raise ProducerError(
@@ -459,7 +450,7 @@ def _cut_gate(model: torch.nn.Module, tokenizer: Any, options: ClipOptions) -> E
         fp32 = variant == Variant.FP32
         atol, min_cosine = (options.atol, options.min_cosine) if fp32 else (inf, options.int8_min_cosine)
         if figures["max_abs_diff"] > atol or figures["min_cosine"] < min_cosine:
-            raise ParityError(
+            raise ToleranceMiss(
                 f"text_encoder {variant} cut after end-of-text ({cut.shape[1]} of {full.shape[1]} positions) differs "
                 f"from open_clip's encode_text: {figures} (allowed {atol:g}, cosine {min_cosine})"
             )

@@ -29,8 +29,9 @@ import numpy as np
 import onnx
 import torch
 
+from modelbake.errors import first_line
 from modelbake.manifest import Role, Variant, file_entry
-from modelbake.producers.common import ProducerError, first_line, log
+from modelbake.producers.common import ProducerError, log
 from modelbake.producers.speed import Candidate, decide, measure, record
 from modelbake.runtime.gates import min_row_cosine
 from modelbake.runtime.sessions import session
@@ -43,7 +44,19 @@ _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
 class ParityError(ProducerError):
-    """onnxruntime and PyTorch disagree beyond the tolerance; nothing is written."""
+    """onnxruntime and PyTorch disagree on the probe inputs; nothing is written. One of the three below."""
+
+
+class ShapeMismatch(ParityError):
+    """An output of the exported graph has another shape than PyTorch's."""
+
+
+class NonFiniteOutput(ParityError):
+    """An output holds NaN or inf on the probe inputs (a max or min over it would hide that)."""
+
+
+class ToleranceMiss(ParityError):
+    """The outputs differ beyond the recorded tolerance (max abs difference, or cosine)."""
 
 
 class Int8Refused(ProducerError):
@@ -143,10 +156,10 @@ def compare(reference: list[np.ndarray], actual: list[np.ndarray]) -> dict[str, 
     max_abs, min_cos = 0.0, 1.0
     for ref, act in zip(reference, actual, strict=True):
         if ref.shape != act.shape:
-            raise ParityError(f"output shape {act.shape} differs from PyTorch's {ref.shape}")
+            raise ShapeMismatch(f"output shape {act.shape} differs from PyTorch's {ref.shape}")
         if not (np.isfinite(ref).all() and np.isfinite(act).all()):
             # max/min below would skip NaN and report a perfect match
-            raise ParityError("an output holds NaN or inf on the probe inputs; nothing was written")
+            raise NonFiniteOutput("an output holds NaN or inf on the probe inputs; nothing was written")
         max_abs = max(max_abs, float(np.max(np.abs(ref.astype(np.float64) - act))))
         min_cos = min(min_cos, min_row_cosine(ref, act))
     return {"max_abs_diff": max_abs, "min_cosine": min_cos}
@@ -463,7 +476,7 @@ def _gate(spec: OnnxExport, graph: Path, reference: list[np.ndarray], atol: floa
     figures: dict[str, Any] = compare(reference, actual)
     figures["probe_batch"] = int(next(iter(spec.probe.values())).shape[0])
     if figures["max_abs_diff"] > atol or figures["min_cosine"] < min_cosine:
-        raise ParityError(
+        raise ToleranceMiss(
             f"{spec.role}: onnxruntime differs from PyTorch: max abs diff {figures['max_abs_diff']:.3g} "
             f"(allowed {atol:g}), min cosine {figures['min_cosine']:.6f} (required {min_cosine}); "
             "nothing was written"

@@ -19,9 +19,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from modelbake.fs import publish, scratch_folder, staged_output
 from modelbake.manifest import Role, file_entry, sha256_file, write_fragment
 from modelbake.producers import Values
-from modelbake.producers.common import ProducerError, log, model_record, publish, scratch_folder, staged_output
+from modelbake.producers.common import ProducerError, log, model_record
 from modelbake.producers.onnx_export import OnnxExport, export_variants
 from modelbake.producers.progress import steps
 from modelbake.producers.regressor_data import DELTA_FIELDS, DataError, load_dataset, record_message

@@ -40,7 +40,7 @@ class BoundaryRegressor(nn.Module):
 def save_weights(model: BoundaryRegressor, pth_path: Path) -> tuple[Path, Path]:
     """``X.pth`` (a plain state dict) and its ``X.safetensors`` twin, written in place.
 
-    Give paths in a scratch folder (``common.scratch_folder``) and publish them from there: a file here may
+    Give paths in a scratch folder (:func:`modelbake.fs.scratch_folder`) and publish them from there: a file here may
     be half-written until this returns.
     """
     from safetensors.torch import save_file

@@ -13,9 +13,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from modelbake.fs import staged_output
+from modelbake.hub import HubError, fetch_snapshot
 from modelbake.manifest import Role, Variant, file_entry, write_fragment
 from modelbake.producers import Values
-from modelbake.producers.common import ProducerError, hub_offline, log, measured, model_record, staged_output
+from modelbake.producers.common import ProducerError, hub_offline, log, measured, model_record
 from modelbake.producers.onnx_export import Int8Refused, OnnxExport, export_variants
 from modelbake.producers.progress import steps
 from modelbake.runtime.gates import kendall_tau, top_k_kept
@@ -92,34 +94,13 @@ def _fetch(spec: RerankerSpec, scratch: Path) -> tuple[Path, dict[str, Any]]:
         if (path / ORIGIN_FILE).is_file():  # a bundled hub model: its repository and pinned commit
             source["origin"] = json.loads((path / ORIGIN_FILE).read_text())
         return path, source
-    from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub.errors import RepositoryNotFoundError, RevisionNotFoundError
-
     from modelbake.spec import DEFAULT_RERANKER_MODELS
 
+    path = scratch / "download"
     try:
-        # Resolve the revision once, then download exactly that commit (resumable; sizes checked).
-        commit = HfApi().model_info(spec.repo, revision=spec.revision).sha
-        path = Path(snapshot_download(spec.repo, revision=commit, local_dir=scratch / "download"))
-    except RevisionNotFoundError as exc:
-        raise ProducerError(
-            f"{spec.text!r}: revision {spec.revision!r} does not exist in {spec.repo}; give a branch, tag or commit"
-        ) from exc
-    except RepositoryNotFoundError as exc:
-        raise ProducerError(
-            f"{spec.text!r}: no repository {spec.repo!r} on the hub (a private or gated one needs the build "
-            f"secret hf_token); check the name, e.g. {DEFAULT_RERANKER_MODELS}"
-        ) from exc
-    except Exception as exc:
-        # Transport errors (httpx's, which huggingface_hub uses), HTTP errors and its size checks (OSError).
-        if not isinstance(exc, OSError | ConnectionError) and not type(exc).__module__.startswith(
-            ("httpx", "huggingface_hub")
-        ):
-            raise
-        raise ProducerError(
-            f"{spec.text!r}: download failed ({type(exc).__name__}: {exc}); check the network or proxy and build "
-            f"again (huggingface_hub resumes), or use a local copy (NAME@dir:PATH)"
-        ) from exc
+        commit = fetch_snapshot(spec.repo, spec.revision, path, name=repr(spec.text), example=DEFAULT_RERANKER_MODELS)
+    except HubError as exc:
+        raise ProducerError(str(exc)) from exc  # a candidate that failed: the stage may fall back to the next
     return path, {"type": "hub", "id": spec.repo, "revision": commit}
 
 

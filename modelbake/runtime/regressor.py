@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from modelbake.errors import ModelbakeError
 from modelbake.manifest import Role, checked_model, require_manifest, resolve_inside
 from modelbake.runtime.registry import Loader, register_loader
 from modelbake.signature import check_signature
@@ -23,7 +24,7 @@ log = logging.getLogger("modelbake")
 LOOKUP_ENV = "MODELBAKE_REGRESSOR_LOOKUP"
 
 
-class WeightsNotFound(FileNotFoundError):
+class WeightsNotFound(ModelbakeError, FileNotFoundError):
     """No candidate weight file exists; the message lists every path tried."""
 
 
