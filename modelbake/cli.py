@@ -23,6 +23,7 @@ from modelbake.fs import staged_tree
 from modelbake.manifest import build_notes, finalize
 from modelbake.params import SELECTION, add_flags, bare_bool_flags, resolve
 from modelbake.producers import STAGES, Stage
+from modelbake.runtime.commands import add_verify_arguments, run_verify
 from modelbake.spec import SpecError
 
 if TYPE_CHECKING:
@@ -131,12 +132,6 @@ def _cmd_validate_data(args: argparse.Namespace) -> int:
     dataset = load_dataset(args.data, args.feature_dim)
     print(f"{args.data}: {len(dataset.features)} records, {dataset.features.shape[1]} features each: valid")
     return 0
-
-
-def _cmd_verify(args: argparse.Namespace) -> int:
-    from modelbake.runtime.__main__ import main as runtime_main
-
-    return runtime_main(["verify", str(args.folder), *(["--quick"] if args.quick else [])])
 
 
 def _selection(args: argparse.Namespace) -> Selection:
@@ -304,9 +299,8 @@ def _add_image_commands(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cmd_bundle)
 
     p = sub.add_parser("verify", help="re-hash a model tree and run every model on its golden inputs")
-    p.add_argument("folder", nargs="?", type=Path, default=Path(os.environ.get("MODELBAKE_MODELS") or "models"))
-    p.add_argument("--quick", action="store_true", help="sizes only: the cheap health check")
-    p.set_defaults(func=_cmd_verify)
+    add_verify_arguments(p)
+    p.set_defaults(func=run_verify)
 
     p = sub.add_parser("demo", help="offline first run: tiny models baked, the example service started and asked")
     demo.configure(p)
