@@ -32,6 +32,17 @@ MOUNT = "/sources"
 MANIFEST = "bundle_manifest.json"
 
 
+def check_selection(config: Path | None, variables: dict[str, str]) -> int | None:
+    """A bundle's selection is checked against its ``bundle_manifest.json`` before a bake uses it: the number
+    of files checked, or None for a selection that is no bundle's. A selection naming the bundle's mount
+    (``@dir:/sources/...``) is a bundle's, so its manifest must be beside it: a deleted one once let the
+    bundle build unchecked."""
+    names_mount = any(f"@dir:{MOUNT}/" in value for value in variables.values())
+    if config is None or not (names_mount or (config.parent / MANIFEST).is_file()):
+        return None
+    return verify_bundle(config.parent)
+
+
 def verify_bundle(folder: Path) -> int:
     """Every file ``bundle_manifest.json`` lists, with its size and sha256: a file damaged in transit is
     refused by name before a build uses it (the parity gate cannot see bad weights: torch and ONNX share

@@ -170,10 +170,10 @@ def _cmd_bake(args: argparse.Namespace) -> int:
 
     selection = _selection(args)
     variables = selection.variables()  # every spec checked before anything runs
-    if args.config and (args.config.parent / "bundle_manifest.json").is_file():  # a bundle's selection
-        from modelbake.bundle import verify_bundle
+    from modelbake.bundle import check_selection
 
-        print(f"bundle     {verify_bundle(args.config.parent)} files checked", file=sys.stderr)
+    if (checked := check_selection(args.config, variables)) is not None:
+        print(f"bundle     {checked} files checked", file=sys.stderr)
     targets = args.targets or ["runtime"]
     if args.dry_run or args.print:
         cmd = command(targets, args.set, print_only=args.print)

@@ -149,3 +149,11 @@ def test_bundle_pins_the_hub_commit_and_a_damaged_bundle_is_refused(
     proc = run_cli("bake", "--dry-run", "--config", str(bundle / "selection.toml"))
     assert proc.returncode == 1 and "model.safetensors: missing or not the file the bundle lists" in proc.stderr
     assert "Traceback" not in proc.stderr
+    # Without its manifest the bundle is refused too (it once built unchecked): its selection names /sources.
+    (bundle / "bundle_manifest.json").unlink()
+    proc = run_cli("bake", "--dry-run", "--config", str(bundle / "selection.toml"))
+    assert (
+        proc.returncode == 1
+        and "bundle_manifest.json: unreadable" in proc.stderr
+        and "copy the bundle again" in proc.stderr
+    )
