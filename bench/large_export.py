@@ -32,8 +32,8 @@ def main() -> None:
     parser.add_argument("--work", type=Path, help="where the checkpoint and the tree go (default: a temp folder)")
     args = parser.parse_args()
     sys.path.insert(0, str(REPO))
-    from modelbake.producers.clip import tower_bytes
     from modelbake.producers.common import available_memory, predicted_memory
+    from modelbake.producers.openclip_source import tower_bytes
     from modelbake.spec import parse_clip
 
     work = args.work or Path(tempfile.mkdtemp(prefix="large-export-"))

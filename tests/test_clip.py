@@ -55,7 +55,7 @@ def test_tokenizer_json_is_id_exact_with_open_clip(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("name", ["tiny-vit", "tiny-rn"])
 def test_preprocessing_is_exact(tiny_sources: Path, name: str) -> None:
-    from modelbake.producers.clip import preprocessing
+    from modelbake.producers.openclip_source import preprocessing
 
     model, _, transform = open_clip.create_model_and_transforms(f"local-dir:{tiny_sources / 'clip' / name}")
     cfg = preprocessing(model)

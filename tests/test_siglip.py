@@ -81,8 +81,8 @@ def test_a_missing_tokenizer_is_one_line_before_any_export(siglip_source: Path, 
 
 def test_a_checkpoint_file_takes_its_tokenizer_from_the_folder_beside_it(siglip_source: Path, tmp_path: Path) -> None:
     """ViT-B-16-SigLIP's tokenizer is a hub repo; air-gapped, `tokenizer/` beside the checkpoint stands in."""
-    from modelbake.producers.clip import load_tokenizer
     from modelbake.producers.common import ProducerError
+    from modelbake.producers.openclip_source import load_tokenizer
     from modelbake.spec import parse_clip_list
 
     checkpoint = tmp_path / "siglip.safetensors"

@@ -54,7 +54,7 @@ def test_clip_bad_specs(text: str, message: str) -> None:
 def test_a_local_copy_of_a_tag_keeps_the_tag_name_and_settings() -> None:
     """Air-gapped bundles rewrite ARCH:TAG to ARCH:TAG@file:PATH: same file names, and the tag's settings
     (the OpenAI weights need QuickGELU; SigLIP's preprocessing is its own) instead of the bare defaults."""
-    from modelbake.producers.clip import tag_settings
+    from modelbake.producers.openclip_source import tag_settings
 
     local, hub = parse_clip("ViT-B-32:laion2b_s34b_b79k@file:/s/ckpt.bin"), parse_clip("ViT-B-32:laion2b_s34b_b79k")
     assert local.key == hub.key == "ViT-B_32-laion2b_s34b_b79k" and local.tag == "laion2b_s34b_b79k"

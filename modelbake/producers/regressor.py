@@ -177,7 +177,7 @@ def resolve_feature_dim(value: str, clip_models: str) -> tuple[int, str]:
         return int(value), "REGRESSOR_FEATURE_DIM"
     if value.strip() != "auto":
         raise ProducerError(f"feature dim {value!r}: give a positive integer or 'auto' (from the first CLIP model)")
-    from modelbake.producers.clip import embed_dim
+    from modelbake.producers.openclip_source import embed_dim
 
     spec = parse_clip_list(clip_models)[0]
     return embed_dim(spec), f"CLIP {spec.text}"
