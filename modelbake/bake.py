@@ -225,9 +225,51 @@ def bake(
     private key (PEM) given to the build as the secret ``model_signing_key``; the tree ships signed. With
     ``kubernetes`` too, the Deployments carry its public key and verify the signature at start, so the runtime
     image is built with MODEL_SIGNING=1 (it must hold model_signing to verify).
-    ``cache`` (``REGISTRY/NAME[:TAG]``): a registry build cache every builder shares (mode=max); the engine
-    must be able to export one (the containerd image store).
-    """
+    ``cache`` (``REGISTRY/NAME[:TAG]``): a registry build cache every builder shares (mode=max; the
+    containerd image store)."""
+    _check_request(targets, push, kubernetes, service_image)
+    targets, overrides = targets or ["runtime"], overrides or []
+    cmd, client = command(targets, overrides), sdk_client()
+    env = {**os.environ, **selection.variables(), **_provenance(os.environ), **_signing(sign_key)}
+    if sign_key is not None and kubernetes is not None:
+        env["MODEL_SIGNING"] = "1"  # the Deployments verify the signature: the runtime needs model_signing
+    env |= {"BUILD_CACHE": check_cache(client, cache)} if cache is not None else {}
+    result = BakeResult(cmd)
+    _run_bake(cmd, env)
+    if "runtime" not in targets:
+        return result
+    result.image = image or f"{_setting(env, 'IMAGE')}:{_setting(env, 'TAG')}"
+    _read_built_manifest(client, result, env, signed=sign_key is not None)
+    if env.get("MODELS_MANIFEST_DIGEST") != result.manifest_digest:
+        _label(result.image, DIGEST_LABEL, result.manifest_digest, env)
+    if inspect:
+        _inspect(client, result, env)
+    if push is not None:
+        _push_images(result, push, overrides, env)
+    if kubernetes is not None:
+        result.kubernetes = _write_kubernetes(result, kubernetes, str(service_image), sign_key)
+    return result
+
+
+def _write_kubernetes(result: BakeResult, folder: Path, service_image: str, sign_key: Path | None) -> list[Path]:
+    """The Deployments of :mod:`modelbake.kubernetes` for the images just pushed, by digest."""
+    from modelbake import kubernetes as k8s
+    from modelbake.signature import public_key_pem
+
+    return k8s.write(
+        folder,
+        service_image=service_image,
+        models_image=result.pushed["models"],
+        runtime_image=result.pushed["runtime"],
+        manifest_digest=str(result.manifest_digest),
+        signing_public_key=None if sign_key is None else public_key_pem(sign_key, private=True),
+    )
+
+
+def _check_request(
+    targets: list[str] | None, push: str | None, kubernetes: Path | None, service_image: str | None
+) -> None:
+    """Refuse a combination of options that cannot work, before anything is built."""
     if kubernetes is not None and (push is None or not service_image):
         raise BakeError(
             "--kubernetes writes manifests with the pushed digests: give --push REGISTRY/NAME and --service-image "
@@ -237,56 +279,31 @@ def bake(
         check_repository(push)
         if "runtime" not in (targets or ["runtime"]):
             raise BakeError(f"--push {push}: pushes the runtime and models images, so build the runtime target")
-    variables = selection.variables()
-    targets = targets or ["runtime"]
-    overrides = overrides or []
-    cmd = command(targets, overrides)
-    client = sdk_client()
-    env = {**os.environ, **variables, **_provenance(os.environ), **_signing(sign_key)}
-    if sign_key is not None and kubernetes is not None:
-        env["MODEL_SIGNING"] = "1"
-    if cache is not None:
-        env["BUILD_CACHE"] = check_cache(client, cache)
-    result = BakeResult(cmd)
-    _run_bake(cmd, env)
-    if "runtime" not in targets:
-        return result
-    result.image = image or f"{_setting(env, 'IMAGE')}:{_setting(env, 'TAG')}"
-    raw = client.containers.run(
-        result.image, ["/models/model_manifest.json"], entrypoint="cat", network_mode="none", remove=True
-    )
+
+
+def _read_built_manifest(client: Any, result: BakeResult, env: dict[str, str], *, signed: bool) -> None:
+    """The manifest in the image just built, and its digest; with ``signed`` the signature must be there."""
+
+    def cat(path: str) -> bytes:
+        return client.containers.run(result.image, [path], entrypoint="cat", network_mode="none", remove=True)
+
+    raw = cat("/models/model_manifest.json")
     result.manifest = json.loads(raw)
     result.manifest_digest = "sha256:" + hashlib.sha256(raw).hexdigest()
-    if sign_key is not None:  # the build was asked to sign: the signature must be in the image
-        client.containers.run(
-            result.image, [f"/models/{SIGNATURE_NAME}"], entrypoint="cat", network_mode="none", remove=True
-        )
+    if signed:  # the build was asked to sign: the signature must be in the image
+        cat(f"/models/{SIGNATURE_NAME}")
         result.signed = env["SIGNING_KEY_ID"]
-    if env.get("MODELS_MANIFEST_DIGEST") != result.manifest_digest:
-        _label(result.image, DIGEST_LABEL, result.manifest_digest, env)
-    if inspect:
-        _inspect(client, result, env)
-    if push is not None:
-        tag = _setting(env, "TAG")
-        _docker("tag", result.image, f"{push}:{tag}", env=env)
-        result.pushed["runtime"] = _push(f"{push}:{tag}", env)
-        # The models tree as an image: the same stages from BuildKit's cache, loaded into the engine.
-        models = f"{push}-models:{tag}"
-        _run_bake(command(["models"], [*overrides, f"models.output=type=docker,name={models}"]), env)
-        result.pushed["models"] = _push(models, env)
-    if kubernetes is not None:
-        from modelbake import kubernetes as k8s
-        from modelbake.signature import public_key_pem
 
-        result.kubernetes = k8s.write(
-            kubernetes,
-            service_image=str(service_image),
-            models_image=result.pushed["models"],
-            runtime_image=result.pushed["runtime"],
-            manifest_digest=str(result.manifest_digest),
-            signing_public_key=None if sign_key is None else public_key_pem(sign_key, private=True),
-        )
-    return result
+
+def _push_images(result: BakeResult, push: str, overrides: list[str], env: dict[str, str]) -> None:
+    """The runtime image to ``push:TAG`` and the models tree as an image to ``push-models:TAG``, by digest."""
+    tag = _setting(env, "TAG")
+    _docker("tag", str(result.image), f"{push}:{tag}", env=env)
+    result.pushed["runtime"] = _push(f"{push}:{tag}", env)
+    # The models tree as an image: the same stages from BuildKit's cache, loaded into the engine.
+    models = f"{push}-models:{tag}"
+    _run_bake(command(["models"], [*overrides, f"models.output=type=docker,name={models}"]), env)
+    result.pushed["models"] = _push(models, env)
 
 
 def _signing(sign_key: Path | None) -> dict[str, str]:

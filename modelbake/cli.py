@@ -284,7 +284,10 @@ def _add_image_commands(sub: argparse._SubParsersAction) -> None:
         help="import and export a registry build cache shared by every builder (mode=max; containerd image store)",
     )
     p.set_defaults(func=_cmd_bake)
+    _add_tree_commands(sub)
 
+
+def _add_tree_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bundle", help="gather wheels and model sources for an offline build into one folder")
     p.add_argument("out", type=Path, help="a new folder")
     _add_selection(p)

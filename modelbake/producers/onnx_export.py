@@ -208,54 +208,69 @@ def export_variants(
     Each variant passes the parity gate against PyTorch (and ``extra_gate``, e.g. a reranker's score
     contract) before anything is written. int8 candidates: dynamic, and static QDQ for convolutional graphs
     given calibration inputs; the gated ones are timed beside fp32 on this machine and the fastest ships,
-    unless it is slower than fp32 at batch 1 (:mod:`.speed`) and ``int8_ship`` is ``faster``.
-
-    int8 is optional: when its gate refuses every candidate, or the one left is slower, fp32 ships alone
-    and its entry's ``speed.not_shipped`` says why; ``int8_required`` makes that an :class:`Int8Refused`
-    error instead. Each int8 entry records as ``gate`` the thresholds a CPU that opens the tree checks it
-    against again (``int8_gate``; by default its cosine, ``int8_min_cosine``): its error depends on the CPU.
-
-    A graph whose weights pass ``external_data_bytes`` ships with its weights in ``<name>.onnx.data``.
-    Returns the manifest entries: per shipped variant its ONNX file (with ``parity``, and ``speed`` when
-    there was a choice), its external data file if any, and its golden file. Raises :class:`ParityError`
-    naming the figures when fp32 fails its gate.
-    """
+    unless it is slower than fp32 at batch 1 (:mod:`.speed`) and ``int8_ship`` is ``faster``. int8 is
+    optional (:func:`_int8_that_ship`); each int8 entry records as ``gate`` the thresholds a CPU that opens
+    the tree checks it against again (``int8_gate``; by default ``int8_min_cosine``). Weights over
+    ``external_data_bytes`` ship in ``<name>.onnx.data``. Returns the manifest entries: per shipped variant
+    its ONNX file (with ``parity``, and ``speed`` when there was a choice), its external data file if any,
+    and its golden file. A :class:`ParityError` names the figures when fp32 fails its gate."""
     reference = torch_outputs(export.module.eval(), export.probe)
     # Scratch inside ``root`` (a stage's staging folder): same filesystem, so shipping a graph is a rename.
     with tempfile.TemporaryDirectory(prefix=".onnx-work-", dir=root) as tmp:
         work = Path(tmp)
         graph, graph_info = _export(export, opset, work, onnx_name, external_data_bytes)
-        bounds = (export.atol, export.min_cosine)
-        fp32 = Candidate(
-            Variant.FP32, graph, _gate_all(export, Variant.FP32, graph, reference, extra_gate, bounds) | graph_info
-        )
+        gated = _gate_all(export, Variant.FP32, graph, reference, extra_gate, (export.atol, export.min_cosine))
+        fp32 = Candidate(Variant.FP32, graph, gated | graph_info)
         done(f"{export.role} exported, parity checked")
         shipped, dropped = [fp32], []
         if int8:
             candidates, dropped = _int8_candidates(
                 export, graph, reference, int8_min_cosine, extra_gate, work, external_data_bytes
             )
-            measure([fp32, *candidates], _numpy(export.probe))
-            ships, slower = decide(fp32, candidates, keep_slower=int8_ship == "gated")
-            dropped += slower
-            for d in dropped:
-                log.warning("%s %s (%s) not shipped: %s", export.role, d["variant"], d["method"], d["why"])
-            if int8_required and not ships:
-                raise Int8Refused(
-                    f"{export.role}: INT8_REQUIRED=1 and no int8 variant ships: "
-                    + "; ".join(f"{d['method']}: {d['why']}" for d in dropped)
-                )
-            shipped += ships
+            ships, slower = _int8_that_ship(export, fp32, candidates, int8_ship, int8_required, dropped)
+            shipped, dropped = [fp32, *ships], dropped + slower
             done(f"{export.role} int8 checked and timed")
-        files: list[dict[str, Any]] = []
         gate = int8_gate if int8_gate is not None else {"min_cosine": int8_min_cosine}
+        files: list[dict[str, Any]] = []
         for candidate in shipped:
-            speed = record(candidate, fp32, None) if int8 else None
-            if speed is not None and candidate is fp32 and dropped:
-                speed["not_shipped"] = dropped
             path = root / ONNX_DIR / variant_name(onnx_name, candidate.variant)
+            speed = _speed(candidate, fp32, dropped) if int8 else None
             files += _write(export, candidate, path, root, reference, opset, speed, gate)
     return files
+
+
+def _speed(candidate: Candidate, fp32: Candidate, dropped: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """A shipped variant's ``speed`` record; fp32's lists the variants not shipped and why."""
+    speed = record(candidate, fp32, None)
+    if speed is not None and candidate is fp32 and dropped:
+        speed["not_shipped"] = dropped
+    return speed
+
+
+def _int8_that_ship(
+    export: OnnxExport,
+    fp32: Candidate,
+    candidates: list[Candidate],
+    int8_ship: str,
+    int8_required: bool,
+    refused: list[dict[str, Any]],
+) -> tuple[list[Candidate], list[dict[str, Any]]]:
+    """The gated int8 ``candidates`` timed beside ``fp32``: (those that ship, those slower than fp32).
+
+    int8 is optional: when its gate refused every candidate (``refused``), or the one left is slower, fp32
+    ships alone and its entry's ``speed.not_shipped`` says why, each logged; ``int8_required`` makes that an
+    :class:`Int8Refused` error instead. An int8's error depends on the CPU: its gate is checked again where
+    the tree is opened."""
+    measure([fp32, *candidates], _numpy(export.probe))
+    ships, slower = decide(fp32, candidates, keep_slower=int8_ship == "gated")
+    for d in refused + slower:
+        log.warning("%s %s (%s) not shipped: %s", export.role, d["variant"], d["method"], d["why"])
+    if int8_required and not ships:
+        raise Int8Refused(
+            f"{export.role}: INT8_REQUIRED=1 and no int8 variant ships: "
+            + "; ".join(f"{d['method']}: {d['why']}" for d in refused + slower)
+        )
+    return ships, slower
 
 
 def _numpy(inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
