@@ -136,9 +136,9 @@ _BOOL = parse_bool
 # fmt: off
 TABLE: tuple[Param, ...] = (
     # --- model selection and stage settings: CLI flags, Selection fields, build args ---------------------
-    Param("CLIP_MODELS", DEFAULT_CLIP_MODELS, "comma-separated CLIP specs (README: model specs)",
+    Param("CLIP_MODELS", DEFAULT_CLIP_MODELS, "comma-separated CLIP specs (docs/reference.md: model specs)",
           _clip_models, (*_CLIP, *_REGRESSOR), "--clip"),
-    Param("CLIP_INT8", "0", "also ship int8 variants (*_int8.onnx) where gated and faster than fp32 here",
+    Param("CLIP_INT8", "0", "also ship int8 variants (`*_int8.onnx`) where gated and faster than fp32 here",
           _BOOL, _CLIP, "--clip-int8"),
     Param("CLIP_KEEP_PYTORCH", "0", "also keep the PyTorch weights in models/clip/ (not needed at run time)",
           _BOOL, _CLIP, "--clip-keep-pytorch"),
@@ -262,3 +262,35 @@ def add_flags(parser: Any, params: Iterable[Param]) -> None:
         parser.add_argument(
             p.flag, dest=p.name, type=check, help=f"{p.help} (env {p.name}, default {p.default})", **extra
         )
+
+
+def markdown() -> str:
+    """docs/parameters.md, generated from :data:`TABLE` (``python -m modelbake.params > docs/parameters.md``;
+    tests/test_params.py checks the page is current)."""
+    where_names = {ARG: "Dockerfile", BAKE: "bake", COMPOSE: "compose"}
+    rows = [
+        "# Build parameters",
+        "",
+        "Generated from `modelbake/params.py` (`python -m modelbake.params > docs/parameters.md`); do not edit.",
+        "",
+        "One table drives the Dockerfile ARGs, the bake variables, the compose build args and the CLI flags. Each",
+        "parameter has one upper-case name (environment variable, build arg and bake variable alike) and at most",
+        "one flag, the same in every subcommand that reads it. A flag's default is the environment variable's",
+        "value if set, else the table's. Boolean flags take `0`/`1` or no value (`--clip-int8` is",
+        "`--clip-int8 1`; `--clip-int8 0` overrides `CLIP_INT8=1` from the environment).",
+        "",
+        "| name | flag | default | meaning | read by | declared in |",
+        "|---|---|---|---|---|---|",
+    ]
+    for p in TABLE:
+        default = f"`{p.bake_default}` (bake)" if p.bake_default and p.default.startswith("$") else f"`{p.default}`"
+        rows.append(
+            f"| `{p.name}` | {f'`{p.flag}`' if p.flag else ''} | {default if p.default else 'empty'} | "
+            f"{p.help.replace('|', '/')} | {', '.join(p.stages) or 'the bake file'} | "
+            f"{', '.join(where_names[w] for w in (ARG, BAKE, COMPOSE) if w in p.where)} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+if __name__ == "__main__":
+    print(markdown(), end="")
