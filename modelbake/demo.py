@@ -497,9 +497,7 @@ def _report(args: argparse.Namespace, lines: list[str], clock: _Clock) -> None:
         )
         print(f"stop       docker rm -f {name}")
     print(f"next       the real selection ({DEFAULT_CLIP_MODELS} + {DEFAULT_RERANKER_MODELS}): `modelbake bake`")
-    print(
-        "           (needs the Hugging Face hub and PyTorch's wheel index; offline: docs/usage.md, air-gapped)"
-    )
+    print("           (needs the Hugging Face hub and PyTorch's wheel index; offline: docs/usage.md, air-gapped)")
     print(f"total      {clock.elapsed():.1f} s")
 
 

@@ -13,13 +13,13 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+from modelbake.kinds import CLIP, PRODUCING_STAGES, REGRESSOR, RERANKER
 from modelbake.spec import DEFAULT_CLIP_MODELS, DEFAULT_RERANKER_MODELS, SpecError, parse_clip_list, parse_reranker_list
 
 # Where a parameter is declared: a Dockerfile ARG, a docker-bake.hcl variable, a compose build arg.
 ARG, BAKE, COMPOSE = "arg", "bake", "compose"
 EVERYWHERE = frozenset({ARG, BAKE, COMPOSE})
 BAKE_ONLY = frozenset({BAKE})
-PRODUCING_STAGES = ("clip-export", "reranker-cache", "regressor-seed")
 
 
 def parse_bool(text: str | bool) -> bool:
@@ -127,9 +127,9 @@ class Param:
         return _models(value) if isinstance(value, list | tuple) else str(value)
 
 
-_CLIP = ("clip-export",)
-_RERANKER = ("reranker-cache",)
-_REGRESSOR = ("regressor-seed",)
+_CLIP = (CLIP.stage,)
+_RERANKER = (RERANKER.stage,)
+_REGRESSOR = (REGRESSOR.stage,)
 _BOOL = parse_bool
 
 # One row a line reads best as a table; the formatter would spread each over five.

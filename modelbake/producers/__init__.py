@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from modelbake.kinds import KINDS
 from modelbake.params import Param, for_stage
 
 Values = dict[str, Any]
@@ -58,12 +59,5 @@ def _lazy(module: str) -> RunStage:
     return run
 
 
-register_stage(Stage("clip-export", "clip", "CLIP models -> ONNX text/image encoders", _lazy(f"{__name__}.clip")))
-register_stage(
-    Stage("reranker-cache", "reranker", "first loadable cross-encoder -> folder + ONNX", _lazy(f"{__name__}.reranker"))
-)
-register_stage(
-    Stage(
-        "regressor-seed", "regressor", "deterministic boundary-regressor seed weights", _lazy(f"{__name__}.regressor")
-    )
-)
+for _kind in KINDS.values():
+    register_stage(Stage(_kind.stage, _kind.name, _kind.help, _lazy(_kind.producer)))

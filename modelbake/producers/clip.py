@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from modelbake.fs import staged_output
+from modelbake.kinds import CLIP
 from modelbake.manifest import Role, Variant, file_entry, write_fragment
 from modelbake.producers import Values
 from modelbake.producers.clip_towers import ImageTower, TextTower
@@ -42,7 +43,7 @@ from modelbake.runtime.clip import cut_after_eot
 from modelbake.runtime.sessions import session
 from modelbake.spec import CLIP_DIR, ClipSpec, clip_onnx_name, parse_clip_list
 
-STAGE = "clip-export"
+STAGE = CLIP.stage
 TOOLS = ("torch", "open_clip_torch", "onnx", "onnxruntime", "onnxsim")
 
 # Texts and images of very different shapes: the probe set of the parity gate.
@@ -248,7 +249,7 @@ def _export_one(spec: ClipSpec, root: Path, options: ClipOptions) -> dict[str, A
     embed = next(f for f in files if f["role"] == Role.TEXT_ENCODER)["outputs"][0]["shape"][-1]
     return model_record(
         STAGE,
-        "clip",
+        CLIP.name,
         spec.key,
         spec=spec.text,
         source=source,

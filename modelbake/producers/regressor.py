@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from modelbake.fs import publish, scratch_folder, staged_output
+from modelbake.kinds import REGRESSOR
 from modelbake.manifest import Role, file_entry, sha256_file, write_fragment
 from modelbake.producers import Values
 from modelbake.producers.common import ProducerError, log, model_record
@@ -29,7 +30,7 @@ from modelbake.producers.regressor_data import DELTA_FIELDS, DataError, load_dat
 from modelbake.producers.regressor_model import OUTPUT_NAMES, BoundaryRegressor, save_weights
 from modelbake.spec import REGRESSOR_DIR, REGRESSOR_ONNX, REGRESSOR_PTH, parse_clip_list
 
-STAGE = "regressor-seed"
+STAGE = REGRESSOR.stage
 TOOLS = ("torch", "safetensors", "onnx", "onnxruntime")
 MAX_DELTA = 2.0
 NOISE = 0.05
@@ -214,7 +215,7 @@ def run(out_root: Path, values: Values) -> list[dict[str, Any]]:
         models = [
             model_record(
                 STAGE,
-                "regressor",
+                REGRESSOR.name,
                 "boundary_regressor",
                 spec=f"seed={seed},feature_dim={feature_dim},epochs={epochs}",
                 source={"type": "generated", "id": "synthetic seed training"},

@@ -15,6 +15,7 @@ import torch
 
 from modelbake.fs import staged_output
 from modelbake.hub import HubError, fetch_snapshot
+from modelbake.kinds import RERANKER
 from modelbake.manifest import Role, Variant, file_entry, write_fragment
 from modelbake.producers import Values
 from modelbake.producers.common import ProducerError, hub_offline, log, measured, model_record
@@ -24,7 +25,7 @@ from modelbake.runtime.gates import kendall_tau, top_k_kept
 from modelbake.runtime.sessions import session
 from modelbake.spec import ORIGIN_FILE, RERANKER_DIR, RerankerSpec, parse_reranker_list, reranker_onnx_name
 
-STAGE = "reranker-cache"
+STAGE = RERANKER.stage
 LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, ImportError)
 TOOLS = ("torch", "transformers", "sentence-transformers", "huggingface-hub", "onnx", "onnxruntime")
 
@@ -282,7 +283,7 @@ def cache_one(spec: RerankerSpec, root: Path, values: Values) -> dict[str, Any]:
     ]
     return model_record(
         STAGE,
-        "reranker",
+        RERANKER.name,
         spec.key,
         spec=spec.text,
         source=source,

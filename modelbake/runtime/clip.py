@@ -17,6 +17,7 @@ from typing import Any, ClassVar
 import numpy as np
 from PIL import Image
 
+from modelbake.kinds import CLIP
 from modelbake.manifest import Role, Variant, read_listed, require_manifest, resolve_inside
 from modelbake.runtime.registry import Loader, register_loader
 from modelbake.runtime.sessions import session
@@ -224,7 +225,7 @@ class ClipEncoder(Loader):
     Embeddings are L2-normalised unless ``normalize=False`` (the ONNX graphs return raw projections).
     """
 
-    kind = "clip"
+    kind = CLIP.name
     variants = (Variant.FP32, Variant.INT8)
     ROLES: ClassVar[dict[str, Role]] = {"text": Role.TEXT_ENCODER, "image": Role.IMAGE_ENCODER}
 

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from modelbake.kinds import CLIP, REGRESSOR, RERANKER
 from modelbake.manifest import ManifestError, Variant, check_files, read_manifest, require_manifest
 from modelbake.runtime.clip import ClipEncoder, detect, detected_pairs
 from modelbake.runtime.registry import loader_for
@@ -31,15 +32,15 @@ class Models:
 
     @property
     def clip(self) -> dict[str, ClipEncoder]:
-        return self.by_kind.get(ClipEncoder.kind, {})
+        return self.by_kind.get(CLIP.name, {})
 
     @property
     def reranker(self) -> Reranker | None:
-        return self.first(Reranker.kind)
+        return self.first(RERANKER.name)
 
     @property
     def regressor(self) -> BoundaryRegressorONNX | None:
-        return self.first(BoundaryRegressorONNX.kind)
+        return self.first(REGRESSOR.name)
 
     def variants(self) -> dict[str, dict[str, dict[str, str]]]:
         """What each model runs: {kind: {name: {role: variant}}}."""

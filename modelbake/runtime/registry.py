@@ -15,12 +15,13 @@ from typing import Any, ClassVar, Self, TypeVar
 
 import numpy as np
 
+from modelbake.kinds import KINDS
 from modelbake.manifest import Variant, checked_model, resolve_inside
 from modelbake.runtime.sessions import checked_session, session
 from modelbake.runtime.variants import choose, requested
 from modelbake.signature import check_signature
 
-BUILTIN = ("modelbake.runtime.clip", "modelbake.runtime.reranker", "modelbake.runtime.regressor")
+BUILTIN = tuple(k.loader for k in KINDS.values())  # the built-in kinds' loader modules
 LOADERS: dict[str, type[Loader]] = {}
 
 

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from modelbake.errors import ModelbakeError
+from modelbake.kinds import REGRESSOR
 from modelbake.manifest import Role, checked_model, require_manifest, resolve_inside
 from modelbake.runtime.registry import Loader, register_loader
 from modelbake.signature import check_signature
@@ -73,7 +74,7 @@ def find_weights(
 class BoundaryRegressorONNX(Loader):
     """``predict(features) -> (n, 2)`` seconds (start_delta, end_delta) with onnxruntime."""
 
-    kind = "regressor"
+    kind = REGRESSOR.name
 
     def __init__(self, folder: Path, model: dict[str, Any], **kwargs: Any) -> None:
         super().__init__(folder, model, **kwargs)

@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 from tokenizers import Tokenizer
 
+from modelbake.kinds import RERANKER
 from modelbake.manifest import ManifestError, Role, Variant, read_listed
 from modelbake.runtime.registry import Loader, register_loader
 
@@ -57,7 +58,7 @@ def encode_pairs(tokenizer: Tokenizer, query: str, passages: list[str]) -> dict[
 
 @register_loader
 class Reranker(Loader):
-    kind = "reranker"
+    kind = RERANKER.name
     variants = (Variant.FP32, Variant.INT8)
 
     def __init__(self, folder: Path, model: dict[str, Any], **kwargs: Any) -> None:
