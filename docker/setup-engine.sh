@@ -5,8 +5,9 @@
 #   3. a wheelhouse of the pinned requirement sets, for offline image builds, every wheel checked against
 #      build/wheelhouse-lock.txt (sha256; written by docker/lock_wheelhouse.py);
 #   4. an OCI registry on loopback (Debian 12's docker-registry, storage in the cache), for push and pull;
-#      only the one this script started is used (its pid file names the listener), never whatever else
-#      answers on that port, and the Debian package's own service (every interface, :5000) never runs;
+#      only one this script started is used (root's docker-registry serving this script's config; its pid
+#      is recorded), never whatever else answers on that port, and the Debian package's own service (every
+#      interface, :5000) never runs;
 #   5. a second engine, "another builder": its own dockerd with the containerd image store, socket, data and
 #      bridge, sharing nothing with the first but the registry (the cross-builder cache test, provenance).
 # Prints the variables the build needs as `export` lines (eval "$(bash docker/setup-engine.sh)").
@@ -144,12 +145,15 @@ listener_pid() {
 }
 
 registry_ours() {
-  # The listener on the registry's port is the docker-registry this script started (its pid file), not
-  # whatever a local user started there first: pushes and cache imports would go to it.
-  local pid listener
-  pid=$(cat "$registry_pidfile" 2>/dev/null || true)
-  listener=$(listener_pid "${registry##*:}")
-  [ -n "$pid" ] && [ "$listener" = "$pid" ] && [ "$(readlink "/proc/$pid/exe")" = /usr/bin/docker-registry ]
+  # The listener on the registry's port is a docker-registry this script started, not whatever a local user
+  # started there first (pushes and cache imports would go to it): root's process of /usr/bin/docker-registry
+  # serving this script's config, which only root can read. Its pid is recorded in the pid file.
+  local pid
+  pid=$(listener_pid "${registry##*:}")
+  [ -n "$pid" ] && [ "$(readlink "/proc/$pid/exe")" = /usr/bin/docker-registry ] \
+    && [ "$(stat -c %u "/proc/$pid")" = 0 ] \
+    && [ "$(tr '\0' ' ' <"/proc/$pid/cmdline" | cut -d' ' -f2-)" = "serve $cache/registry.yml " ] \
+    && echo "$pid" >"$registry_pidfile"
 }
 
 setup_registry() {
@@ -180,7 +184,6 @@ http: {addr: $registry}
 YAML
   say "starting a registry at $registry (storage: $cache/registry, log: $cache/registry.log)"
   nohup /usr/bin/docker-registry serve "$cache/registry.yml" >"$cache/registry.log" 2>&1 &
-  echo $! >"$registry_pidfile"
   for _ in $(seq 30); do registry_ours && registry_up "$registry" && break; sleep 1; done
   registry_ours && registry_up "$registry" \
     || { tail -20 "$cache/registry.log" >&2 || true; die "the registry did not answer at $registry within 30 s (log above)"; }
