@@ -96,7 +96,7 @@ def main() -> None:
         spec = parse_clip(f"{args.arch}@file:{work / 'ckpt.safetensors'}")
         print(f"exporting {args.arch} (fp32 + int8) ...", flush=True)
         values = {"CLIP_MODELS": spec.text, "CLIP_INT8": True, "INT8_SHIP": "gated"}
-        (record,) = run(work / "models", defaults(for_stage("clip-export")) | values)
+        (record,) = run(work / "models", defaults(for_stage("clip-export"), **values))
         figures: dict[str, list[dict[str, object]]] = {"build": [], "rows": []}
         for entry in record["files"]:
             if "speed" in entry and entry["variant"] == "int8":

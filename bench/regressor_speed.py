@@ -49,7 +49,7 @@ def main() -> None:
     folder = args.models
     if folder is None:
         with tempfile.TemporaryDirectory(prefix="regressor-bench-") as tmp:
-            make_seed(Path(tmp), defaults(for_stage("regressor-seed")) | {"REGRESSOR_FEATURE_DIM": "512"})
+            make_seed(Path(tmp), defaults(for_stage("regressor-seed"), REGRESSOR_FEATURE_DIM=512))
             model = load_weights(Path(tmp) / REGRESSOR_DIR / REGRESSOR_SAFETENSORS)
             onnx_model = BoundaryRegressorONNX.from_file(Path(tmp) / ONNX_DIR / REGRESSOR_ONNX, threads=args.threads)
     else:

@@ -116,7 +116,7 @@ def main() -> None:
             "INT8_SHIP": "gated",  # the bench times int8 whatever the build's own timing said
         }
         try:
-            (record,) = run(work / "models", defaults(for_stage("reranker-cache")) | values)
+            (record,) = run(work / "models", defaults(for_stage("reranker-cache"), **values))
             (entry,) = [f for f in record["files"] if f.get("variant") == "int8"]
             print(f"build's int8 gate: passed ({entry['parity'].get('method')}): {_gate_figures(entry['parity'])}")
             int8_label = "int8"
@@ -124,7 +124,7 @@ def main() -> None:
             print(f"build's int8 gate: REFUSED: {str(exc).replace(str(work), 'WORK')}")  # no machine path
             # time it anyway, built again with the gate open
             gate_open = {"RERANKER_INT8_MIN_TAU": -1.0, "RERANKER_INT8_TOP_K": 0}
-            run(work / "models", defaults(for_stage("reranker-cache")) | values | gate_open)
+            run(work / "models", defaults(for_stage("reranker-cache"), **(values | gate_open)))
             int8_label = "int8 (refused)"
         merge_fragments(work / "models")
         ce = CrossEncoder(str(work / "models" / "reranker" / "minilm"), device="cpu")

@@ -29,7 +29,7 @@ from modelbake.engine import docker, sdk_client
 from modelbake.errors import ModelbakeError
 from modelbake.manifest import build_notes
 from modelbake.params import BY_NAME, SELECTION
-from modelbake.spec import SIGNATURE_NAME, SpecError, check_clip_architecture, parse_clip_list, parse_reranker_list
+from modelbake.spec import SIGNATURE_NAME, SpecError, check_clip_architecture
 
 # The same key docker-bake.hcl labels when MODELS_MANIFEST_DIGEST is given.
 DIGEST_LABEL = "io.modelbake.manifest-digest"
@@ -78,17 +78,16 @@ class Selection:
         lines = []
         for p in SELECTION:
             value = getattr(self, p.field)
+            value = [spec.text for spec in value] if isinstance(value, tuple) else value
             text = str(value).lower() if isinstance(value, bool) else json.dumps(value)
             lines.append(f"{p.field} = {text}")
         return "\n".join(lines) + "\n"
 
     def variables(self) -> dict[str, str]:
         """The bake variables, after checking every spec (raises SpecError with suggestions)."""
-        variables = {p.name: p.as_arg(getattr(self, p.field)) for p in SELECTION}
-        for spec in parse_clip_list(variables["CLIP_MODELS"]):  # tags are checked by the stage, before downloads
+        for spec in self.clip:  # tags are checked by the stage, before downloads
             check_clip_architecture(spec)
-        parse_reranker_list(variables["RERANKER_MODELS"])
-        return variables
+        return {p.name: p.as_arg(getattr(self, p.field)) for p in SELECTION}
 
 
 _FIELDS = {p.field: p for p in SELECTION}

@@ -25,7 +25,7 @@ from modelbake.fs import publish, scratch_folder
 from modelbake.hub import fetch_snapshot
 from modelbake.manifest import build_time, sha256_file
 from modelbake.params import SELECTION
-from modelbake.spec import ORIGIN_FILE, parse_clip_list, parse_reranker_list
+from modelbake.spec import ORIGIN_FILE
 
 REQUIREMENTS = Path(__file__).resolve().parents[1] / "build" / "requirements-build.txt"
 MOUNT = "/sources"
@@ -71,7 +71,7 @@ def _copy(src: Path, dest: Path) -> None:
 
 def _clip_sources(selection: Selection, sources: Path) -> list[str]:
     specs = []
-    for spec in parse_clip_list(selection.clip):
+    for spec in selection.clip:
         dest = sources / "clip" / spec.key
         if spec.local is not None:
             _copy(Path(spec.local.path), dest)
@@ -98,7 +98,7 @@ def _clip_sources(selection: Selection, sources: Path) -> list[str]:
 
 def _reranker_sources(selection: Selection, sources: Path) -> list[str]:
     specs = []
-    for spec in parse_reranker_list(selection.reranker):
+    for spec in selection.reranker:
         dest = sources / "reranker" / spec.key
         if spec.local is not None:
             _copy(Path(spec.local.path), dest)

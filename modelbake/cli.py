@@ -21,7 +21,7 @@ from modelbake import __version__, demo
 from modelbake.errors import ModelbakeError
 from modelbake.fs import staged_tree
 from modelbake.manifest import build_notes, finalize
-from modelbake.params import SELECTION, add_flags, bare_bool_flags, resolve
+from modelbake.params import SELECTION, TRAINING, VAL_FRACTION, Training, add_flags, bare_bool_flags, resolve
 from modelbake.producers import STAGES, Stage
 from modelbake.runtime.commands import add_verify_arguments, run_verify
 from modelbake.spec import SpecError
@@ -118,8 +118,8 @@ def summary_table(manifest: dict, seconds: dict[str, float]) -> str:
 def _cmd_train(args: argparse.Namespace) -> int:
     from modelbake.producers.regressor import train
 
-    options = ("epochs", "val_fraction", "patience", "seed", "lr", "batch_size", "feature_dim")
-    metrics = train(args.data, args.out, **{key: getattr(args, key) for key in options})
+    training = Training(args.epochs, args.seed, args.lr, args.batch_size, args.patience)
+    metrics = train(args.data, args.out, training, val_fraction=args.val_fraction, feature_dim=args.feature_dim)
     v = metrics["val_mae"]
     best = metrics["best_epoch"]
     print(f"validation MAE: start {v['start_delta']:.4f} s, end {v['end_delta']:.4f} s (best epoch {best})")
@@ -235,12 +235,16 @@ def _add_regressor_commands(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train-regressor", help="train the boundary regressor on your data (JSON or JSON Lines)")
     p.add_argument("data", type=Path, help="training records: see models/regressor/README.md")
     p.add_argument("out", type=Path, help="OUT.pth; OUT.safetensors and OUT.metrics.json are written beside it")
-    p.add_argument("--epochs", type=int, default=200, help="at most this many epochs (default 200)")
-    p.add_argument("--patience", type=int, default=20, help="stop after this many epochs without improvement")
-    p.add_argument("--val-fraction", type=float, default=0.2, help="held out for validation (default 0.2)")
-    p.add_argument("--seed", type=int, default=0, help="fixes the split, the init and the batches")
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=64)
+    t = TRAINING  # the defaults' one home: modelbake.params
+    for flag, kind, default, text in (
+        ("--epochs", int, t.epochs, "at most this many epochs"),
+        ("--patience", int, t.patience, "stop after this many epochs without improvement"),
+        ("--val-fraction", float, VAL_FRACTION, "held out for validation"),
+        ("--seed", int, t.seed, "fixes the split, the init and the batches"),
+        ("--lr", float, t.lr, "Adam's learning rate"),
+        ("--batch-size", int, t.batch_size, "records per optimiser step"),
+    ):
+        p.add_argument(flag, type=kind, default=default, help=f"{text} (default {default:g})")
     p.add_argument("--feature-dim", type=int, default=None, help="expected feature length (default: the data's)")
     p.set_defaults(func=_cmd_train)
 

@@ -34,7 +34,7 @@ from typing import Any
 
 from modelbake.engine import check_engine, docker, last_line
 from modelbake.errors import ModelbakeError
-from modelbake.params import BAKE, TABLE
+from modelbake.params import BAKE, BY_NAME, TABLE
 from modelbake.sources.tiny import MOUNTED_CLIP_SPECS, MOUNTED_RERANKER_SPEC
 from modelbake.spec import DEFAULT_CLIP_MODELS, DEFAULT_RERANKER_MODELS
 
@@ -199,7 +199,7 @@ def setup_engine(clock: _Clock) -> dict[str, str]:
 def use_running_engine(clock: _Clock) -> dict[str, str]:
     """--no-setup: the engine as it is, with the build inputs from the environment."""
     check_engine()  # an EngineError names what is missing
-    base = os.environ.get("BASE_IMAGE") or "python:3.11-slim-bookworm"
+    base = BY_NAME["BASE_IMAGE"].from_env()
     wheelhouse = os.environ.get("WHEELHOUSE", "")
     if wheelhouse and not Path(wheelhouse).is_dir():
         raise DemoError(f"WHEELHOUSE={wheelhouse} is not a folder; point it at a wheel folder or unset it")

@@ -21,10 +21,11 @@ import json
 from pathlib import Path
 from typing import Any
 
+from modelbake.params import BY_NAME
 from modelbake.signature import PUBLIC_KEY_ENV
 
 SERVICE_PORT = 8080  # examples/search_service listens here
-RUNTIME_UID = 10001  # the runtime image's user (RUNTIME_UID)
+RUNTIME_UID = BY_NAME["RUNTIME_UID"].typed_default  # the runtime image's user
 SIGNING_MOUNT = "/etc/modelbake/signing"  # the ConfigMap's folder in the service container
 SIGNING_KEY_NAME = "model-signing.pub"
 # The restricted Pod Security Standard's container settings, plus a read-only root (the service writes nothing:

@@ -166,9 +166,7 @@ def test_an_unexpected_error_is_not_taken_for_a_fallback(
         raise MemoryError("injected")
 
     monkeypatch.setattr(reranker, "_load_saved", out_of_memory)
-    values = defaults(for_stage("reranker-cache")) | {
-        "RERANKER_MODELS": f"{tiny_specs['reranker']},{tiny_specs['reranker']}"
-    }
+    values = defaults(for_stage("reranker-cache"), RERANKER_MODELS=f"{tiny_specs['reranker']},{tiny_specs['reranker']}")
     with pytest.raises(MemoryError):
         reranker.run(tmp_path / "out", values)
     assert not (tmp_path / "out").exists() or list((tmp_path / "out").rglob("*")) == []

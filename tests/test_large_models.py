@@ -120,7 +120,7 @@ def test_a_model_too_large_for_the_memory_fails_in_one_line_before_loading(
     checkpoint = tmp_path / "bigg.safetensors"
     checkpoint.write_bytes(b"not loaded")
     monkeypatch.setattr(common, "available_memory", lambda: 16_000_000_000)
-    values = defaults(SELECTION) | {"CLIP_MODELS": f"ViT-bigG-14@file:{checkpoint}"}
+    values = defaults(SELECTION, CLIP_MODELS=f"ViT-bigG-14@file:{checkpoint}")
     out = tmp_path / "models"
     with pytest.raises(ProducerError) as caught:
         clip.run(out, values)

@@ -118,3 +118,67 @@ def test_bad_values_name_the_parameter(monkeypatch: pytest.MonkeyPatch) -> None:
         BY_NAME["REGRESSOR_EPOCHS"].from_env()
     with pytest.raises(SpecError, match=r"CLIP_INT8 .* 'maybe' is not a yes/no value"):
         BY_NAME["CLIP_INT8"].value("maybe")
+
+
+# A setting's name as a keyword argument: its default belongs in the table (or TRAINING), never in a signature.
+SETTING_NAMES = {
+    "opset", "external_data_bytes", "int8_ship", "int8_required", "int8_min_cosine", "atol", "min_cosine",
+    "top_k", "min_tau", "epochs", "seed", "lr", "batch_size", "patience", "val_fraction", "uid",
+}  # fmt: skip
+
+
+def test_no_build_time_signature_writes_a_default_of_a_setting() -> None:
+    """Every default has one home (params.TABLE, params.TRAINING): a second one in a keyword default or
+    a dataclass field would drift from it unseen. The run time's own API (batch sizes of encode_*) and the
+    seeds of the tiny test models (modelbake/sources) are not build settings."""
+    import ast
+
+    found = []
+    for path in sorted((REPO / "modelbake").rglob("*.py")):
+        if {"runtime", "sources"} & set(path.parts):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                args = node.args
+                named = [*args.args[len(args.args) - len(args.defaults) :], *args.kwonlyargs]
+                values = [*args.defaults, *args.kw_defaults]
+                found += [
+                    f"{path.name}:{node.lineno} {a.arg}"
+                    for a, v in zip(named, values, strict=True)
+                    if a.arg in SETTING_NAMES and isinstance(v, ast.Constant) and v.value is not None
+                ]
+            elif (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and node.target.id in SETTING_NAMES
+                and isinstance(node.value, ast.Constant)
+            ):
+                found.append(f"{path.name}:{node.lineno} {node.target.id}")
+    assert found == []
+
+
+def test_a_default_written_as_text_lives_only_in_the_table() -> None:
+    """The table's distinctive defaults (a base image, an index, a uid, a byte limit) appear in no other module."""
+    # (The default model lists live in modelbake.spec beside the grammar; the table imports them.)
+    distinctive = [p.default for p in TABLE if re.search(r"[:/]", p.default) and not p.name.endswith("_MODELS")]
+    distinctive += [str(p.typed_default) for p in TABLE if isinstance(p.typed_default, int) and p.typed_default > 999]
+    assert "10001" in distinctive and "python:3.11-slim-bookworm" in distinctive
+    for path in sorted((REPO / "modelbake").rglob("*.py")):
+        if path.name == "params.py":
+            continue
+        text = path.read_text()
+        assert [d for d in distinctive if d in text] == [], path
+
+
+def test_the_training_command_defaults_are_the_training_settings() -> None:
+    from modelbake.params import TRAINING, VAL_FRACTION
+
+    args = build_parser().parse_args(["train-regressor", "data.json", "out.pth"])
+    assert (args.epochs, args.seed, args.lr, args.batch_size, args.patience) == (
+        TRAINING.epochs,
+        TRAINING.seed,
+        TRAINING.lr,
+        TRAINING.batch_size,
+        TRAINING.patience,
+    )
+    assert args.val_fraction == VAL_FRACTION

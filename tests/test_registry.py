@@ -17,7 +17,7 @@ from modelbake.fs import staged_output
 from modelbake.manifest import Role, onnx_entry, read_manifest, resolve_inside, write_fragment
 from modelbake.producers import STAGES, Stage, Values, register_stage
 from modelbake.producers.common import model_record
-from modelbake.producers.onnx_export import OnnxExport, export_variants
+from modelbake.producers.onnx_export import ExportSettings, OnnxExport, export_variants
 from modelbake.runtime.models import open_models
 from modelbake.runtime.registry import LOADERS, Loader, register_loader
 from modelbake.runtime.sessions import session
@@ -42,9 +42,10 @@ def _run_doubler(out_root: Path, values: Values) -> list[dict[str, Any]]:
             output_names=["y"],
             dynamic_axes={"x": {0: "batch"}, "y": {0: "batch"}},
             atol=1e-6,
+            min_cosine=0.999,
             raw_golden={"numbers": np.arange(12).reshape(4, 3)},
         )
-        files = export_variants(export, "doubler.onnx", root, opset=values["ONNX_OPSET"])
+        files = export_variants(export, "doubler.onnx", root, ExportSettings.from_values(values))
         models = [
             model_record(
                 "doubler-stage",

@@ -7,6 +7,7 @@ to show it records every batch size for every candidate.
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,8 +17,9 @@ import pytest
 import torch
 
 from modelbake.manifest import Role, Variant
+from modelbake.params import defaults
 from modelbake.producers import onnx_export
-from modelbake.producers.onnx_export import Int8Refused, OnnxExport, export_variants
+from modelbake.producers.onnx_export import ExportSettings, Int8Refused, OnnxExport, export_variants
 from modelbake.producers.speed import BATCHES, Candidate, decide, measure
 from modelbake.runtime.gates import min_row_cosine
 from modelbake.runtime.registry import Loader
@@ -45,7 +47,12 @@ class _Cnn(torch.nn.Module):
         return self.body(pixel_values)
 
 
-def _cnn_export(calibrate: bool = True) -> OnnxExport:
+def _settings(**changes: Any) -> ExportSettings:
+    """The table's export settings with int8 on (and ``changes``)."""
+    return replace(ExportSettings.from_values(defaults(), int8=True), **changes)
+
+
+def _cnn_export(calibrate: bool = True, int8_min_cosine: float = 0.99) -> OnnxExport:
     gen = torch.Generator().manual_seed(1)
     images = torch.rand(20, 3, 16, 16, generator=gen)
     return OnnxExport(
@@ -56,6 +63,8 @@ def _cnn_export(calibrate: bool = True) -> OnnxExport:
         output_names=["image_embeds"],
         dynamic_axes={"pixel_values": {0: "batch"}, "image_embeds": {0: "batch"}},
         atol=1e-4,
+        min_cosine=0.999,
+        int8_gate={"min_cosine": int8_min_cosine},
         calibration={"pixel_values": images[5:]} if calibrate else None,
     )
 
@@ -90,7 +99,7 @@ def test_decide_drops_a_variant_slower_than_fp32_unless_forced() -> None:
 
 def test_the_timer_records_every_batch_size_for_every_candidate(tmp_path: Path) -> None:
     export = _cnn_export()
-    fp32, _ = onnx_export._export(export, 17, tmp_path, "cnn.onnx", onnx_export.EXTERNAL_DATA_BYTES)
+    fp32, _ = onnx_export._export(export, _settings(), tmp_path, "cnn.onnx")
     onnx_export._quantize(fp32, tmp_path / "cnn_int8.onnx")
     candidates = [Candidate(Variant.FP32, fp32, {}), Candidate(Variant.INT8, tmp_path / "cnn_int8.onnx", {})]
     measure(candidates, {"pixel_values": export.probe["pixel_values"].numpy()}, threads=1, rounds=2)
@@ -102,7 +111,7 @@ def test_a_slower_int8_is_not_shipped_and_the_fp32_entry_says_why(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(onnx_export, "measure", _fake_timer({"export": 1.0, "quantize_dynamic": 3.0}))
-    files = export_variants(_cnn_export(calibrate=False), "cnn.onnx", tmp_path, int8=True)
+    files = export_variants(_cnn_export(calibrate=False), "cnn.onnx", tmp_path, _settings())
     onnx_files = [f for f in files if f["format"] == "onnx"]
     assert [f["variant"] for f in onnx_files] == ["fp32"] and not (tmp_path / "onnx" / "cnn_int8.onnx").exists()
     speed = onnx_files[0]["speed"]
@@ -110,7 +119,7 @@ def test_a_slower_int8_is_not_shipped_and_the_fp32_entry_says_why(
     (dropped,) = speed["not_shipped"]
     assert dropped["method"] == "quantize_dynamic" and dropped["why"].startswith("3.00x slower than fp32")
     # Forced, it ships, with its ratio to fp32 recorded.
-    files = export_variants(_cnn_export(calibrate=False), "cnn.onnx", tmp_path, int8=True, int8_ship="gated")
+    files = export_variants(_cnn_export(calibrate=False), "cnn.onnx", tmp_path, _settings(int8_ship="gated"))
     int8 = next(f for f in files if f.get("variant") == "int8")
     assert int8["speed"]["vs_fp32"] == {"1": pytest.approx(1 / 3, abs=1e-3), "8": pytest.approx(1 / 3, abs=1e-3)}
 
@@ -120,7 +129,7 @@ def test_a_cnn_gets_a_static_qdq_candidate_and_the_faster_one_ships(
 ) -> None:
     timings = {"export": 5.0, "quantize_dynamic": 9.0, "quantize_static_qdq": 2.0}
     monkeypatch.setattr(onnx_export, "measure", _fake_timer(timings))
-    files = export_variants(_cnn_export(), "cnn.onnx", tmp_path, int8=True)
+    files = export_variants(_cnn_export(), "cnn.onnx", tmp_path, _settings())
     int8 = next(f for f in files if f.get("variant") == "int8")
     assert int8["parity"]["method"] == "quantize_static_qdq" and int8["parity"]["calibration_inputs"] == 15
     # The recorded cosine is what the shipped graph gives here on its golden probe against PyTorch's outputs
@@ -140,7 +149,7 @@ def test_a_cnn_gets_a_static_qdq_candidate_and_the_faster_one_ships(
 def test_every_int8_candidate_refused_ships_fp32_alone_and_says_why(tmp_path: Path) -> None:
     """int8 is optional: its gate refusing every candidate (a cosine nothing reaches) leaves fp32 shipped
     alone, each refusal in its entry's not_shipped; INT8_REQUIRED makes it fail, with nothing written."""
-    files = export_variants(_cnn_export(), "cnn.onnx", tmp_path, int8=True, int8_min_cosine=1.01)
+    files = export_variants(_cnn_export(int8_min_cosine=1.01), "cnn.onnx", tmp_path, _settings())
     (fp32,) = [f for f in files if f["format"] == "onnx"]
     assert fp32["variant"] == "fp32" and not list(tmp_path.rglob("*_int8.onnx"))
     refused = fp32["speed"]["not_shipped"]
@@ -149,14 +158,14 @@ def test_every_int8_candidate_refused_ships_fp32_alone_and_says_why(tmp_path: Pa
     required = tmp_path / "required"
     required.mkdir()
     with pytest.raises(Int8Refused, match=r"INT8_REQUIRED=1 and no int8 variant ships: quantize_dynamic: refused"):
-        export_variants(_cnn_export(), "cnn.onnx", required, int8=True, int8_min_cosine=1.01, int8_required=True)
+        export_variants(_cnn_export(int8_min_cosine=1.01), "cnn.onnx", required, _settings(int8_required=True))
     assert list(required.iterdir()) == []
 
 
 def test_int8_required_fails_on_a_slower_int8_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(onnx_export, "measure", _fake_timer({"export": 1.0, "quantize_dynamic": 3.0}))
     with pytest.raises(Int8Refused, match=r"quantize_dynamic: 3.00x slower than fp32"):
-        export_variants(_cnn_export(calibrate=False), "cnn.onnx", tmp_path, int8=True, int8_required=True)
+        export_variants(_cnn_export(calibrate=False), "cnn.onnx", tmp_path, _settings(int8_required=True))
 
 
 def _model(ms: dict[str, float], isa: list[str]) -> dict[str, Any]:
@@ -201,7 +210,7 @@ def test_auto_picks_what_the_table_says_on_the_same_kernels_and_checks_elsewhere
 
 def test_a_loader_reports_the_variant_of_each_role(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(onnx_export, "measure", _fake_timer({"export": 5.0, "quantize_dynamic": 1.0}))
-    files = export_variants(_cnn_export(calibrate=False), "cnn.onnx", tmp_path, int8=True)
+    files = export_variants(_cnn_export(calibrate=False), "cnn.onnx", tmp_path, _settings())
     model = {"name": "cnn", "kind": "test", "files": files}
     loader = Loader(tmp_path, model)  # the table was recorded here, so auto trusts it
     assert loader.onnx(model, Role.IMAGE_ENCODER)["variant"] == "int8" and loader.chosen == {"image_encoder": "int8"}

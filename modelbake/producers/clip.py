@@ -29,8 +29,7 @@ from modelbake.producers.common import (
     model_record,
 )
 from modelbake.producers.onnx_export import (
-    DEFAULT_OPSET,
-    EXTERNAL_DATA_BYTES,
+    ExportSettings,
     ExtraGate,
     OnnxExport,
     ToleranceMiss,
@@ -41,7 +40,7 @@ from modelbake.producers.openclip_source import load_clip, preprocessing, text_c
 from modelbake.producers.progress import steps
 from modelbake.runtime.clip import cut_after_eot
 from modelbake.runtime.sessions import session
-from modelbake.spec import CLIP_DIR, ClipSpec, clip_onnx_name, parse_clip_list
+from modelbake.spec import CLIP_DIR, ClipSpec, clip_onnx_name
 
 STAGE = CLIP.stage
 TOOLS = ("torch", "open_clip_torch", "onnx", "onnxruntime", "onnxsim")
@@ -97,31 +96,29 @@ def _probe_images(size: int) -> list[Image.Image]:
 
 @dataclass(frozen=True)
 class ClipOptions:
-    """The clip-export stage's parameters (modelbake.params), typed."""
+    """The clip-export stage's parameters, typed: how to export, and the towers' tolerances (user settings
+    for CLIP, unlike the other kinds' fixed ones, because a large tower's float error grows with its size)."""
 
-    opset: int = DEFAULT_OPSET
-    keep_pytorch: bool = False
-    int8: bool = False
-    atol: float = 1e-3
-    min_cosine: float = 0.999
-    int8_min_cosine: float = 0.99
-    int8_ship: str = "faster"
-    int8_required: bool = False
-    external_data_bytes: int = EXTERNAL_DATA_BYTES
+    export: ExportSettings
+    atol: float
+    min_cosine: float
+    int8_min_cosine: float
+    keep_pytorch: bool
 
     @classmethod
     def from_values(cls, values: Values) -> ClipOptions:
         return cls(
-            opset=values["ONNX_OPSET"],
-            keep_pytorch=values["CLIP_KEEP_PYTORCH"],
-            int8=values["CLIP_INT8"],
+            export=ExportSettings.from_values(values, int8=values["CLIP_INT8"]),
             atol=values["CLIP_PARITY_ATOL"],
             min_cosine=values["CLIP_PARITY_MIN_COSINE"],
             int8_min_cosine=values["CLIP_INT8_MIN_COSINE"],
-            int8_ship=values["INT8_SHIP"],
-            int8_required=values["INT8_REQUIRED"],
-            external_data_bytes=values["ONNX_EXTERNAL_DATA_BYTES"],
+            keep_pytorch=values["CLIP_KEEP_PYTORCH"],
         )
+
+    @property
+    def tolerances(self) -> dict[str, Any]:
+        """What each tower's export description carries."""
+        return {"atol": self.atol, "min_cosine": self.min_cosine, "int8_gate": {"min_cosine": self.int8_min_cosine}}
 
 
 def _torch_free_inputs(
@@ -160,7 +157,7 @@ def _towers(
 ) -> dict[str, OnnxExport]:
     """The two encoders, described for the generic export loop (example batch 2, probe batch 4 / 3);
     ``cut``: the text tower's :func:`.openclip_source.text_cut`."""
-    gates = {"atol": options.atol, "min_cosine": options.min_cosine}
+    gates = options.tolerances
     return {
         "text": OnnxExport(
             role=Role.TEXT_ENCODER,
@@ -186,7 +183,7 @@ def _towers(
     }
 
 
-def _cut_gate(model: torch.nn.Module, tokenizer: Any, options: ClipOptions) -> ExtraGate:
+def _cut_gate(model: torch.nn.Module, tokenizer: Any, export: OnnxExport) -> ExtraGate:
     """The text graph on short texts cut after their longest end-of-text token, against open_clip's own
     ``encode_text`` on all 77 positions: what the run time does must give what open_clip gives."""
     full = tokenizer(CUT_PROBE_TEXTS)
@@ -197,7 +194,7 @@ def _cut_gate(model: torch.nn.Module, tokenizer: Any, options: ClipOptions) -> E
     def gate(graph: Path, variant: Variant) -> dict[str, Any]:
         figures = compare(reference, session(graph).run(["text_embeds"], {"input_ids": cut}))
         fp32 = variant == Variant.FP32
-        atol, min_cosine = (options.atol, options.min_cosine) if fp32 else (inf, options.int8_min_cosine)
+        atol, min_cosine = (export.atol, export.min_cosine) if fp32 else (inf, export.int8_min_cosine)
         if figures["max_abs_diff"] > atol or figures["min_cosine"] < min_cosine:
             raise ToleranceMiss(
                 f"text_encoder {variant} cut after end-of-text ({cut.shape[1]} of {full.shape[1]} positions) differs "
@@ -221,7 +218,7 @@ def export_one(spec: ClipSpec, root: Path, options: ClipOptions) -> dict[str, An
 
 def _export_one(spec: ClipSpec, root: Path, options: ClipOptions) -> dict[str, Any]:
     # load + tokenizer/preprocessing check, then per tower: export+gate (and int8+gate)
-    with measured() as build, steps(f"CLIP {spec.key}", 1 + 2 * (2 if options.int8 else 1)) as done:
+    with measured() as build, steps(f"CLIP {spec.key}", 1 + 2 * (2 if options.export.int8 else 1)) as done:
         log.info("CLIP %s: loading", spec.text)
         model, tokenizer, preprocess, source = load_clip(spec)
         pre = preprocessing(model) | {"text_clean": text_clean(tokenizer)}
@@ -235,13 +232,8 @@ def _export_one(spec: ClipSpec, root: Path, options: ClipOptions) -> dict[str, A
                 export,
                 clip_onnx_name(spec.key, tower),
                 root,
-                opset=options.opset,
-                int8=options.int8,
-                int8_min_cosine=options.int8_min_cosine,
-                int8_ship=options.int8_ship,
-                int8_required=options.int8_required,
-                external_data_bytes=options.external_data_bytes,
-                extra_gate=_cut_gate(model, tokenizer, options) if tower == "text" and cut else None,
+                options.export,
+                extra_gate=_cut_gate(model, tokenizer, export) if tower == "text" and cut else None,
                 done=done,
             )
         if options.keep_pytorch:
@@ -277,12 +269,12 @@ def _save_pytorch(model: torch.nn.Module, root: Path, key: str) -> dict[str, Any
 
 def run(out_root: Path, values: Values) -> list[dict[str, Any]]:
     """The clip-export stage: every selected model, all or nothing, plus the stage's manifest fragment."""
-    specs = parse_clip_list(values["CLIP_MODELS"])
+    specs = values["CLIP_MODELS"]
     options = ClipOptions.from_values(values)
     for spec in specs:  # all names, and whether each fits in memory, before the first (slow) export
         validate(spec)
         if (towers := tower_bytes(spec)) is not None:
-            check_memory(f"CLIP {spec.text!r}", towers, options.int8)
+            check_memory(f"CLIP {spec.text!r}", towers, options.export.int8)
     with staged_output(out_root) as staging:
         models = [export_one(spec, staging, options) for spec in specs]
         write_fragment(staging, STAGE, models)

@@ -31,15 +31,14 @@ import torch
 
 from modelbake.errors import first_line
 from modelbake.manifest import Role, Variant, file_entry
+from modelbake.params import BY_NAME
+from modelbake.producers import Values
 from modelbake.producers.common import ProducerError, log
 from modelbake.producers.speed import Candidate, decide, measure, record
 from modelbake.runtime.gates import min_row_cosine
 from modelbake.runtime.sessions import session
 from modelbake.spec import ONNX_DIR, external_data_name, golden_path, variant_name
 
-DEFAULT_OPSET = 17
-# Protobuf refuses to serialise a model over 2 GiB; the graph itself needs some room beside the weights.
-EXTERNAL_DATA_BYTES = 2_000_000_000
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
 
 
@@ -63,9 +62,38 @@ class Int8Refused(ProducerError):
     """INT8_REQUIRED=1 and no int8 variant passed its gate faster than fp32: the stage fails (no fallback)."""
 
 
+@dataclass(frozen=True)
+class ExportSettings:
+    """How a stage exports every graph: one object, from the parameter table (where each default lives)."""
+
+    opset: int  # ONNX_OPSET
+    external_data_bytes: int  # ONNX_EXTERNAL_DATA_BYTES
+    int8: bool  # the stage's own *_INT8
+    int8_ship: str  # INT8_SHIP
+    int8_required: bool  # INT8_REQUIRED
+
+    @classmethod
+    def from_values(cls, values: Values, int8: bool = False) -> ExportSettings:
+        """A stage's settings; a parameter the stage does not read (the regressor has no int8) is the table's."""
+
+        def get(name: str) -> Any:
+            return values[name] if name in values else BY_NAME[name].typed_default
+
+        return cls(
+            opset=get("ONNX_OPSET"),
+            external_data_bytes=get("ONNX_EXTERNAL_DATA_BYTES"),
+            int8=int8,
+            int8_ship=get("INT8_SHIP"),
+            int8_required=get("INT8_REQUIRED"),
+        )
+
+
 @dataclass
 class OnnxExport:
-    """Declarative description of one ONNX file.
+    """Declarative description of one ONNX file, with its own tolerances (as optimum keeps them on each
+    architecture's config): fp32 must match PyTorch within ``atol`` and ``min_cosine``; an int8 twin must pass
+    ``int8_gate`` (its ``min_cosine`` against PyTorch, when it has one, and ``extra_gate``), which the manifest
+    records so a CPU that opens the tree checks it again.
 
     ``example`` drives the export and must have batch >= 2 (an exporter given batch 1 may fix the
     batch dimension); ``probe`` must use another batch size, so a graph that silently fixed the batch
@@ -79,13 +107,19 @@ class OnnxExport:
     output_names: list[str]
     dynamic_axes: dict[str, dict[int, str]]
     atol: float
-    min_cosine: float = 0.999
+    min_cosine: float
+    int8_gate: dict[str, float] = field(default_factory=dict)
     details: dict[str, Any] = field(default_factory=dict)
     # Raw inputs (texts, images) stored with the golden file, so the runtime can replay its own
     # tokenizer / preprocessing too: written as ``raw:<name>``.
     raw_golden: dict[str, np.ndarray] = field(default_factory=dict)
     # Inputs to calibrate static int8 on (convolutional graphs only): the probe plus generated ones.
     calibration: dict[str, torch.Tensor] | None = None
+
+    @property
+    def int8_min_cosine(self) -> float:
+        """The int8 twin's cosine bound against PyTorch (-1: none, its ``extra_gate`` judges it)."""
+        return self.int8_gate.get("min_cosine", -1.0)
 
 
 def _tensor_info(values: list[onnx.ValueInfoProto]) -> list[dict[str, Any]]:
@@ -129,7 +163,7 @@ def weight_bytes(model: onnx.ModelProto) -> int:
     return sum(t.ByteSize() for t in model.graph.initializer)
 
 
-def save_graph(model: onnx.ModelProto, path: Path, external_data_bytes: int = EXTERNAL_DATA_BYTES) -> None:
+def save_graph(model: onnx.ModelProto, path: Path, external_data_bytes: int) -> None:
     """Write ``model`` as ``path``, or, when its weights pass ``external_data_bytes``, as ``path`` plus
     ``path.data`` (one file, location relative to the graph, so the pair moves as a folder)."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -192,50 +226,41 @@ def export_variants(
     export: OnnxExport,
     onnx_name: str,
     root: Path,
+    settings: ExportSettings,
     *,
-    opset: int = DEFAULT_OPSET,
-    int8: bool = False,
-    int8_min_cosine: float = 0.99,
-    int8_ship: str = "faster",
-    int8_required: bool = False,
-    int8_gate: dict[str, float] | None = None,
-    external_data_bytes: int = EXTERNAL_DATA_BYTES,
     extra_gate: ExtraGate | None = None,
     done: Callable[[str], None] = lambda _: None,
 ) -> list[dict[str, Any]]:
-    """Export ``export`` as ``root/onnx/<onnx_name>`` and, with ``int8``, its int8 twin.
+    """Export ``export`` as ``root/onnx/<onnx_name>`` and, with ``settings.int8``, its int8 twin.
 
     Each variant passes the parity gate against PyTorch (and ``extra_gate``, e.g. a reranker's score
     contract) before anything is written. int8 candidates: dynamic, and static QDQ for convolutional graphs
     given calibration inputs; the gated ones are timed beside fp32 on this machine and the fastest ships,
     unless it is slower than fp32 at batch 1 (:mod:`.speed`) and ``int8_ship`` is ``faster``. int8 is
-    optional (:func:`_int8_that_ship`); each int8 entry records as ``gate`` the thresholds a CPU that opens
-    the tree checks it against again (``int8_gate``; by default ``int8_min_cosine``). Weights over
-    ``external_data_bytes`` ship in ``<name>.onnx.data``. Returns the manifest entries: per shipped variant
+    optional (:func:`_int8_that_ship`); each int8 entry records as ``gate`` the export's ``int8_gate``, which
+    a CPU that opens the tree checks it against again. Weights over ``external_data_bytes`` ship in
+    ``<name>.onnx.data``. Returns the manifest entries: per shipped variant
     its ONNX file (with ``parity``, and ``speed`` when there was a choice), its external data file if any,
     and its golden file. A :class:`ParityError` names the figures when fp32 fails its gate."""
     reference = torch_outputs(export.module.eval(), export.probe)
     # Scratch inside ``root`` (a stage's staging folder): same filesystem, so shipping a graph is a rename.
     with tempfile.TemporaryDirectory(prefix=".onnx-work-", dir=root) as tmp:
         work = Path(tmp)
-        graph, graph_info = _export(export, opset, work, onnx_name, external_data_bytes)
+        graph, graph_info = _export(export, settings, work, onnx_name)
         gated = _gate_all(export, Variant.FP32, graph, reference, extra_gate, (export.atol, export.min_cosine))
         fp32 = Candidate(Variant.FP32, graph, gated | graph_info)
         done(f"{export.role} exported, parity checked")
         shipped, dropped = [fp32], []
-        if int8:
-            candidates, dropped = _int8_candidates(
-                export, graph, reference, int8_min_cosine, extra_gate, work, external_data_bytes
-            )
-            ships, slower = _int8_that_ship(export, fp32, candidates, int8_ship, int8_required, dropped)
+        if settings.int8:
+            candidates, dropped = _int8_candidates(export, graph, reference, extra_gate, work, settings)
+            ships, slower = _int8_that_ship(export, fp32, candidates, settings, dropped)
             shipped, dropped = [fp32, *ships], dropped + slower
             done(f"{export.role} int8 checked and timed")
-        gate = int8_gate if int8_gate is not None else {"min_cosine": int8_min_cosine}
         files: list[dict[str, Any]] = []
         for candidate in shipped:
             path = root / ONNX_DIR / variant_name(onnx_name, candidate.variant)
-            speed = _speed(candidate, fp32, dropped) if int8 else None
-            files += _write(export, candidate, path, root, reference, opset, speed, gate)
+            speed = _speed(candidate, fp32, dropped) if settings.int8 else None
+            files += _write(export, candidate, path, root, reference, settings.opset, speed)
     return files
 
 
@@ -251,8 +276,7 @@ def _int8_that_ship(
     export: OnnxExport,
     fp32: Candidate,
     candidates: list[Candidate],
-    int8_ship: str,
-    int8_required: bool,
+    settings: ExportSettings,
     refused: list[dict[str, Any]],
 ) -> tuple[list[Candidate], list[dict[str, Any]]]:
     """The gated int8 ``candidates`` timed beside ``fp32``: (those that ship, those slower than fp32).
@@ -262,10 +286,10 @@ def _int8_that_ship(
     :class:`Int8Refused` error instead. An int8's error depends on the CPU: its gate is checked again where
     the tree is opened."""
     measure([fp32, *candidates], _numpy(export.probe))
-    ships, slower = decide(fp32, candidates, keep_slower=int8_ship == "gated")
+    ships, slower = decide(fp32, candidates, keep_slower=settings.int8_ship == "gated")
     for d in refused + slower:
         log.warning("%s %s (%s) not shipped: %s", export.role, d["variant"], d["method"], d["why"])
-    if int8_required and not ships:
+    if settings.int8_required and not ships:
         raise Int8Refused(
             f"{export.role}: INT8_REQUIRED=1 and no int8 variant ships: "
             + "; ".join(f"{d['method']}: {d['why']}" for d in refused + slower)
@@ -299,10 +323,9 @@ def _int8_candidates(
     export: OnnxExport,
     fp32: Path,
     reference: list[np.ndarray],
-    min_cosine: float,
     extra_gate: ExtraGate | None,
     work: Path,
-    external_data_bytes: int,
+    settings: ExportSettings,
 ) -> tuple[list[Candidate], list[dict[str, Any]]]:
     """(every int8 graph that passes its gates, a ``not_shipped`` record of each one refused and why)."""
     makers: list[tuple[str, Callable[[Path, Path], dict[str, Any]]]] = [("quantize_dynamic", _quantize)]
@@ -316,10 +339,10 @@ def _int8_candidates(
             quantized = Path(tmp) / "int8.onnx"
             info = make(fp32, quantized)
             # usually far smaller than fp32: a single file again, unless it is still over the threshold
-            save_graph(onnx.load(quantized), graph, external_data_bytes)
+            save_graph(onnx.load(quantized), graph, settings.external_data_bytes)
         try:
             # int8 is not meant to match fp32 bit for bit: cosine against PyTorch is its gate
-            bounds = (float("inf"), min_cosine)
+            bounds = (float("inf"), export.int8_min_cosine)
             figures = _gate_all(export, Variant.INT8, graph, reference, extra_gate, bounds)
         except ProducerError as exc:  # ParityError, or an extra gate's own (the reranker's score contract)
             refused.append({"variant": str(Variant.INT8), "method": method, "why": f"refused by its gate: {exc}"})
@@ -328,9 +351,7 @@ def _int8_candidates(
     return passed, refused
 
 
-def _export(
-    export: OnnxExport, opset: int, work: Path, name: str, external_data_bytes: int
-) -> tuple[Path, dict[str, Any]]:
+def _export(export: OnnxExport, settings: ExportSettings, work: Path, name: str) -> tuple[Path, dict[str, Any]]:
     """The legacy exporter to a file, checked, with a symbolic batch, simplified, saved as ``work/fp32/<name>``
     (and its external data): (the graph's path, graph facts)."""
     raw = work / "exported" / "graph.onnx"
@@ -346,7 +367,7 @@ def _export(
             input_names=list(export.example),
             output_names=export.output_names,
             dynamic_axes=export.dynamic_axes,
-            opset_version=opset,
+            opset_version=settings.opset,
             do_constant_folding=True,
             dynamo=False,
         )
@@ -366,7 +387,7 @@ def _export(
     _assert_dynamic_batch(model, export.role)
     shutil.rmtree(raw.parent)  # before the simplified copy is written: one copy on disk at a time
     graph = work / "fp32" / name
-    save_graph(model, graph, external_data_bytes)
+    save_graph(model, graph, settings.external_data_bytes)
     log.debug("%s: saved", export.role)
     return graph, graph_info
 
@@ -437,10 +458,9 @@ def _write(
     reference: list[np.ndarray],
     opset: int,
     speed: dict[str, Any] | None,
-    gate: dict[str, float],
 ) -> list[dict[str, Any]]:
     """Move one gated variant into the tree and write its golden file: its manifest entries (an int8 one
-    with the ``gate`` it is checked against where the tree is opened)."""
+    with the export's ``int8_gate``, which it is checked against where the tree is opened)."""
     figures = dict(candidate.figures)
     if candidate.graph.name != onnx_path.name:  # an external-data location names the graph's final file
         raise AssertionError(f"{candidate.graph.name} would ship as {onnx_path.name}")
@@ -474,7 +494,7 @@ def _write(
         parity={**figures, **export.details},
         **({"external_data": data_entries[0]["path"]} if data_entries else {}),
         **({"speed": speed} if speed else {}),
-        **({} if fp32 else {"gate": gate}),
+        **({} if fp32 else {"gate": dict(export.int8_gate)}),
     )
     return [entry, *data_entries, file_entry(root, golden, role=Role.GOLDEN, fmt="npz")]
 

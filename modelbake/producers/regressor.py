@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +22,14 @@ import torch
 from modelbake.fs import publish, scratch_folder, staged_output
 from modelbake.kinds import REGRESSOR
 from modelbake.manifest import Role, file_entry, sha256_file, write_fragment
+from modelbake.params import TRAINING, VAL_FRACTION, Training, seed_training
 from modelbake.producers import Values
 from modelbake.producers.common import ProducerError, log, model_record
-from modelbake.producers.onnx_export import OnnxExport, export_variants
+from modelbake.producers.onnx_export import ExportSettings, OnnxExport, export_variants
 from modelbake.producers.progress import steps
 from modelbake.producers.regressor_data import DELTA_FIELDS, DataError, load_dataset, record_message
 from modelbake.producers.regressor_model import OUTPUT_NAMES, BoundaryRegressor, save_weights
-from modelbake.spec import REGRESSOR_DIR, REGRESSOR_ONNX, REGRESSOR_PTH, parse_clip_list
+from modelbake.spec import REGRESSOR_DIR, REGRESSOR_ONNX, REGRESSOR_PTH, ClipSpec
 
 STAGE = REGRESSOR.stage
 TOOLS = ("torch", "safetensors", "onnx", "onnxruntime")
@@ -82,12 +83,7 @@ def fit(
     model: BoundaryRegressor,
     train: tuple[np.ndarray, np.ndarray],
     val: tuple[np.ndarray, np.ndarray],
-    *,
-    epochs: int,
-    seed: int,
-    lr: float = 3e-3,
-    batch_size: int = 256,
-    patience: int | None = None,
+    training: Training,
     on_epoch: Callable[[dict[str, Any]], None] | None = None,
 ) -> dict[str, Any]:
     """L1 training with a fixed seed; keeps the epoch with the best validation MAE (early stopping).
@@ -95,14 +91,16 @@ def fit(
     A non-finite loss or validation MAE raises ProducerError (naming the epoch): never a silent model.
     """
     torch.use_deterministic_algorithms(True)
-    generator = torch.Generator().manual_seed(seed)
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    epochs, patience = training.epochs, training.patience
+    generator = torch.Generator().manual_seed(training.seed)
+    opt = torch.optim.Adam(model.parameters(), lr=training.lr)
     xt, yt = torch.from_numpy(train[0]), torch.from_numpy(train[1])
     best = (float("inf"), 0, {k: v.clone() for k, v in model.state_dict().items()})
     history = []
     for epoch in range(1, epochs + 1):
         try:
-            train_l1 = _epoch(model, opt, (xt, yt), torch.randperm(len(xt), generator=generator).split(batch_size))
+            batches = torch.randperm(len(xt), generator=generator).split(training.batch_size)
+            train_l1 = _epoch(model, opt, (xt, yt), batches)
         except ProducerError as exc:
             raise ProducerError(f"training diverged in epoch {epoch}: {exc}") from None
         val_mae = mae(model, *val)
@@ -151,15 +149,16 @@ def _progress(done: Callable[[str], None], total: int | None = None) -> Callable
     return report
 
 
-def seed_weights(feature_dim: int, seed: int, epochs: int) -> tuple[BoundaryRegressor, dict[str, Any]]:
+def seed_weights(feature_dim: int, training: Training) -> tuple[BoundaryRegressor, dict[str, Any]]:
     """Seed weights and their figures: held-out MAE of random init and of the seed, same held-out set."""
+    seed, epochs = training.seed, training.epochs
     torch.manual_seed(seed)
     model = BoundaryRegressor(feature_dim)
     train = synthetic_set(SEED_TRAIN, feature_dim, seed)
     heldout = synthetic_set(SEED_HELDOUT, feature_dim, seed + 1)
     random_mae = mae(model, *heldout)
     with steps("regressor seed", epochs) as done:
-        result = fit(model, train, heldout, epochs=epochs, seed=seed, on_epoch=_progress(done))
+        result = fit(model, train, heldout, training, on_epoch=_progress(done))
     return model, {
         "heldout_mae_random_init": random_mae,
         "heldout_mae_seed": mae(model, *heldout),
@@ -172,23 +171,21 @@ def seed_weights(feature_dim: int, seed: int, epochs: int) -> tuple[BoundaryRegr
     }
 
 
-def resolve_feature_dim(value: str, clip_models: str) -> tuple[int, str]:
+def resolve_feature_dim(value: int | str, clip_models: Sequence[ClipSpec]) -> tuple[int, str]:
     """``512`` -> 512; ``auto`` -> the embedding size of the first (default) CLIP model of the selection."""
-    if value.strip().isdigit():
-        return int(value), "REGRESSOR_FEATURE_DIM"
-    if value.strip() != "auto":
-        raise ProducerError(f"feature dim {value!r}: give a positive integer or 'auto' (from the first CLIP model)")
+    if isinstance(value, int):
+        return value, "REGRESSOR_FEATURE_DIM"
     from modelbake.producers.openclip_source import embed_dim
 
-    spec = parse_clip_list(clip_models)[0]
-    return embed_dim(spec), f"CLIP {spec.text}"
+    return embed_dim(clip_models[0]), f"CLIP {clip_models[0].text}"
 
 
 def run(out_root: Path, values: Values) -> list[dict[str, Any]]:
     """The regressor-seed stage: seed weights in three formats, checked, plus the stage's fragment."""
     feature_dim, feature_dim_from = resolve_feature_dim(values["REGRESSOR_FEATURE_DIM"], values["CLIP_MODELS"])
-    seed, epochs = values["REGRESSOR_SEED"], values["REGRESSOR_EPOCHS"]
-    model, metrics = seed_weights(feature_dim, seed, epochs)
+    training = seed_training(values)
+    seed, epochs = training.seed, training.epochs
+    model, metrics = seed_weights(feature_dim, training)
     log.info("seed held-out MAE %s (random init %s)", metrics["heldout_mae_seed"], metrics["heldout_mae_random_init"])
     with staged_output(out_root) as root:
         pth, safetensors = save_weights(model, root / REGRESSOR_DIR / REGRESSOR_PTH)
@@ -200,11 +197,12 @@ def run(out_root: Path, values: Values) -> list[dict[str, Any]]:
             output_names=["deltas"],
             dynamic_axes={"features": {0: "batch"}, "deltas": {0: "batch"}},
             atol=1e-4,
+            min_cosine=0.999,
         )
         files = [
             file_entry(root, safetensors, role=Role.WEIGHTS, fmt="safetensors"),
             file_entry(root, pth, role=Role.WEIGHTS_STATE_DICT, fmt="pth"),
-            *export_variants(export, REGRESSOR_ONNX, root, opset=values["ONNX_OPSET"]),
+            *export_variants(export, REGRESSOR_ONNX, root, ExportSettings.from_values(values)),
         ]
         details = {
             "feature_dim": feature_dim,
@@ -285,13 +283,9 @@ def _publish(model: BoundaryRegressor, metrics: dict[str, Any], out_pth: Path) -
 def train(
     data: Path,
     out_pth: Path,
+    training: Training = TRAINING,
     *,
-    epochs: int = 200,
-    val_fraction: float = 0.2,
-    patience: int = 20,
-    seed: int = 0,
-    lr: float = 1e-3,
-    batch_size: int = 64,
+    val_fraction: float = VAL_FRACTION,
     feature_dim: int | None = None,
 ) -> dict[str, Any]:
     """Train on user data; publishes OUT.pth, OUT.safetensors and OUT.metrics.json together (:func:`_publish`).
@@ -302,21 +296,20 @@ def train(
         raise DataError(f"{out_pth}: the output must end in .pth (its .safetensors twin is written beside it)")
     if not 0 < val_fraction < 1:
         raise DataError(f"--val-fraction {val_fraction}: give a fraction between 0 and 1")
-    if epochs < 1:
-        raise DataError(f"--epochs {epochs}: give at least 1 (an untrained model is never saved)")
+    if training.epochs < 1:
+        raise DataError(f"--epochs {training.epochs}: give at least 1 (an untrained model is never saved)")
     dataset = load_dataset(data, feature_dim)
-    train_set, val_set = _split(dataset, val_fraction, seed, data)
-    torch.manual_seed(seed)
+    train_set, val_set = _split(dataset, val_fraction, training.seed, data)
+    torch.manual_seed(training.seed)
     model = BoundaryRegressor(dataset.features.shape[1])
     log.info("training on %d records, validating on %d (%s)", len(train_set[0]), len(val_set[0]), data)
-    options = {"epochs": epochs, "seed": seed, "lr": lr, "batch_size": batch_size, "patience": patience}
     try:
-        with steps("training", epochs) as done:  # may stop early (patience)
-            result = fit(model, train_set, val_set, **options, on_epoch=_progress(done, epochs))
+        with steps("training", training.epochs) as done:  # may stop early (patience)
+            result = fit(model, train_set, val_set, training, on_epoch=_progress(done, training.epochs))
     except ProducerError as exc:
         largest = _largest_value(dataset)
         raise DataError(f"{data}: {exc}; nothing was written. Largest value: {largest}; scale the data") from None
-    metrics = {**_metrics(model, train_set, val_set), "seed": seed, "data": str(data), **result}
+    metrics = {**_metrics(model, train_set, val_set), "seed": training.seed, "data": str(data), **result}
     metrics["data_sha256"] = hashlib.sha256(data.read_bytes()).hexdigest()
     _publish(model, metrics, out_pth)
     log.info("wrote %s, %s and %s", out_pth, out_pth.with_suffix(".safetensors"), out_pth.with_suffix(".metrics.json"))

@@ -19,11 +19,11 @@ from modelbake.kinds import RERANKER
 from modelbake.manifest import Role, Variant, file_entry, write_fragment
 from modelbake.producers import Values
 from modelbake.producers.common import ProducerError, hub_offline, log, measured, model_record
-from modelbake.producers.onnx_export import Int8Refused, OnnxExport, export_variants
+from modelbake.producers.onnx_export import ExportSettings, Int8Refused, OnnxExport, export_variants
 from modelbake.producers.progress import steps
 from modelbake.runtime.gates import kendall_tau, top_k_kept
 from modelbake.runtime.sessions import session
-from modelbake.spec import ORIGIN_FILE, RERANKER_DIR, RerankerSpec, parse_reranker_list, reranker_onnx_name
+from modelbake.spec import ORIGIN_FILE, RERANKER_DIR, RerankerSpec, reranker_onnx_name
 
 STAGE = RERANKER.stage
 LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError, ImportError)
@@ -233,6 +233,9 @@ def _export(ce: Any, key: str, root: Path, values: Values, done: Callable[[str],
         dynamic_axes={n: {0: "batch", 1: "sequence"} for n in ("input_ids", "attention_mask", "token_type_ids")}
         | {"logits": {0: "batch"}},
         atol=1e-4,
+        min_cosine=0.999,
+        # Logits are (n, 1): cosine says little there; the ranking gate (scores_gate) judges int8.
+        int8_gate={"top_k": values["RERANKER_INT8_TOP_K"], "min_tau": values["RERANKER_INT8_MIN_TAU"]},
         raw_golden={"query": np.asarray([PROBE_QUERY]), "passages": np.asarray(PROBE_PASSAGES)},
     )
     feeds = {k: v.numpy() for k, v in export.probe.items()}
@@ -248,24 +251,11 @@ def _export(ce: Any, key: str, root: Path, values: Values, done: Callable[[str],
     def scores_gate(graph: Path, variant: Variant) -> dict[str, Any]:
         # fp32 keeps the score contract; int8 is judged on what a reranker is for, its ranking.
         if variant == Variant.FP32:
-            return _score_gate(graph, feeds, st_scores, activation, 1e-4)
-        return _ranking_gate(graph, ranking, activation, values["RERANKER_INT8_TOP_K"], values["RERANKER_INT8_MIN_TAU"])
+            return _score_gate(graph, feeds, st_scores, activation, export.atol)
+        return _ranking_gate(graph, ranking, activation, export.int8_gate["top_k"], export.int8_gate["min_tau"])
 
-    # Logits are (n, 1): cosine says nothing there; the ranking gate is the int8 gate.
-    return export_variants(
-        export,
-        reranker_onnx_name(key),
-        root,
-        opset=values["ONNX_OPSET"],
-        int8=values["RERANKER_INT8"],
-        int8_min_cosine=-1.0,
-        int8_gate={"top_k": values["RERANKER_INT8_TOP_K"], "min_tau": values["RERANKER_INT8_MIN_TAU"]},
-        int8_ship=values["INT8_SHIP"],
-        int8_required=values["INT8_REQUIRED"],
-        external_data_bytes=values["ONNX_EXTERNAL_DATA_BYTES"],
-        extra_gate=scores_gate,
-        done=done,
-    )
+    settings = ExportSettings.from_values(values, int8=values["RERANKER_INT8"])
+    return export_variants(export, reranker_onnx_name(key), root, settings, extra_gate=scores_gate, done=done)
 
 
 def cache_one(spec: RerankerSpec, root: Path, values: Values) -> dict[str, Any]:
@@ -313,7 +303,7 @@ def run(out_root: Path, values: Values) -> list[dict[str, Any]]:
     RERANKER_STRICT any fallback does.
     """
     failures: list[str] = []
-    for spec in parse_reranker_list(values["RERANKER_MODELS"]):
+    for spec in values["RERANKER_MODELS"]:
         if failures and values["RERANKER_STRICT"]:
             raise ProducerError(f"RERANKER_STRICT: the first candidate failed, no fallback taken: {failures[0]}")
         try:
