@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
+from modelbake import context
 from modelbake.buildkit import TRANSIENT_ERROR
 from modelbake.engine import docker, sdk_client
 from modelbake.errors import ModelbakeError
@@ -132,9 +133,24 @@ class BakeResult:
         return "\n".join(lines)
 
 
+# Bake variables that name a host path: relative to where the user runs modelbake, also when bake itself
+# runs in an installed package's build files (modelbake.context).
+PATH_VARIABLES = ("MODELS_OUT", "WHEELHOUSE", "MODEL_SOURCES", "SIGNING_KEY_FILE")
+
+
+def bake_env(variables: dict[str, str], environ: os._Environ[str] | dict[str, str] = os.environ) -> dict[str, str]:
+    """The environment bake runs with: ``environ`` and ``variables``, a relative path variable made absolute
+    when bake runs in another folder than this one (an installed modelbake's build files)."""
+    env = {**environ, **variables}
+    if context.root() != Path.cwd().resolve():
+        env |= {k: str(Path(env[k]).absolute()) for k in PATH_VARIABLES if env.get(k)}
+    return env
+
+
 def _run_bake(cmd: list[str], env: dict[str, str], retries: int = 1) -> None:
-    """Run bake with its progress on our stderr; retry once on BuildKit's transient graph error."""
-    proc = subprocess.Popen(cmd, env=env, stderr=subprocess.PIPE, text=True, bufsize=1)
+    """Run bake in the build files' folder, its progress on our stderr; retry once on BuildKit's transient
+    graph error."""
+    proc = subprocess.Popen(cmd, env=env, cwd=context.root(), stderr=subprocess.PIPE, text=True, bufsize=1)
     transient = False
     for line in proc.stderr or []:
         sys.stderr.write(line)
@@ -183,12 +199,14 @@ def public_url(url: str) -> str:
 
 
 def _provenance(environ: os._Environ[str] | dict[str, str]) -> dict[str, str]:
-    """GIT_REVISION and SOURCE_URL for the OCI labels, from the checkout when not given; never credentials."""
+    """GIT_REVISION and SOURCE_URL for the OCI labels, from modelbake's checkout when not given (an installed
+    modelbake has none: the folder the user is in is another project); never credentials."""
     found = {}
+    checkout = context.checkout()
     for variable, git in (("GIT_REVISION", ["rev-parse", "HEAD"]), ("SOURCE_URL", ["remote", "get-url", "origin"])):
         value = environ.get(variable, "")
-        if not value:
-            proc = subprocess.run(["git", *git], capture_output=True, text=True)
+        if not value and checkout is not None:
+            proc = subprocess.run(["git", *git], capture_output=True, text=True, cwd=checkout)
             value = proc.stdout.strip() if proc.returncode == 0 else ""
         # A clone of a local folder has a path as origin: not a source URL worth publishing.
         if value and variable == "GIT_REVISION":
@@ -229,7 +247,7 @@ def bake(
     _check_request(targets, push, kubernetes, service_image)
     targets, overrides = targets or ["runtime"], overrides or []
     cmd, client = command(targets, overrides), sdk_client()
-    env = {**os.environ, **selection.variables(), **_provenance(os.environ), **_signing(sign_key)}
+    env = bake_env({**selection.variables(), **_provenance(os.environ), **_signing(sign_key)})
     if sign_key is not None and kubernetes is not None:
         env["MODEL_SIGNING"] = "1"  # the Deployments verify the signature: the runtime needs model_signing
     env |= {"BUILD_CACHE": check_cache(client, cache)} if cache is not None else {}

@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from modelbake import context
 from modelbake.bake import BakeError, Selection
 from modelbake.fs import publish, scratch_folder
 from modelbake.hub import fetch_snapshot
@@ -27,7 +28,6 @@ from modelbake.manifest import build_time, sha256_file
 from modelbake.params import SELECTION
 from modelbake.spec import ORIGIN_FILE
 
-REQUIREMENTS = Path(__file__).resolve().parents[1] / "build" / "requirements-build.txt"
 MOUNT = "/sources"
 MANIFEST = "bundle_manifest.json"
 
@@ -112,7 +112,8 @@ def _reranker_sources(selection: Selection, sources: Path) -> list[str]:
 
 
 def _wheels(dest: Path, pip_args: list[str]) -> None:
-    cmd = [sys.executable, "-m", "pip", "download", "--only-binary=:all:", "-d", str(dest), "-r", str(REQUIREMENTS)]
+    requirements = context.root() / "build" / "requirements-build.txt"
+    cmd = [sys.executable, "-m", "pip", "download", "--only-binary=:all:", "-d", str(dest), "-r", str(requirements)]
     if subprocess.run([*cmd, *pip_args]).returncode != 0:
         raise BakeError(f"`{' '.join(cmd + pip_args)}` failed (pip's message above)")
 

@@ -17,7 +17,7 @@ from contextlib import nullcontext
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from modelbake import __version__, demo
+from modelbake import __version__, context, demo
 from modelbake.errors import ModelbakeError
 from modelbake.fs import staged_tree
 from modelbake.manifest import build_notes, finalize
@@ -166,7 +166,7 @@ def _cmd_bundle(args: argparse.Namespace) -> int:
 def _cmd_bake(args: argparse.Namespace) -> int:
     import shlex
 
-    from modelbake.bake import bake, command
+    from modelbake.bake import bake, bake_env, command
 
     selection = _selection(args)
     variables = selection.variables()  # every spec checked before anything runs
@@ -176,12 +176,12 @@ def _cmd_bake(args: argparse.Namespace) -> int:
         print(f"bundle     {checked} files checked", file=sys.stderr)
     targets = args.targets or ["runtime"]
     if args.dry_run or args.print:
-        cmd = command(targets, args.set, print_only=args.print)
-        line = " ".join(f"{k}={shlex.quote(v)}" for k, v in variables.items()) + " " + shlex.join(cmd)
+        cmd, env, root = command(targets, args.set, print_only=args.print), bake_env(variables), context.root()
+        line = " ".join(f"{k}={shlex.quote(env[k])}" for k in variables) + " " + shlex.join(cmd)
         if args.dry_run:
-            print(line)
+            print(line if root == Path.cwd().resolve() else f"cd {shlex.quote(str(root))} && {line}")
             return 0
-        return subprocess.run(cmd, env={**os.environ, **variables}).returncode
+        return subprocess.run(cmd, env=env, cwd=root).returncode
     result = bake(
         selection,
         targets,
@@ -198,6 +198,11 @@ def _cmd_bake(args: argparse.Namespace) -> int:
     if result.verify_ok is False:
         print(result.verify_output, file=sys.stderr)
         return 1
+    return 0
+
+
+def _cmd_context(args: argparse.Namespace) -> int:
+    print(context.write(args.dest))
     return 0
 
 
@@ -288,6 +293,12 @@ def _add_image_commands(sub: argparse._SubParsersAction) -> None:
         help="import and export a registry build cache shared by every builder (mode=max; containerd image store)",
     )
     p.set_defaults(func=_cmd_bake)
+
+    p = sub.add_parser(
+        "context", help="write the build files (Dockerfile.models, docker-bake.hcl, build/, the package) to a folder"
+    )
+    p.add_argument("dest", type=Path, help="a new folder: run `docker buildx bake` or `docker compose build` in it")
+    p.set_defaults(func=_cmd_context)
     _add_tree_commands(sub)
 
 

@@ -32,13 +32,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from modelbake import context
 from modelbake.engine import check_engine, docker, last_line
 from modelbake.errors import ModelbakeError
 from modelbake.params import BAKE, BY_NAME, TABLE
 from modelbake.sources.tiny import MOUNTED_CLIP_SPECS, MOUNTED_RERANKER_SPEC
 from modelbake.spec import DEFAULT_CLIP_MODELS, DEFAULT_RERANKER_MODELS
 
-REPO = Path(__file__).resolve().parents[1]
 # Names of their own, so the demo never overwrites a user's `modelbake:latest` or the tests' `modelbake:e2e`.
 IMAGE = "modelbake-demo"
 TAG = "tiny"
@@ -63,8 +63,7 @@ class DemoError(ModelbakeError):
 
 def default_workdir() -> Path:
     """$MODELBAKE_CACHE/demo, the cache root docker/setup-engine.sh uses too (default ~/.cache/modelbake)."""
-    root = os.environ.get("MODELBAKE_CACHE") or str(Path.home() / ".cache" / "modelbake")
-    return Path(root) / "demo"
+    return context.cache_root() / "demo"
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -185,7 +184,8 @@ def check_setup_host() -> None:
 def setup_engine(clock: _Clock) -> dict[str, str]:
     """docker/setup-engine.sh: engine + buildx, the local base image, the wheelhouse; returns its exports."""
     # Its progress lines go straight to our stderr; only the exports are read from its stdout.
-    proc = subprocess.run(["bash", str(REPO / "docker" / "setup-engine.sh")], stdout=subprocess.PIPE, text=True)
+    script = context.root() / "docker" / "setup-engine.sh"
+    proc = subprocess.run(["bash", str(script)], stdout=subprocess.PIPE, text=True)
     if proc.returncode != 0:
         raise DemoError("docker/setup-engine.sh failed (its error is above); fix that and run the demo again")
     exports = parse_exports(proc.stdout)
@@ -266,9 +266,9 @@ def bake_runtime(inputs: dict[str, str], sources: Path, workdir: Path, quiet: bo
     log = workdir / "bake.log"
     if quiet:
         with log.open("w") as sink:
-            proc = subprocess.run(cmd, env=env, cwd=REPO, stdout=sink, stderr=sink)
+            proc = subprocess.run(cmd, env=env, cwd=context.root(), stdout=sink, stderr=sink)
     else:  # the driver's report and BuildKit's progress both on stderr: stdout is for the service's answers
-        proc = subprocess.run(cmd, env=env, cwd=REPO, stdout=sys.stderr, stderr=sys.stderr)
+        proc = subprocess.run(cmd, env=env, cwd=context.root(), stdout=sys.stderr, stderr=sys.stderr)
     if proc.returncode != 0:
         if quiet:
             tail = log.read_text(errors="replace").splitlines()[-30:]
@@ -301,7 +301,7 @@ def build_service(workdir: Path, wheelhouse: str | None = None) -> None:
         "--build-arg",
         f"MODELBAKE_IMAGE={RUNTIME_IMAGE}",
         *offline,
-        str(REPO / "examples" / "search_service"),
+        str(context.root() / "examples" / "search_service"),
         check=False,
     )
     log = workdir / "service-build.log"
@@ -435,8 +435,7 @@ def run(args: argparse.Namespace) -> int:
     name = CONTAINER
     workdir = (args.workdir or default_workdir()).expanduser().resolve()
     try:
-        if not (REPO / "docker-bake.hcl").is_file() or not (REPO / "examples" / "search_service").is_dir():
-            raise DemoError("the demo builds from a modelbake checkout: run it from a git clone (pip install -e .)")
+        context.root()  # a ContextError names what is missing
         if importlib.util.find_spec("docker") is None:
             raise DemoError("the bake driver needs the Docker SDK for Python: pip install -e '.[bake]'")
         check_port(args.port, name)  # before minutes of building

@@ -89,12 +89,13 @@ def test_regressor_flags_become_bake_variables_and_are_checked() -> None:
 
 def test_git_credentials_never_reach_the_source_label(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """An origin with a token in it (https://user:TOKEN@host/repo) is published without the user info."""
+    from modelbake import context
     from modelbake.bake import _provenance
 
     subprocess.run(["git", "init", "-q", str(tmp_path)], check=True)
     origin = "https://me:s3cr3t@git.example/acme/x.git"
     subprocess.run(["git", "-C", str(tmp_path), "remote", "add", "origin", origin], check=True)
-    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(context, "checkout", lambda: tmp_path)  # the checkout modelbake runs from
     found = _provenance({})
     given = _provenance({"SOURCE_URL": "https://ci:tok@git.example:8443/acme/x"})
     assert found["SOURCE_URL"] == "https://git.example/acme/x.git"
