@@ -39,7 +39,7 @@ from pathlib import Path
 import docker
 
 from modelbake.bake import stage_sizes
-from modelbake.buildkit import parse_rawjson, ran, render, stage_seconds
+from modelbake.testing.buildkit import parse_rawjson, ran, render, stage_seconds
 from modelbake.sources.tiny import MOUNTED_CLIP_SPECS, MOUNTED_RERANKER_SPEC
 
 REPO = Path(__file__).resolve().parents[1]

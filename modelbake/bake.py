@@ -25,8 +25,7 @@ from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 from modelbake import context
-from modelbake.buildkit import TRANSIENT_ERROR
-from modelbake.engine import docker, sdk_client
+from modelbake.engine import TRANSIENT_ERROR, docker, sdk_client
 from modelbake.errors import ModelbakeError
 from modelbake.manifest import build_notes
 from modelbake.params import BY_NAME, SELECTION

@@ -10,12 +10,17 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from modelbake.buildkit import TRANSIENT_ERROR
 from modelbake.errors import ModelbakeError
 
 
 class EngineError(ModelbakeError):
     """No docker client, no buildx plugin, or no engine answering; the message says which and the fix."""
+
+
+# An intermittent BuildKit scheduler bug when targets share steps (moby/buildkit#2303): the build fails
+# with this message and a retry resumes from the cache. BuildKit prints it as plain text after the
+# progress in every progress mode, and in the failed vertex's "error".
+TRANSIENT_ERROR = "inconsistent graph state"
 
 
 def docker(

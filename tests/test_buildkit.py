@@ -1,4 +1,4 @@
-"""modelbake.buildkit against a real rawjson capture (tests/data/buildkit_rawjson.jsonl, buildx 0.13.1).
+"""modelbake.testing.buildkit against a real rawjson capture (tests/data/buildkit_rawjson.jsonl, buildx 0.13.1).
 
 The capture is bake's stderr for two targets of this Dockerfile, the second build after a first
 ``docker buildx bake --progress=plain work`` (so ``base`` comes from the cache and ``work`` runs with a
@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from modelbake.buildkit import (
-    TRANSIENT_ERROR,
+from modelbake.engine import TRANSIENT_ERROR
+from modelbake.testing.buildkit import (
     RawJsonReader,
     describe,
     parse_rawjson,

@@ -23,10 +23,10 @@ from pathlib import Path
 import pytest
 from conftest import EXTERNAL_DATA_BYTES, REPO, free_port, run_cli
 
-from modelbake.buildkit import parse_rawjson, ran, render, stage_runs
 from modelbake.engine import docker
 from modelbake.manifest import check_files, read_manifest
 from modelbake.sources.tiny import MOUNTED_CLIP_SPECS, MOUNTED_RERANKER_SPEC
+from modelbake.testing.buildkit import parse_rawjson, ran, render, stage_runs
 
 pytestmark = pytest.mark.docker
 TAG = "e2e"

@@ -20,7 +20,7 @@ PASSAGES = ["a man is walking his dog", "", "dog " * 300, "café 東京 🚀", "
 
 @pytest.fixture(scope="module")
 def xlmr_source(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from modelbake.sources.tiny import make_tiny_xlmr_cross_encoder
+    from tiny_families import make_tiny_xlmr_cross_encoder
 
     return make_tiny_xlmr_cross_encoder(tmp_path_factory.mktemp("sources") / "tiny-xlmr")
 

@@ -25,7 +25,7 @@ TEXTS = ["A Dog, on the BEACH!", "", "snake_case street", "the dog " * 30, "cafÃ
 
 @pytest.fixture(scope="module")
 def siglip_source() -> Path:
-    from modelbake.sources.tiny import make_tiny_siglip
+    from tiny_families import make_tiny_siglip
 
     dest = CACHE / "tiny-siglip"
     return dest if (dest / "open_clip_config.json").is_file() else make_tiny_siglip(dest)

@@ -19,11 +19,6 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime
 from typing import Any
 
-# An intermittent BuildKit scheduler bug when targets share steps (moby/buildkit#2303): the build fails
-# with this message and a retry resumes from the cache. BuildKit prints it as plain text after the
-# progress in every progress mode, and in the failed vertex's "error".
-TRANSIENT_ERROR = "inconsistent graph state"
-
 # "[clip-export 3/3] RUN ...", "[runtime clip-export 3/3] RUN ..." (bake, several targets), "[2/2] RUN ..."
 # (a build without stage names); BuildKit's own steps ("[internal] load ...", "exporting to image") have
 # no stage.
