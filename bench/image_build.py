@@ -39,8 +39,8 @@ from pathlib import Path
 import docker
 
 from modelbake.bake import stage_sizes
-from modelbake.testing.buildkit import parse_rawjson, ran, render, stage_seconds
 from modelbake.sources.tiny import MOUNTED_CLIP_SPECS, MOUNTED_RERANKER_SPEC
+from modelbake.testing.buildkit import parse_rawjson, ran, render, stage_seconds
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = (

@@ -19,9 +19,10 @@ import re
 import subprocess
 import sys
 import tomllib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 from urllib.parse import urlsplit, urlunsplit
 
 from modelbake import context
@@ -137,7 +138,7 @@ class BakeResult:
 PATH_VARIABLES = ("MODELS_OUT", "WHEELHOUSE", "MODEL_SOURCES", "SIGNING_KEY_FILE")
 
 
-def bake_env(variables: dict[str, str], environ: os._Environ[str] | dict[str, str] = os.environ) -> dict[str, str]:
+def bake_env(variables: dict[str, str], environ: Mapping[str, str] = os.environ) -> dict[str, str]:
     """The environment bake runs with: ``environ`` and ``variables``, a relative path variable made absolute
     when bake runs in another folder than this one (an installed modelbake's build files)."""
     env = {**environ, **variables}
@@ -146,18 +147,18 @@ def bake_env(variables: dict[str, str], environ: os._Environ[str] | dict[str, st
     return env
 
 
-def _run_bake(cmd: list[str], env: dict[str, str], retries: int = 1) -> None:
-    """Run bake in the build files' folder, its progress on our stderr; retry once on BuildKit's transient
-    graph error."""
+def _run_bake(cmd: list[str], env: dict[str, str], retries: int = 1, progress: TextIO | None = None) -> None:
+    """Run bake in the build files' folder, its progress on ``progress`` (our stderr); retry once on
+    BuildKit's transient graph error."""
     proc = subprocess.Popen(cmd, env=env, cwd=context.root(), stderr=subprocess.PIPE, text=True, bufsize=1)
-    transient = False
+    transient, out = False, progress or sys.stderr
     for line in proc.stderr or []:
-        sys.stderr.write(line)
+        out.write(line)
         transient = transient or TRANSIENT_ERROR in line
     if proc.wait() == 0:
         return
     if transient and retries > 0:
-        return _run_bake(cmd, env, retries - 1)
+        return _run_bake(cmd, env, retries - 1, progress)
     raise BakeError(f"`{' '.join(cmd)}` failed (BuildKit's output above names the stage)")
 
 
@@ -197,7 +198,7 @@ def public_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc, query="", fragment=""))
 
 
-def _provenance(environ: os._Environ[str] | dict[str, str]) -> dict[str, str]:
+def _provenance(environ: Mapping[str, str]) -> dict[str, str]:
     """GIT_REVISION and SOURCE_URL for the OCI labels, from modelbake's checkout when not given (an installed
     modelbake has none: the folder the user is in is another project); never credentials."""
     found = {}
@@ -229,6 +230,8 @@ def bake(
     service_image: str | None = None,
     sign_key: Path | None = None,
     cache: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    progress: TextIO | None = None,
 ) -> BakeResult:
     """Validate, bake, then inspect ``image`` (default ``$IMAGE:$TAG``) with the Docker SDK.
 
@@ -242,16 +245,18 @@ def bake(
     ``kubernetes`` too, the Deployments carry its public key and verify the signature at start, so the runtime
     image is built with MODEL_SIGNING=1 (it must hold model_signing to verify).
     ``cache`` (``REGISTRY/NAME[:TAG]``): a registry build cache every builder shares (mode=max; the
-    containerd image store)."""
+    containerd image store). ``environ``: the environment bake runs with (default ours); ``progress``:
+    where BuildKit's progress goes (default our stderr)."""
     _check_request(targets, push, kubernetes, service_image)
     targets, overrides = targets or ["runtime"], overrides or []
     cmd, client = command(targets, overrides), sdk_client()
-    env = bake_env({**selection.variables(), **_provenance(os.environ), **_signing(sign_key)})
+    environ = os.environ if environ is None else environ
+    env = bake_env({**selection.variables(), **_provenance(environ), **_signing(sign_key)}, environ)
     if sign_key is not None and kubernetes is not None:
         env["MODEL_SIGNING"] = "1"  # the Deployments verify the signature: the runtime needs model_signing
     env |= {"BUILD_CACHE": check_cache(client, cache)} if cache is not None else {}
     result = BakeResult(cmd)
-    _run_bake(cmd, env)
+    _run_bake(cmd, env, progress=progress)
     if "runtime" not in targets:
         return result
     result.image = image or f"{_setting(env, 'IMAGE')}:{_setting(env, 'TAG')}"

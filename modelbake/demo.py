@@ -17,6 +17,7 @@ and a previous demo container of the same name is replaced. Standard library onl
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -30,12 +31,13 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from modelbake import context
 from modelbake.engine import check_engine, docker, last_line
 from modelbake.errors import ModelbakeError
-from modelbake.params import BAKE, BY_NAME, TABLE
+from modelbake.fs import scratch_folder
+from modelbake.params import BAKE, BY_NAME, SELECTION, TABLE
 from modelbake.sources.tiny import MOUNTED_CLIP_SPECS, MOUNTED_RERANKER_SPEC
 from modelbake.spec import DEFAULT_CLIP_MODELS, DEFAULT_RERANKER_MODELS
 
@@ -223,16 +225,15 @@ def tiny_sources(workdir: Path, clock: _Clock) -> Path:
     missing = [m for m in ("torch", "open_clip", "transformers", "safetensors") if importlib.util.find_spec(m) is None]
     if missing:
         raise DemoError(
-            f"making the tiny models needs {', '.join(missing)} in this Python: pip install -e '.[build]' "
-            "(or run the demo with the venv tests/run.sh makes)"
+            f"making the tiny models needs {', '.join(missing)} in this Python: pip install 'modelbake[build]' "
+            "(in a checkout: pip install -e '.[build]', or the venv tests/run.sh makes)"
         )
     from modelbake.sources.tiny import make_tiny_sources  # its makers import torch: only now, only this once
 
-    partial = workdir / f".tiny-sources.{os.getpid()}"
-    shutil.rmtree(partial, ignore_errors=True)
-    make_tiny_sources(partial)
-    shutil.rmtree(dest, ignore_errors=True)  # an interrupted earlier attempt
-    partial.rename(dest)
+    with scratch_folder(dest, "tiny-sources") as work:  # a killed run leaves its scratch, cleared by the next
+        make_tiny_sources(work / dest.name)
+        shutil.rmtree(dest, ignore_errors=True)  # another version's
+        os.rename(work / dest.name, dest)
     clock.say(f"tiny models written to {dest}")
     return dest
 
@@ -243,41 +244,42 @@ def _bake_variables() -> set[str]:
 
 
 def bake_runtime(inputs: dict[str, str], sources: Path, workdir: Path, quiet: bool) -> None:
-    """`modelbake bake runtime` with the tiny selection, run as a user would, under the demo image name."""
+    """The bake driver with the tiny selection, under the demo image name; BuildKit's progress to the log
+    (``quiet``) or to stderr (stdout is for the service's answers)."""
+    from modelbake.bake import BakeError, Selection, bake
+
     # A selection or digest left in the user's environment must not leak into the demo's build; where torch
     # wheels come from, and the reproducibility/provenance settings, may.
     keep = {"TORCH_INDEX_URL", "SOURCE_DATE_EPOCH", "GIT_REVISION", "SOURCE_URL"}
     env = {k: v for k, v in os.environ.items() if k in keep or k not in _bake_variables()}
     env.update(inputs)
     env.update({"MODEL_SOURCES": str(sources), "IMAGE": IMAGE, "TAG": TAG})
-    cmd = [
-        sys.executable,
-        "-m",
-        "modelbake.cli",
-        "bake",
-        "runtime",
-        "--clip",
-        MOUNTED_CLIP_SPECS,
-        "--reranker",
-        MOUNTED_RERANKER_SPEC,
-        "--regressor-epochs",
-        REGRESSOR_EPOCHS,
-    ]
+    fields = {p.field: p.default for p in SELECTION} | {
+        "clip": MOUNTED_CLIP_SPECS,
+        "reranker": MOUNTED_RERANKER_SPEC,
+        "regressor_epochs": REGRESSOR_EPOCHS,
+    }
     log = workdir / "bake.log"
-    if quiet:
-        with log.open("w") as sink:
-            proc = subprocess.run(cmd, env=env, cwd=context.root(), stdout=sink, stderr=sink)
-    else:  # the driver's report and BuildKit's progress both on stderr: stdout is for the service's answers
-        proc = subprocess.run(cmd, env=env, cwd=context.root(), stdout=sys.stderr, stderr=sys.stderr)
-    if proc.returncode != 0:
-        if quiet:
-            tail = log.read_text(errors="replace").splitlines()[-30:]
-            print("\n".join(tail), file=sys.stderr)
-        where = f" (full log: {log})" if quiet else ""
-        raise DemoError(
-            f"the bake failed (BuildKit's output above names the stage){where}; fix that and run the demo again "
-            "(finished stages come from the cache)"
-        )
+    with log.open("w") if quiet else contextlib.nullcontext(sys.stderr) as sink:
+        try:
+            result = bake(Selection(**fields), ["runtime"], environ=env, progress=sink)
+        except BakeError:
+            sink.flush()
+            _bake_failed(log if quiet else None)
+        print(result.report(), file=sink)
+    if result.verify_ok is False:
+        raise DemoError(f"the baked image failed its verify run:\n{result.verify_output.strip()}")
+
+
+def _bake_failed(log: Path | None) -> NoReturn:
+    """The end of the log (BuildKit names the failed stage there), then the demo's one error line."""
+    if log is not None:
+        print("\n".join(log.read_text(errors="replace").splitlines()[-30:]), file=sys.stderr)
+    where = f" (full log: {log})" if log is not None else ""
+    raise DemoError(
+        f"the bake failed (BuildKit's output above names the stage){where}; fix that and run the demo again "
+        "(finished stages come from the cache)"
+    )
 
 
 def build_service(workdir: Path, wheelhouse: str | None = None) -> None:

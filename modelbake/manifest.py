@@ -228,12 +228,16 @@ def read_graph(root: Path, model: dict[str, Any], entry: dict[str, Any]) -> tupl
     """An ONNX entry's graph and the external-data files it names ({location as written: bytes}), each read
     once and checked (:func:`read_listed`); every location must be a listed file of the same model."""
     graph = read_listed(root, model, entry["path"])
-    folder = PurePosixPath(entry["path"]).parent
     external = {
-        location: read_listed(root, model, posixpath.normpath((folder / location).as_posix()), by=entry["path"])
+        location: read_listed(root, model, beside(entry["path"], location), by=entry["path"])
         for location in sorted(external_locations(graph))
     }
     return graph, external
+
+
+def beside(graph: str, location: str) -> str:
+    """The tree path of an external-data ``location`` as the graph at tree path ``graph`` writes it."""
+    return posixpath.normpath((PurePosixPath(graph).parent / location).as_posix())
 
 
 def _listed(model: dict[str, Any], relpath: str, by: str) -> dict[str, Any]:
@@ -256,9 +260,8 @@ def _check_references(root: Path, model: dict[str, Any]) -> None:
     for entry in model["files"]:
         if entry.get("format") != "onnx":
             continue
-        folder = PurePosixPath(entry["path"]).parent
         for location in external_locations(resolve_inside(root, entry["path"])):
-            _listed(model, posixpath.normpath((folder / location).as_posix()), entry["path"])
+            _listed(model, beside(entry["path"], location), entry["path"])
 
 
 def merge_fragments(root: Path) -> dict[str, Any]:
