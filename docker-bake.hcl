@@ -34,6 +34,11 @@ variable "MODEL_SOURCES" { default = "" }
 # 1 = install from WHEELHOUSE alone (no index); on by default when a wheelhouse is given.
 variable "PIP_OFFLINE" { default = notequal(WHEELHOUSE, "") ? "1" : "0" }
 
+# Target platforms of the runtime and models images, e.g. linux/amd64,linux/arm64 (empty: the builder's own).
+# The models are exported once on the build platform whatever this says (Dockerfile.models, "Platforms").
+# Several need an engine that holds multi-platform images (the containerd image store) or a push.
+variable "PLATFORMS" { default = "" }
+
 variable "IMAGE" { default = "modelbake" }
 variable "TAG" { default = "latest" }
 variable "PUSH_TO" { default = "" }
@@ -110,6 +115,11 @@ target "_common" {
   }, notequal(MODELS_MANIFEST_DIGEST, "") ? { "io.modelbake.manifest-digest" = MODELS_MANIFEST_DIGEST } : {})
 }
 
+# The per-platform targets (runtime-base and what stands on it); the others are pinned to the build platform.
+target "_platforms" {
+  platforms = notequal(PLATFORMS, "") ? split(",", PLATFORMS) : []
+}
+
 group "default" { targets = ["runtime"] }
 group "stages" { targets = ["clip-export", "reranker-cache", "regressor-seed"] }
 group "push" { targets = ["runtime-push", "models-push"] }
@@ -148,13 +158,13 @@ target "models" {
 }
 
 target "runtime-base" {
-  inherits = ["_common"]
+  inherits = ["_common", "_platforms"]
   target   = "runtime-base"
   tags     = ["${IMAGE}-runtime-base:${TAG}"]
 }
 
 target "runtime" {
-  inherits = ["_common"]
+  inherits = ["_common", "_platforms"]
   target   = "runtime"
   tags     = ["${IMAGE}:${TAG}"]
   cache-to = notequal(BUILD_CACHE, "") ? ["type=registry,ref=${BUILD_CACHE},mode=max"] : []
@@ -171,7 +181,7 @@ target "runtime-push" {
 }
 
 target "models-push" {
-  inherits = ["_common"]
+  inherits = ["_common", "_platforms"]
   target   = "models"
   tags     = ["${PUSH_TO}-models:${TAG}"]
   output   = ["type=registry"]

@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
-"""Write build/wheelhouse-lock.txt: every wheel of the pinned requirement sets, dependencies included, with
-its sha256, for ``pip download --require-hashes`` in docker/setup-engine.sh (the offline wheelhouse that
-image builds install from).
+"""Write build/wheelhouse-lock.txt and build/wheelhouse-lock-arm64.txt: every wheel of the pinned requirement
+sets, dependencies included, with its sha256, for ``pip download --require-hashes`` in docker/setup-engine.sh
+(the offline wheelhouse that image builds install from).
 
 pip resolves ``build/requirements-dev.txt`` (which includes every other set) for this interpreter and
-platform, as setup-engine.sh's download does, and reports each chosen file's digest as the package index
-published it. Run it after changing a pin, from the repository root, and commit the lock:
+platform, as setup-engine.sh's download does, and ``build/requirements-runtime.txt`` for CPython 3.11 on
+linux/arm64 (Debian 12's python3; the arm64 runtime image's set: the models are exported on the build
+platform, so no build set is needed there), and reports each chosen file's digest as the package index
+published it. Run it after changing a pin, from the repository root, and commit both locks:
 
     python3 docker/lock_wheelhouse.py
 """
@@ -21,15 +23,24 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 REQUIREMENTS = ROOT / "build" / "requirements-dev.txt"
 LOCK = ROOT / "build" / "wheelhouse-lock.txt"
+ARM64_REQUIREMENTS = ROOT / "build" / "requirements-runtime.txt"
+ARM64_LOCK = ROOT / "build" / "wheelhouse-lock-arm64.txt"
+# pip's target for the arm64 set; docker/setup-engine.sh downloads with the same flags.
+ARM64_TARGET = [
+    "--platform", "manylinux_2_28_aarch64", "--platform", "manylinux_2_17_aarch64", "--python-version", "3.11",
+    "--implementation", "cp", "--abi", "cp311",
+]  # fmt: skip
 
 
-def resolve(requirements: Path) -> list[tuple[str, str, str]]:
-    """(name, version, sha256) of every wheel pip would download for ``requirements``."""
+def resolve(requirements: Path, target: list[str] | None = None) -> list[tuple[str, str, str]]:
+    """(name, version, sha256) of every wheel pip would download for ``requirements`` (for ``target``'s
+    platform, else this one)."""
     with tempfile.TemporaryDirectory() as tmp:
         report = Path(tmp) / "report.json"
+        where = [*target, "--target", str(Path(tmp) / "t")] if target else []
         subprocess.run(
             [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--only-binary=:all:",
-             "--quiet", "--report", str(report), "-r", str(requirements)],
+             *where, "--quiet", "--report", str(report), "-r", str(requirements)],
             check=True,
         )  # fmt: skip
         items = json.loads(report.read_text())["install"]
@@ -43,17 +54,21 @@ def resolve(requirements: Path) -> list[tuple[str, str, str]]:
     return sorted(found)
 
 
-def main() -> int:
-    rows = resolve(REQUIREMENTS)
+def write(lock: Path, rows: list[tuple[str, str, str]], source: str) -> None:
     lines = [
-        "# The wheelhouse, hash-locked: written by docker/lock_wheelhouse.py from build/requirements-dev.txt.",
+        f"# The wheelhouse, hash-locked: written by docker/lock_wheelhouse.py from {source}.",
         "# Do not edit; run that script after changing a pin. Read by docker/setup-engine.sh.",
         *(f"{name}=={version} \\\n    --hash=sha256:{digest}" for name, version, digest in rows),
     ]
-    tmp = LOCK.with_name(f".{LOCK.name}.tmp")
+    tmp = lock.with_name(f".{lock.name}.tmp")
     tmp.write_text("\n".join(lines) + "\n")
-    tmp.replace(LOCK)
-    print(f"{LOCK.relative_to(ROOT)}: {len(rows)} wheels")
+    tmp.replace(lock)
+    print(f"{lock.relative_to(ROOT)}: {len(rows)} wheels")
+
+
+def main() -> int:
+    write(LOCK, resolve(REQUIREMENTS), "build/requirements-dev.txt")
+    write(ARM64_LOCK, resolve(ARM64_REQUIREMENTS, ARM64_TARGET), "build/requirements-runtime.txt for linux/arm64")
     return 0
 
 

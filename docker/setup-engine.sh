@@ -9,7 +9,12 @@
 #      is recorded), never whatever else answers on that port, and the Debian package's own service (every
 #      interface, :5000) never runs;
 #   5. a second engine, "another builder": its own dockerd with the containerd image store, socket, data and
-#      bridge, sharing nothing with the first but the registry (the cross-builder cache test, provenance).
+#      bridge, sharing nothing with the first but the registry (the cross-builder cache test, provenance,
+#      multi-platform images);
+#   6. linux/arm64 under emulation: qemu-user-static registered with the kernel's binfmt_misc, an arm64 base
+#      image made the way the amd64 one is, the arm64 wheels of the run-time set (build/wheelhouse-lock-arm64.txt),
+#      and both base images as one two-platform index in the registry (MODELBAKE_MULTI_BASE). When the kernel
+#      refuses, MODELBAKE_ARM64 says why in one line (the arm64 tests then fail with it under CI).
 # Prints the variables the build needs as `export` lines (eval "$(bash docker/setup-engine.sh)").
 #
 # Why not Debian 12's docker.io alone: its engine (20.10) embeds a BuildKit too old for named contexts,
@@ -58,20 +63,28 @@ apt_install() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
-trixie_root() {
-  # Unpacked Debian 13 docker.io (dockerd 26), docker-buildx and docker-compose.
-  local dir=$cache/trixie
-  if [ ! -x "$dir/root/usr/sbin/dockerd" ] || [ ! -x "$dir/root/usr/libexec/docker/cli-plugins/docker-buildx" ]; then
-    say "fetching dockerd, buildx and compose from Debian 13"
-    rm -rf "$dir"; mkdir -p "$dir/lists/partial" "$dir/cache/archives/partial" "$dir/debs" "$dir/root"
+trixie_fetch() {
+  # Debian 13 packages unpacked once into the cache (a private apt list: the system's apt setup stays
+  # untouched). $1: a file they hold, present once fetched; the rest: the packages. Prints the unpacked root.
+  local dir=$cache/trixie want=$1; shift
+  if [ ! -e "$dir/root/$want" ]; then
+    say "fetching $* from Debian 13"
+    mkdir -p "$dir/lists/partial" "$dir/cache/archives/partial" "$dir/debs" "$dir/root"
     echo "deb [signed-by=/usr/share/keyrings/debian-archive-keyring.gpg] $(debian_mirror) trixie main" >"$dir/sources.list"
     local opts=(-o "Dir::Etc::SourceList=$dir/sources.list" -o Dir::Etc::SourceParts=/dev/null
                 -o "Dir::State::Lists=$dir/lists" -o "Dir::Cache=$dir/cache" -o APT::Sandbox::User=root)
     apt-get "${opts[@]}" update -qq
-    (cd "$dir/debs" && apt-get "${opts[@]}" download docker.io docker-buildx docker-compose >/dev/null)
-    for deb in "$dir"/debs/*.deb; do dpkg-deb -x "$deb" "$dir/root"; done
+    (cd "$dir/debs" && apt-get "${opts[@]}" download "$@" >/dev/null)
+    local pkg
+    for pkg in "$@"; do dpkg-deb -x "$(ls "$dir"/debs/"${pkg}"_*.deb | tail -1)" "$dir/root"; done
+    [ -e "$dir/root/$want" ] || die "Debian 13's $* did not bring $want"
   fi
   printf '%s\n' "$dir/root"
+}
+
+trixie_root() {
+  # Debian 13's docker.io (dockerd 26), docker-buildx and docker-compose.
+  trixie_fetch usr/libexec/docker/cli-plugins/docker-buildx docker.io docker-buildx docker-compose
 }
 
 engine_ok() { timeout 10 docker info >/dev/null 2>&1 && timeout 10 docker buildx version >/dev/null 2>&1; }
@@ -219,10 +232,85 @@ setup_second_builder() {
   builder2=unix://$sock
 }
 
+setup_emulator() {
+  # arm64 binaries run here through qemu, registered with the kernel (no systemd here to do it). Flag F opens
+  # the interpreter at registration, so containers and chroots use it too. Debian 13's qemu 10, static: Debian
+  # 12's qemu 7.2 crashes (SIGSEGV) loading onnxruntime 1.32's arm64 library, qemu 10 runs it. A handler
+  # registered by someone else is kept when its qemu is 8 or newer. Never fatal: amd64 work goes on.
+  local misc=/proc/sys/fs/binfmt_misc qemu=/usr/local/libexec/modelbake/qemu-aarch64 root current major
+  root=$(trixie_fetch usr/bin/qemu-aarch64 qemu-user)
+  cmp -s "$root/usr/bin/qemu-aarch64" $qemu || install -D -m 0755 "$root/usr/bin/qemu-aarch64" $qemu
+  if [ ! -e $misc/register ] && ! mount -t binfmt_misc binfmt_misc $misc 2>/dev/null; then
+    arm64="the kernel refused to mount binfmt_misc, so arm64 binaries cannot run here (no emulation: the host or container lacks the privilege)"
+    return
+  fi
+  if [ -e $misc/qemu-aarch64 ]; then
+    current=$(sed -n 's/^interpreter //p' $misc/qemu-aarch64)
+    # (Debian's aarch64-binfmt-P takes the program as its first argument: ask the qemu it links to.)
+    major=$("$(readlink -f "$current")" --version 2>/dev/null | sed -n '1s/.*version \([0-9]*\).*/\1/p' || true)
+    if [ "$current" != $qemu ] && [ "${major:-0}" -lt 8 ]; then
+      say "replacing the arm64 handler $current (qemu ${major:-unknown}: too old for onnxruntime) by qemu 10"
+      echo -1 >$misc/qemu-aarch64 || { arm64="could not unregister the old arm64 handler $current"; return; }
+    fi
+  fi
+  if [ ! -e $misc/qemu-aarch64 ] \
+    && ! sed "s#:[^:]*:\([A-Z]*\)\$#:$qemu:\1#" "$root/usr/share/qemu/binfmt.d/qemu-aarch64.conf" >$misc/register 2>/dev/null; then
+    arm64="the kernel refused to register qemu-aarch64 in binfmt_misc, so arm64 binaries cannot run here"
+    return
+  fi
+  arm64=ok
+  say "arm64 emulation: $(sed -n 's/^interpreter //p' $misc/qemu-aarch64), $(sed -n 's/^flags: /flags /p' $misc/qemu-aarch64)"
+}
+
+setup_arm64() {
+  # The arm64 base image (debootstrap under the emulator, minutes the first time), the arm64 wheels of the
+  # run-time set, and both base images as one index in the registry, which a two-platform build names.
+  [ "$arm64" = ok ] || return 0
+  local tag=$base_image-arm64 tarball=$cache/rootfs-$suite_base-arm64.tar
+  if ! docker image inspect "$tag" >/dev/null 2>&1; then
+    if [ ! -s "$tarball" ]; then
+      local rootfs=$cache/rootfs-$suite_base-arm64
+      say "debootstrap --arch arm64 $suite_base under emulation (several minutes)"
+      rm -rf "$rootfs"
+      debootstrap --arch=arm64 --variant=minbase --include=python3,python3-venv,ca-certificates "$suite_base" "$rootfs" "$(debian_mirror)" >"$cache/debootstrap-arm64.log" 2>&1 \
+        || { tail -20 "$cache/debootstrap-arm64.log" >&2; die "debootstrap --arch arm64 failed (log above)"; }
+      rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/*
+      tar -C "$rootfs" -cf "$tarball.tmp" . && mv "$tarball.tmp" "$tarball"
+      rm -rf "$rootfs"
+    fi
+    say "docker import --platform linux/arm64 $tag"
+    docker import --platform linux/arm64 "$tarball" "$tag" >/dev/null
+  fi
+  local lock=$here/build/wheelhouse-lock-arm64.txt stamp=$wheelhouse/.lock-arm64.sha256 want
+  want=$(sha256sum "$lock" | cut -d' ' -f1)
+  if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
+    say "pip download the arm64 wheels of the run-time set, each checked against its locked sha256"
+    python3 -m pip download -q --only-binary=:all: --no-deps --require-hashes -d "$wheelhouse" -r "$lock" \
+      --platform manylinux_2_28_aarch64 --platform manylinux_2_17_aarch64 --python-version 3.11 \
+      --implementation cp --abi cp311 2> >(grep -v "is ignored: it is neither" >&2)
+    echo "$want" >"$stamp"
+  fi
+  multi_base=$registry/${base_image%%:*}:${base_image##*:}
+  if ! docker buildx imagetools inspect "$multi_base" 2>/dev/null | grep -q "linux/arm64"; then
+    say "pushing both base images to $multi_base (one index: linux/amd64, linux/arm64)"
+    local arch
+    for arch in amd64 arm64; do
+      local from=$base_image; [ $arch = amd64 ] || from=$tag
+      docker tag "$from" "$multi_base-$arch" && docker push -q "$multi_base-$arch" >/dev/null
+    done
+    docker buildx imagetools create -t "$multi_base" "$multi_base-amd64" "$multi_base-arm64" >/dev/null 2>&1 \
+      || die "could not write the two-platform base index $multi_base"
+  fi
+}
+
+arm64="" multi_base=""
 setup_engine
 setup_base_image
 setup_wheelhouse
 setup_registry
 setup_second_builder
+setup_emulator
+setup_arm64
 printf 'export BASE_IMAGE=%q\nexport WHEELHOUSE=%q\nexport MODELBAKE_REGISTRY=%q\nexport MODELBAKE_BUILDER2=%q\n' \
   "$base_image" "$wheelhouse" "$registry" "$builder2"
+printf 'export MODELBAKE_ARM64=%q\nexport MODELBAKE_MULTI_BASE=%q\n' "$arm64" "$multi_base"

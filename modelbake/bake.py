@@ -230,13 +230,13 @@ def bake(
     service_image: str | None = None,
     sign_key: Path | None = None,
     cache: str | None = None,
+    platforms: str | None = None,
     environ: Mapping[str, str] | None = None,
     progress: TextIO | None = None,
 ) -> BakeResult:
-    """Validate, bake, then inspect ``image`` (default ``$IMAGE:$TAG``) with the Docker SDK.
-
-    When ``runtime`` is among the targets, the sha256 of the manifest in the built image is labelled on it
-    (``io.modelbake.manifest-digest``) by a build that adds only that label to the image just built.
+    """Validate, bake, then inspect ``image`` (default ``$IMAGE:$TAG``) with the Docker SDK. When ``runtime``
+    is a target, the sha256 of the manifest in the built image is labelled on it (``io.modelbake.manifest-
+    digest``) by a build that adds only that label to the image just built.
     ``push`` (``REGISTRY/NAME``): then the runtime image goes to ``REGISTRY/NAME:$TAG`` and the FROM-scratch
     ``models`` image to ``REGISTRY/NAME-models:$TAG``; ``pushed`` holds each by digest, for pulls that cannot
     be moved (a tag can). ``kubernetes``: a folder for the Deployments of :mod:`modelbake.kubernetes`, written
@@ -245,16 +245,14 @@ def bake(
     ``kubernetes`` too, the Deployments carry its public key and verify the signature at start, so the runtime
     image is built with MODEL_SIGNING=1 (it must hold model_signing to verify).
     ``cache`` (``REGISTRY/NAME[:TAG]``): a registry build cache every builder shares (mode=max; the
-    containerd image store). ``environ``: the environment bake runs with (default ours); ``progress``:
-    where BuildKit's progress goes (default our stderr)."""
+    containerd image store). ``platforms``: PLATFORMS. ``environ``, ``progress``: the environment bake runs
+    with and where BuildKit's progress goes (default ours, our stderr)."""
     _check_request(targets, push, kubernetes, service_image)
     targets, overrides = targets or ["runtime"], overrides or []
     cmd, client = command(targets, overrides), sdk_client()
-    environ = os.environ if environ is None else environ
-    env = bake_env({**selection.variables(), **_provenance(environ), **_signing(sign_key)}, environ)
-    if sign_key is not None and kubernetes is not None:
-        env["MODEL_SIGNING"] = "1"  # the Deployments verify the signature: the runtime needs model_signing
+    env = _environment(selection, client, os.environ if environ is None else environ, sign_key, kubernetes)
     env |= {"BUILD_CACHE": check_cache(client, cache)} if cache is not None else {}
+    env |= {"PLATFORMS": check_platforms(client, platforms, env)} if platforms else {}
     result = BakeResult(cmd)
     _run_bake(cmd, env, progress=progress)
     if "runtime" not in targets:
@@ -270,6 +268,16 @@ def bake(
     if kubernetes is not None:
         result.kubernetes = _write_kubernetes(result, kubernetes, str(service_image), sign_key)
     return result
+
+
+def _environment(
+    selection: Selection, client: Any, environ: Mapping[str, str], sign_key: Path | None, kubernetes: Path | None
+) -> dict[str, str]:
+    """What bake runs with: the selection's variables, provenance and signing over ``environ``."""
+    env = bake_env({**selection.variables(), **_provenance(environ), **_signing(sign_key)}, environ)
+    if sign_key is not None and kubernetes is not None:
+        env["MODEL_SIGNING"] = "1"  # the Deployments verify the signature: the runtime needs model_signing
+    return env
 
 
 def _write_kubernetes(result: BakeResult, folder: Path, service_image: str, sign_key: Path | None) -> list[Path]:
@@ -323,7 +331,9 @@ def _push_images(result: BakeResult, push: str, overrides: list[str], env: dict[
     result.pushed["runtime"] = _push(f"{push}:{tag}", env)
     # The models tree as an image: the same stages from BuildKit's cache, loaded into the engine.
     models = f"{push}-models:{tag}"
-    _run_bake(command(["models"], [*overrides, f"models.output=type=docker,name={models}"]), env)
+    # One tree for every platform of the runtime: the same layer under each (an index when several).
+    platforms = [f"models.platform={env['PLATFORMS']}"] if env.get("PLATFORMS") else []
+    _run_bake(command(["models"], [*overrides, *platforms, f"models.output=type=docker,name={models}"]), env)
     result.pushed["models"] = _push(models, env)
 
 
@@ -340,6 +350,37 @@ def _signing(sign_key: Path | None) -> dict[str, str]:
         raise SigningError(f"--sign-key {exc}") from exc
 
 
+def _containerd_store(client: Any) -> bool:
+    """The engine keeps images in the containerd image store (multi-platform images, cache export)."""
+    return dict(client.info().get("DriverStatus") or []).get("driver-type") == "io.containerd.snapshotter.v1"
+
+
+_PLATFORM = re.compile(r"^[a-z0-9]+/[a-z0-9_]+(?:/[a-z0-9]+)?$")
+
+
+def check_platforms(client: Any, text: str, env: dict[str, str]) -> str:
+    """``text`` (``linux/amd64,linux/arm64``) as PLATFORMS, once the builder can run each and the engine can
+    hold the result: a classic image store takes one platform per image, and a platform other than the
+    machine's needs an emulator registered with the kernel."""
+    wanted = [p.strip() for p in text.split(",") if p.strip()]
+    if not wanted or not all(_PLATFORM.match(p) for p in wanted):
+        raise BakeError(f"--platform {text!r}: give OS/ARCH[,OS/ARCH...] (e.g. linux/amd64,linux/arm64)")
+    if len(wanted) > 1 and not _containerd_store(client):
+        raise BakeError(
+            f"--platform {','.join(wanted)}: this engine's image store holds one platform per image; turn on the "
+            'containerd image store ({"features": {"containerd-snapshotter": true}} in daemon.json)'
+        )
+    inspect = subprocess.run(["docker", "buildx", "inspect"], capture_output=True, text=True, env=env)
+    line = next((ln for ln in inspect.stdout.splitlines() if ln.strip().startswith("Platforms:")), "")
+    can = {p.strip().split("*")[0] for p in line.partition(":")[2].split(",")}
+    if missing := [p for p in wanted if p.split("/v")[0] not in can and p not in can]:
+        raise BakeError(
+            f"--platform: this builder cannot run {', '.join(missing)} (it runs {', '.join(sorted(can))}); register "
+            "an emulator with the kernel (docker/setup-engine.sh does: qemu-user-static and binfmt_misc)"
+        )
+    return ",".join(wanted)
+
+
 def check_cache(client: Any, ref: str) -> str:
     """``ref`` as a cache reference (``:buildcache`` when it has no tag), if this engine can export one: the
     classic image store's ``docker`` driver cannot, and bake would fail only after the whole build."""
@@ -348,8 +389,7 @@ def check_cache(client: Any, ref: str) -> str:
         check_repository(repository)
     except BakeError as exc:
         raise BakeError(f"--cache {ref!r}: give REGISTRY/NAME[:TAG] (e.g. 127.0.0.1:5000/modelbake-cache)") from exc
-    status = dict(client.info().get("DriverStatus") or [])
-    if status.get("driver-type") != "io.containerd.snapshotter.v1":
+    if not _containerd_store(client):
         raise BakeError(
             f"--cache {ref}: this engine's image store cannot export a build cache; turn on the containerd image "
             'store ({"features": {"containerd-snapshotter": true}} in daemon.json) or use a docker-container builder'
@@ -392,8 +432,9 @@ def _label(image: str, key: str, value: str, env: dict[str, str]) -> None:
     Not a second bake with the digest as a build arg: that one is only as good as BuildKit's cache, and a
     cache pruned in between reruns a stage, whose new tree then disagrees with the digest (seen in CI).
     """
+    platforms = ["--platform", env["PLATFORMS"]] if env.get("PLATFORMS") else []  # every platform the image has
     proc = subprocess.run(
-        ["docker", "build", "--quiet", "--network", "none", "--label", f"{key}={value}", "-t", image, "-"],
+        ["docker", "build", "--quiet", "--network", "none", *platforms, "--label", f"{key}={value}", "-t", image, "-"],
         input=f"FROM {image}\n",
         capture_output=True,
         text=True,

@@ -175,6 +175,7 @@ def _cmd_bake(args: argparse.Namespace) -> int:
     if (checked := check_selection(args.config, variables)) is not None:
         print(f"bundle     {checked} files checked", file=sys.stderr)
     targets = args.targets or ["runtime"]
+    variables |= {"PLATFORMS": args.platform} if args.platform else {}
     if args.dry_run or args.print:
         cmd, env, root = command(targets, args.set, print_only=args.print), bake_env(variables), context.root()
         line = " ".join(f"{k}={shlex.quote(env[k])}" for k in variables) + " " + shlex.join(cmd)
@@ -192,6 +193,7 @@ def _cmd_bake(args: argparse.Namespace) -> int:
         service_image=args.service_image,
         sign_key=args.sign_key,
         cache=args.cache,
+        platforms=args.platform,
     )
     if result.image:
         print(result.report())
@@ -264,6 +266,12 @@ def _add_image_commands(sub: argparse._SubParsersAction) -> None:
     p.add_argument("targets", nargs="*", help="bake targets or groups (default: runtime)")
     _add_selection(p)
     p.add_argument("--set", action="append", default=[], metavar="TARGET.KEY=VALUE", help="passed to bake --set")
+    p.add_argument(
+        "--platform",
+        metavar="OS/ARCH[,...]",
+        help="the runtime image for each platform (linux/amd64,linux/arm64; sets PLATFORMS); the models are "
+        "exported once, on the build platform",
+    )
     p.add_argument("--print", action="store_true", help="show the resolved plan (bake --print)")
     p.add_argument("--dry-run", action="store_true", help="print the exact command and its variables, run nothing")
     p.add_argument("--no-inspect", action="store_true", help="skip the image inspection and verify run")

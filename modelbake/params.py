@@ -218,6 +218,8 @@ TABLE: tuple[Param, ...] = (
     # --- bake only: inputs, names and labels ----------------------------------------------------------
     Param("WHEELHOUSE", "", "a wheel folder for offline pip (named context)", where=BAKE_ONLY),
     Param("MODEL_SOURCES", "", "a folder of local model sources, mounted at /sources", where=BAKE_ONLY),
+    Param("PLATFORMS", "", "target platforms of the runtime and models images (linux/amd64,linux/arm64); empty: "
+          "the builder's own. The models are exported once, on the build platform", where=BAKE_ONLY),
     Param("IMAGE", "modelbake", "image name", where=BAKE_ONLY),
     Param("TAG", "latest", "image tag", where=BAKE_ONLY),
     Param("MODELS_OUT", "models", "where the `models` target writes the tree on the host", where=BAKE_ONLY),

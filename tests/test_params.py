@@ -14,7 +14,7 @@ from modelbake.params import ARG, BAKE, COMPOSE, SELECTION, TABLE, for_stage
 from modelbake.producers import STAGES
 
 DOCKERFILE = (REPO / "Dockerfile.models").read_text()
-_FROM = re.compile(r"^FROM (\S+)(?: AS (\S+))?$", re.MULTILINE)
+_FROM = re.compile(r"^FROM (?:--platform=\S+ )?(\S+)(?: AS (\S+))?$", re.MULTILINE)
 
 
 def _sections() -> dict[str, str]:
