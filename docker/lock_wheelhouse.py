@@ -32,12 +32,16 @@ ARM64_TARGET = [
 ]  # fmt: skip
 
 
-def resolve(requirements: Path, target: list[str] | None = None) -> list[tuple[str, str, str]]:
+def resolve(
+    requirements: Path, target: list[str] | None = None, pinned: list[tuple[str, str, str]] = ()
+) -> list[tuple[str, str, str]]:
     """(name, version, sha256) of every wheel pip would download for ``requirements`` (for ``target``'s
-    platform, else this one)."""
+    platform, else this one), each package at its ``pinned`` version if it has one."""
     with tempfile.TemporaryDirectory() as tmp:
-        report = Path(tmp) / "report.json"
+        report, constraints = Path(tmp) / "report.json", Path(tmp) / "constraints.txt"
+        constraints.write_text("".join(f"{name}=={version}\n" for name, version, _ in pinned))
         where = [*target, "--target", str(Path(tmp) / "t")] if target else []
+        where += ["-c", str(constraints)]
         subprocess.run(
             [sys.executable, "-m", "pip", "install", "--dry-run", "--ignore-installed", "--only-binary=:all:",
              *where, "--quiet", "--report", str(report), "-r", str(requirements)],
@@ -67,8 +71,11 @@ def write(lock: Path, rows: list[tuple[str, str, str]], source: str) -> None:
 
 
 def main() -> int:
-    write(LOCK, resolve(REQUIREMENTS), "build/requirements-dev.txt")
-    write(ARM64_LOCK, resolve(ARM64_REQUIREMENTS, ARM64_TARGET), "build/requirements-runtime.txt for linux/arm64")
+    main = resolve(REQUIREMENTS)
+    write(LOCK, main, "build/requirements-dev.txt")
+    # The same versions as the main set (pip would take the highest in the wheelhouse for either platform).
+    arm64 = resolve(ARM64_REQUIREMENTS, ARM64_TARGET, main)
+    write(ARM64_LOCK, arm64, "build/requirements-runtime.txt for linux/arm64")
     return 0
 
 

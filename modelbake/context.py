@@ -30,7 +30,7 @@ CONTEXT_FILES = (
     "compose.yaml",
     "build/*.py",
     "build/requirements-*.txt",
-    "build/wheelhouse-lock.txt",
+    "build/wheelhouse-lock*.txt",
     "docker/setup-engine.sh",
     "examples/search_service/*",
 )

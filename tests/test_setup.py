@@ -42,6 +42,14 @@ def test_the_lock_pins_every_requirement_at_its_version_with_a_hash() -> None:
             )
 
 
+def test_the_arm64_lock_pins_the_run_time_set_as_the_main_lock_does() -> None:
+    """The arm64 runtime installs the same versions as the amd64 one (its own wheels, its own digests)."""
+    arm64, main = _pins(LOCK.with_name("wheelhouse-lock-arm64.txt")), _pins(LOCK)
+    for name, version in _pins(ROOT / "build" / "requirements-runtime.txt").items():
+        assert arm64.get(name) == version, f"{name}=={version}: run python3 docker/lock_wheelhouse.py"
+    assert {n: v for n, v in arm64.items() if main.get(n) != v} == {}  # every dependency at the main set's version
+
+
 def test_setup_refuses_a_registry_off_loopback_before_doing_anything(tmp_path: Path) -> None:
     if os.geteuid() != 0:
         pytest.skip("docker/setup-engine.sh runs as root only (CI runs as root)")
