@@ -79,7 +79,7 @@ class Selection:
         lines = []
         for p in SELECTION:
             value = getattr(self, p.field)
-            value = [spec.text for spec in value] if isinstance(value, tuple) else value
+            value = p.as_arg(value) if isinstance(value, tuple) else value  # specs: "A,B", as a build arg
             text = str(value).lower() if isinstance(value, bool) else json.dumps(value)
             lines.append(f"{p.field} = {text}")
         return "\n".join(lines) + "\n"
