@@ -234,9 +234,8 @@ def bake(
     environ: Mapping[str, str] | None = None,
     progress: TextIO | None = None,
 ) -> BakeResult:
-    """Validate, bake, then inspect ``image`` (default ``$IMAGE:$TAG``) with the Docker SDK. When ``runtime``
-    is a target, the sha256 of the manifest in the built image is labelled on it (``io.modelbake.manifest-
-    digest``) by a build that adds only that label to the image just built.
+    """Validate, bake, then inspect ``image`` (default ``$IMAGE:$TAG``) with the Docker SDK. With ``runtime``
+    a target, the built image's manifest sha256 is labelled on it (DIGEST_LABEL) by a build adding only that.
     ``push`` (``REGISTRY/NAME``): then the runtime image goes to ``REGISTRY/NAME:$TAG`` and the FROM-scratch
     ``models`` image to ``REGISTRY/NAME-models:$TAG``; ``pushed`` holds each by digest, for pulls that cannot
     be moved (a tag can). ``kubernetes``: a folder for the Deployments of :mod:`modelbake.kubernetes`, written
@@ -250,7 +249,7 @@ def bake(
     _check_request(targets, push, kubernetes, service_image)
     targets, overrides = targets or ["runtime"], overrides or []
     cmd, client = command(targets, overrides), sdk_client()
-    env = _environment(selection, client, os.environ if environ is None else environ, sign_key, kubernetes)
+    env = _environment(selection, os.environ if environ is None else environ, sign_key, kubernetes)
     env |= {"BUILD_CACHE": check_cache(client, cache)} if cache is not None else {}
     env |= {"PLATFORMS": check_platforms(client, platforms, env)} if platforms else {}
     result = BakeResult(cmd)
@@ -271,7 +270,7 @@ def bake(
 
 
 def _environment(
-    selection: Selection, client: Any, environ: Mapping[str, str], sign_key: Path | None, kubernetes: Path | None
+    selection: Selection, environ: Mapping[str, str], sign_key: Path | None, kubernetes: Path | None
 ) -> dict[str, str]:
     """What bake runs with: the selection's variables, provenance and signing over ``environ``."""
     env = bake_env({**selection.variables(), **_provenance(environ), **_signing(sign_key)}, environ)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+from functools import lru_cache
 from pathlib import Path
 
 from modelbake.errors import ModelbakeError
@@ -78,7 +79,9 @@ def write(dest: Path) -> Path:
     return dest
 
 
+@lru_cache(maxsize=1)
 def _digest() -> str:
+    """The build files' and the package's digest: an install's context folder is named by it."""
     sha = hashlib.sha256()
     for src, name in _files():
         sha.update(name.encode() + b"\0" + hashlib.sha256(src.read_bytes()).digest())

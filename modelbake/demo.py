@@ -5,13 +5,14 @@
 1. sets up a Docker engine with buildx, a local base image and a wheelhouse (docker/setup-engine.sh, as the
    tests do), so nothing has to be pulled from a registry or the Hugging Face hub;
 2. makes the tiny models (an OpenCLIP ViT and ResNet local-dir, a tiny BERT cross-encoder), once;
-3. bakes the runtime image with them through the bake driver (`modelbake bake`), under a demo image name;
+3. bakes the runtime image with them through the bake driver (``modelbake.bake.bake``, in this process),
+   under a demo image name;
 4. builds the example search service FROM that image and starts it on 127.0.0.1 only;
 5. calls each route of the service once and prints the answers, then how to stop it and what next.
 
 Idempotent and quick the second time: the tiny models are kept in the work folder, BuildKit caches the bake,
-and a previous demo container of the same name is replaced. Standard library only here: torch is imported
-(lazily) only to make the tiny models the first time.
+and a previous demo container of the same name is replaced. Torch is imported (lazily) only to make the tiny
+models the first time, and the Docker SDK only by the driver's inspection.
 """
 
 from __future__ import annotations
