@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command (README "Quick start"; .ci/run calls it). As root on Debian 12:
 #   1. docker/setup-engine.sh: Docker engine + buildx/compose, the local base image, the wheelhouse, a registry,
-#      a second engine with the containerd image store;
+#      a second engine with the containerd image store, arm64 under emulation (base image, wheels);
 #   2. a venv with the pinned build/requirements-dev.txt set, installed offline from that wheelhouse;
 #   3. ruff, then pytest (the Docker end-to-end tests included). Extra arguments go to pytest.
 # Idempotent and quick the second time: every step reuses what is already there.
