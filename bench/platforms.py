@@ -36,8 +36,10 @@ IMAGE, TAG = "modelbake-platforms-bench", "bench"
 
 def _env() -> dict[str, str]:
     need = ("MODELBAKE_BUILDER2", "MODELBAKE_MULTI_BASE", "WHEELHOUSE", "BASE_IMAGE")
-    if missing := [n for n in need if not os.environ.get(n)] or os.environ.get("MODELBAKE_ARM64") != "ok":
-        sys.exit(f"missing {missing or os.environ.get('MODELBAKE_ARM64')}: eval the exports of docker/setup-engine.sh")
+    if missing := [n for n in need if not os.environ.get(n)]:
+        sys.exit(f"{', '.join(missing)} not set: eval the exports of docker/setup-engine.sh")
+    if (arm64 := os.environ.get("MODELBAKE_ARM64")) != "ok":
+        sys.exit(f"no arm64 emulation: {arm64 or 'MODELBAKE_ARM64 is not set'}")
     sources = REPO / ".cache" / "tiny-sources"
     if not (sources / "VERSION").is_file():
         subprocess.run([sys.executable, "-m", "modelbake.cli", "tiny", str(sources)], check=True)

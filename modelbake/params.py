@@ -9,7 +9,7 @@ and the stages that read it. Torch-free: the bake driver and the runtime image m
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -87,7 +87,7 @@ def _choice(*allowed: str) -> Callable[[str], str]:
     return parse
 
 
-Models = str | list[str] | tuple[str | ClipSpec | RerankerSpec, ...] | list[ClipSpec] | list[RerankerSpec]
+Models = str | Sequence[str | ClipSpec | RerankerSpec]  # "A,B", or its items (as typed, or parsed)
 
 
 def _models(value: Models) -> str:
