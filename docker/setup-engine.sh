@@ -195,6 +195,9 @@ storage:
   delete: {enabled: true}
 http: {addr: $registry}
 YAML
+  # Tags the tests push again and again leave their old layers behind: collected while nothing serves them.
+  /usr/bin/docker-registry garbage-collect --delete-untagged "$cache/registry.yml" >"$cache/registry-gc.log" 2>&1 \
+    || say "registry garbage collection failed (log: $cache/registry-gc.log); going on with the storage as it is"
   say "starting a registry at $registry (storage: $cache/registry, log: $cache/registry.log)"
   nohup /usr/bin/docker-registry serve "$cache/registry.yml" >"$cache/registry.log" 2>&1 &
   for _ in $(seq 30); do registry_ours && registry_up "$registry" && break; sleep 1; done
@@ -230,6 +233,38 @@ setup_second_builder() {
     docker save "$base_image" | DOCKER_HOST=unix://$sock docker load -q >/dev/null
   fi
   builder2=unix://$sock
+}
+
+free_gb() { df --output=avail -BG "$cache" | tail -1 | tr -dc 0-9; }
+
+make_room() {
+  # A full run writes about 30 GB at its peak (stage results, images, pytest's temp). BuildKit's gc
+  # trims each cache only once it is over its cap, and a machine carrying the caches of earlier runs ran out
+  # of disk before that (CI: ENOSPC installing the venv). So free space is checked up front and, when short,
+  # what can be rebuilt is dropped, cheapest first: dangling images, the second engine's images and cache
+  # (test-only, its base image kept), then the first engine's build cache. Never a user's tagged image.
+  local need=${MODELBAKE_MIN_FREE_GB:-30} free step what
+  free=$(free_gb)
+  if [ "$free" -ge "$need" ]; then say "disk: $free GB free"; return; fi
+  say "disk: $free GB free, a run needs about $need GB: dropping what can be rebuilt"
+  for step in dangling second 20GB 0; do
+    case $step in
+      dangling) what="dangling images"; docker image prune -f >/dev/null ;;
+      second)
+        what="the second engine's images and build cache"
+        DOCKER_HOST=$builder2 docker images --format '{{.Repository}}:{{.Tag}}' \
+          | grep -vxF -e "$base_image" -e '<none>:<none>' \
+          | xargs -r env DOCKER_HOST="$builder2" docker rmi >/dev/null 2>&1 || true
+        DOCKER_HOST=$builder2 docker image prune -f >/dev/null
+        DOCKER_HOST=$builder2 docker builder prune -af >/dev/null ;;
+      *) what="the build cache down to $step"; docker builder prune -f --keep-storage "$step" >/dev/null ;;
+    esac
+    free=$(free_gb)
+    say "  after dropping $what: $free GB free"
+    [ "$free" -lt "$need" ] || return 0
+  done
+  [ "$free" -ge $((need / 2)) ] \
+    || die "only $free GB free on $(df --output=target "$cache" | tail -1) after pruning every build cache; a run needs about $need GB: free some space (or set MODELBAKE_MIN_FREE_GB if you know the run needs less)"
 }
 
 setup_emulator() {
@@ -309,6 +344,7 @@ setup_base_image
 setup_wheelhouse
 setup_registry
 setup_second_builder
+make_room
 setup_emulator
 setup_arm64
 printf 'export BASE_IMAGE=%q\nexport WHEELHOUSE=%q\nexport MODELBAKE_REGISTRY=%q\nexport MODELBAKE_BUILDER2=%q\n' \

@@ -7,6 +7,7 @@ import shutil
 import socket
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -29,6 +30,46 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     # `first` tests run before the rest, in their own order (a stable sort). The second builder's bake needs
     # about 16 GB while it runs; after test_demo and the first engine's builds it ran out of disk in CI.
     items.sort(key=lambda item: item.get_closest_marker("first") is None)
+
+
+def _image_refs(host: str | None) -> set[str] | None:
+    """Every image on an engine as "repo:tag@id" (dangling ones as "@id"); None when no engine answers."""
+    env = {**os.environ, **({"DOCKER_HOST": host} if host else {})}
+    try:
+        proc = subprocess.run(
+            ["docker", "images", "--no-trunc", "--format", "{{.Repository}}:{{.Tag}}@{{.ID}}"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if proc.returncode != 0:
+        return None
+    return {line.replace("<none>:<none>", "") for line in proc.stdout.split()}
+
+
+@pytest.fixture(scope="session", autouse=True)
+def remove_test_images() -> Iterator[None]:
+    """The images this session made, removed when it ends (on both engines): each run left about 10 GB
+    behind, and CI machines carry their disk from run to run. Images that were there before are kept, so
+    a user's own images and setup-engine's base images are never touched; the build cache stays (gc caps it)."""
+    hosts = [None, os.environ.get("MODELBAKE_BUILDER2") or None]
+    before = {host: _image_refs(host) for host in hosts}
+    yield
+    for host, had in before.items():
+        now = _image_refs(host)
+        if had is None or now is None:
+            continue
+        made = sorted(ref for ref in now - had)
+        # By tag first (an id two tags share is removed with its last tag), then dangling ones by id.
+        names = [ref.rsplit("@", 1)[0] for ref in made if not ref.startswith("@")]
+        ids = [ref[1:] for ref in made if ref.startswith("@")]
+        env = {**os.environ, **({"DOCKER_HOST": host} if host else {})}
+        for args in (names, ids):
+            if args:
+                subprocess.run(["docker", "rmi", *args], capture_output=True, env=env, timeout=600)
 
 
 @pytest.fixture(scope="session")
