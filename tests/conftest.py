@@ -72,6 +72,13 @@ def remove_test_images() -> Iterator[None]:
                 subprocess.run(["docker", "rmi", *args], capture_output=True, env=env, timeout=600)
 
 
+@pytest.fixture(autouse=True)
+def onnxruntime_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """OpenVINO is in the dev set, and `auto` would check it beside every int8 on every open: the tests of
+    onnxruntime's variants would then depend on a second engine's timings. tests/test_engines.py lifts this."""
+    monkeypatch.setenv("MODELBAKE_ENGINES", "onnxruntime")
+
+
 @pytest.fixture(scope="session")
 def tiny_sources() -> Path:
     from modelbake.sources.tiny import SOURCES_VERSION, make_tiny_sources

@@ -459,8 +459,9 @@ def _write(
     opset: int,
     speed: dict[str, Any] | None,
 ) -> list[dict[str, Any]]:
-    """Move one gated variant into the tree and write its golden file: its manifest entries (an int8 one
-    with the export's ``int8_gate``, which it is checked against where the tree is opened)."""
+    """Move one gated variant into the tree and write its golden file: its manifest entries, with the export's
+    ``int8_gate`` as ``gate``, which an int8 file, or another engine running the fp32 one (OpenVINO in bf16),
+    is checked against where the tree is opened."""
     figures = dict(candidate.figures)
     if candidate.graph.name != onnx_path.name:  # an external-data location names the graph's final file
         raise AssertionError(f"{candidate.graph.name} would ship as {onnx_path.name}")
@@ -494,7 +495,8 @@ def _write(
         parity={**figures, **export.details},
         **({"external_data": data_entries[0]["path"]} if data_entries else {}),
         **({"speed": speed} if speed else {}),
-        **({} if fp32 else {"gate": dict(export.int8_gate)}),
+        # int8's own thresholds where the tree is opened; on fp32, those another engine running it must meet.
+        **({"gate": dict(export.int8_gate)} if export.int8_gate else {}),
     )
     return [entry, *data_entries, file_entry(root, golden, role=Role.GOLDEN, fmt="npz")]
 

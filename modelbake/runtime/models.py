@@ -13,7 +13,7 @@ from modelbake.runtime.clip import ClipEncoder, detect, detected_pairs
 from modelbake.runtime.registry import loader_for
 from modelbake.runtime.regressor import BoundaryRegressorONNX, WeightsNotFound
 from modelbake.runtime.reranker import Reranker
-from modelbake.runtime.variants import AUTO, requested
+from modelbake.runtime.variants import AUTO, OPENVINO_VARIANTS, requested
 from modelbake.signature import check_signature
 from modelbake.spec import REGRESSOR_ONNX
 
@@ -86,11 +86,12 @@ def open_models(
     services did, CLIP ONNX pairs by name and the regressor by its look-up order, nothing verified and no
     reranker.
     ``variant``: ``auto`` (or $MODELBAKE_VARIANT) runs, per ONNX role, the variant the build measured
-    fastest at batch 1 when this CPU has the build machine's kernels (same ISA flags); on another CPU each
-    shipped variant is checked on its golden probe and timed here, and the faster one that passes runs
-    (:mod:`modelbake.runtime.variant_check`, cached). ``fp32`` or ``int8`` (built with CLIP_INT8 /
-    RERANKER_INT8; ``int8=True`` is the same) asks for one where a kind has it. :meth:`Models.variants` says
-    what each role runs, :meth:`Models.reasons` why.
+    fastest at batch 1 when this CPU has the build machine's kernels (same ISA flags) and no other engine is
+    installed; otherwise each candidate (the shipped int8, OpenVINO on the fp32 file) is checked on its golden
+    probe and timed here, and the fastest that passes runs (:mod:`modelbake.runtime.variant_check`, cached).
+    ``fp32`` or ``int8`` (built with CLIP_INT8 / RERANKER_INT8; ``int8=True`` is the same) asks for one where a
+    kind has it; ``openvino/bf16`` or ``openvino/f32`` runs the fp32 files with OpenVINO where it is installed.
+    :meth:`Models.variants` says what each role runs (engine and precision), :meth:`Models.reasons` why.
     """
     folder = Path(folder)
     if not require_manifest(folder, allow_unverified, expected_sha256=manifest_sha256, public_key=public_key):
@@ -102,7 +103,8 @@ def open_models(
     for model in manifest["models"]:
         loader = loader_for(model["kind"])
         asked = requested(variant, int8)
-        if asked not in (AUTO, *loader.variants):  # e.g. int8 for a kind that only has fp32
+        # int8 for a kind that only has fp32; another engine runs any kind's fp32 file
+        if asked not in (AUTO, *loader.variants, *OPENVINO_VARIANTS):
             asked = Variant.FP32
         models.add(model["kind"], loader(folder, model, variant=asked, threads=threads))
     return models

@@ -18,6 +18,7 @@ import numpy as np
 from modelbake.kinds import KINDS
 from modelbake.manifest import Variant, checked_model, resolve_inside
 from modelbake.runtime.sessions import checked_session, session
+from modelbake.runtime.variant_check import cache_dir, openvino_cache
 from modelbake.runtime.variants import choose, requested
 from modelbake.signature import check_signature
 
@@ -45,7 +46,7 @@ class Loader:
         self.folder, self.threads = folder, threads
         self.unverified = unverified  # files found by name without a manifest (allow_unverified): no digests
         self.requested = requested(variant, int8)
-        self.chosen: dict[str, str] = {}  # role -> the variant each ONNX role runs
+        self.chosen: dict[str, str] = {}  # role -> the variant each ONNX role runs ("int8", "openvino/bf16")
         self.why: dict[str, str] = {}  # role -> why it runs that variant here
         self._checked: dict[str, Any] = {}  # role -> a session the variant check here already opened
 
@@ -59,12 +60,15 @@ class Loader:
         return choice.entry
 
     def onnx_session(self, model: dict[str, Any], role: str) -> Any:
-        """An onnxruntime session of the entry :meth:`onnx` picks for ``role`` (the check's own, when it made one),
-        built from the bytes its digest check read."""
+        """A session of the variant :meth:`onnx` picks for ``role`` (the check's own, when it made one): its file
+        run by its engine (:mod:`.sessions`), built from the bytes its digest check read."""
         entry = self.onnx(model, role)
         if self.unverified:
             return session(resolve_inside(self.folder, entry["path"]), self.threads)
-        return self._checked.pop(role, None) or checked_session(self.folder, model, entry, self.threads)
+        if (checked := self._checked.pop(role, None)) is not None:
+            return checked
+        cache = openvino_cache(cache_dir(self.folder))
+        return checked_session(self.folder, model, entry, self.threads, variant=self.chosen[role], cache_dir=cache)
 
     @property
     def variant(self) -> str:

@@ -1,24 +1,41 @@
-"""The one place onnxruntime sessions are made: the build's gates, verify and every loader.
+"""The one place inference sessions are made, for every engine: the build's gates, verify and every loader.
+
+Two engines run a tree's graphs. onnxruntime runs each file the build shipped (fp32, int8). OpenVINO, when
+installed (the runtime image built with RUNTIME_OPENVINO=1, or ``pip install openvino``), runs the fp32 file
+at the precision asked for: bf16 where the CPU computes it natively (AMX, AVX-512 BF16), where OpenVINO
+reports it among the CPU's capabilities; f32 elsewhere. Its sessions answer the calls the loaders make of
+onnxruntime's (``run``, ``get_inputs``, ``get_outputs``), so a loader never knows which engine it holds.
 
 A tree's graphs are opened by :func:`checked_session`: from the bytes the manifest check hashed, their
-external data included, never from a path onnxruntime would open again after the check.
+external data included, never from a path an engine would open again after the check.
 
-Threads: the ``threads`` argument, else $MODELBAKE_THREADS, else onnxruntime's default (one per core).
-Inter-op threads stay at 1: the graphs run sequentially, and a second pool only competes for the cores.
+Threads: the ``threads`` argument, else $MODELBAKE_THREADS, else the engine's default (one per core), the
+same setting for both engines. onnxruntime's inter-op threads stay at 1 and OpenVINO runs one stream
+(its latency hint): the graphs run sequentially, and a second pool only competes for the cores.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnxruntime as ort
 
 from modelbake.manifest import read_graph
 from modelbake.spec import external_data_name
 
 THREADS_ENV = "MODELBAKE_THREADS"
+ENGINES_ENV = "MODELBAKE_ENGINES"
+ONNXRUNTIME, OPENVINO = "onnxruntime", "openvino"
+# OpenVINO's names for the precisions it computes in, as a variant spells them.
+_OV_PRECISIONS = {"bf16": "bf16", "f32": "f32", "float32": "f32", "bfloat16": "bf16"}
 
 
 def threads_from_env() -> int | None:
@@ -30,12 +47,30 @@ def threads_from_env() -> int | None:
     return int(value)
 
 
+def engine_of(variant: str) -> tuple[str, str]:
+    """(engine, precision) of a variant name: "int8" is onnxruntime's int8 file, "openvino/bf16" OpenVINO
+    running the fp32 file in bf16."""
+    engine, _, precision = variant.rpartition("/")
+    return engine or ONNXRUNTIME, precision
+
+
 def checked_session(
-    root: Path, model: dict[str, Any], entry: dict[str, Any], threads: int | None = None
-) -> ort.InferenceSession:
+    root: Path,
+    model: dict[str, Any],
+    entry: dict[str, Any],
+    threads: int | None = None,
+    *,
+    variant: str | None = None,
+    cache_dir: Path | None = None,
+) -> Any:
     """A session of the manifest ONNX ``entry`` of ``model`` in the tree at ``root``: the graph and its
-    external data read once, hashed and handed to onnxruntime as bytes (:func:`modelbake.manifest.read_graph`)."""
+    external data read once, hashed and handed to the engine as bytes (:func:`modelbake.manifest.read_graph`).
+    ``variant`` "openvino/<precision>" opens it with OpenVINO (compiled models cached in ``cache_dir``), any
+    other with onnxruntime."""
     graph, external = read_graph(root, model, entry)
+    engine, precision = engine_of(variant or str(entry.get("variant", "fp32")))
+    if engine == OPENVINO:
+        return openvino_session(graph, entry, threads, precision=precision, external=external, cache_dir=cache_dir)
     return session(graph, threads, external=external)
 
 
@@ -69,3 +104,101 @@ def session(
                 "NAME.onnx.data together in one folder"
             ) from exc
         raise
+
+
+def engines_enabled() -> tuple[str, ...]:
+    """The engines ``auto`` may use: $MODELBAKE_ENGINES (a comma-separated list that names onnxruntime, which
+    runs the reference every other variant is gated and timed against), else both."""
+    value = os.environ.get(ENGINES_ENV, "").strip()
+    if not value:
+        return (ONNXRUNTIME, OPENVINO)
+    names = tuple(dict.fromkeys(n.strip().lower() for n in value.split(",") if n.strip()))
+    if ONNXRUNTIME not in names or not set(names) <= {ONNXRUNTIME, OPENVINO}:
+        raise ValueError(
+            f"{ENGINES_ENV}={value!r}: list onnxruntime and optionally openvino (onnxruntime,openvino), "
+            "or leave it unset"
+        )
+    return names
+
+
+@lru_cache(maxsize=1)
+def openvino_facts() -> dict[str, Any] | None:
+    """OpenVINO here: {"version", "precisions": what its CPU plugin computes in natively ("bf16", "f32")};
+    None when it is not installed."""
+    try:
+        import openvino as ov
+    except ImportError:
+        return None
+    capabilities = ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
+    precisions = sorted({_OV_PRECISIONS[c.lower()] for c in capabilities if c.lower() in _OV_PRECISIONS} | {"f32"})
+    return {"version": ov.__version__.split("-")[0], "precisions": precisions}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """A graph input or output as onnxruntime describes it (symbolic dimensions as strings)."""
+
+    name: str
+    shape: list[int | str]
+    type: str
+
+
+class OpenVinoSession:
+    """An OpenVINO compiled model behind onnxruntime's session calls. ``precision`` is what OpenVINO computes
+    in after compiling (it runs f32 where bf16 was asked of a CPU without it). One inference request per
+    thread: a request holds its tensors, and a service runs requests from several threads."""
+
+    def __init__(self, compiled: Any, entry: dict[str, Any]) -> None:
+        self._compiled, self._local = compiled, threading.local()
+        self._inputs = [TensorInfo(t["name"], list(t["shape"]), t["dtype"]) for t in entry["inputs"]]
+        self._outputs = [TensorInfo(t["name"], list(t["shape"]), t["dtype"]) for t in entry["outputs"]]
+        hint = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # "f32", "bf16"
+        self.precision = _OV_PRECISIONS.get(hint, hint)
+
+    def get_inputs(self) -> list[TensorInfo]:
+        return self._inputs
+
+    def get_outputs(self) -> list[TensorInfo]:
+        return self._outputs
+
+    def run(self, names: list[str] | None, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        request = getattr(self._local, "request", None)
+        if request is None:
+            request = self._local.request = self._compiled.create_infer_request()
+        results = request.infer(feeds)  # copies out of the request's tensors (share_outputs=False)
+        by_name = {port.any_name: value for port, value in results.items()}
+        return [np.asarray(by_name[name]) for name in (names or [t.name for t in self._outputs])]
+
+
+def openvino_session(
+    graph: bytes,
+    entry: dict[str, Any],
+    threads: int | None = None,
+    *,
+    precision: str = "f32",
+    external: dict[str, bytes] | None = None,
+    cache_dir: Path | None = None,
+) -> OpenVinoSession:
+    """An OpenVINO CPU session of an ONNX graph (its bytes; ``entry`` its manifest entry) computing in
+    ``precision`` ("bf16" or "f32"). ``cache_dir``: OpenVINO's compiled-model cache (a second open of the
+    same graph skips compiling). A graph with external data is read from a private temporary folder holding
+    exactly the checked bytes, removed once compiled (OpenVINO's ONNX reader looks for it beside a file)."""
+    import openvino as ov
+
+    core = ov.Core()
+    if cache_dir is not None:
+        core.set_property({"CACHE_DIR": str(cache_dir)})
+    config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
+    if threads := threads or threads_from_env():
+        config["INFERENCE_NUM_THREADS"] = threads
+    if not external:
+        return OpenVinoSession(core.compile_model(core.read_model(graph), "CPU", config), entry)
+    folder = Path(tempfile.mkdtemp(prefix="modelbake-ov-"))
+    try:
+        name = Path(entry["path"]).name
+        (folder / name).write_bytes(graph)
+        for location, data in external.items():
+            (folder / location).write_bytes(data)
+        return OpenVinoSession(core.compile_model(core.read_model(str(folder / name)), "CPU", config), entry)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

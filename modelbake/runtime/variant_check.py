@@ -1,16 +1,19 @@
-"""``auto`` on a CPU the build did not measure: check each shipped variant here, time it, cache the choice.
+"""``auto`` where the build's table does not decide: check each candidate variant here, time it, cache the choice.
 
 An int8 graph's speed *and* its accuracy depend on the CPU that runs it (onnxruntime's u8 x s8 kernels can
-saturate on x86-64 without VNNI; ARM and VNNI/AMX machines round differently), so a build machine's gate and
-timings do not carry over to another CPU class. Where a tree is opened on one, each candidate runs the
-golden probe its build recorded and must meet the same thresholds its build gate used (``gate`` in its
-manifest entry); a non-finite output or a miss refuses it here. The survivors are timed beside fp32 at
-batch 1 (a warm-up, then interleaved rounds within a time budget), and int8 runs only when it is at least
-MIN_SPEEDUP times faster than fp32 here.
+saturate on x86-64 without VNNI; ARM and VNNI/AMX machines round differently), and so do another engine's
+(OpenVINO in bf16 where AMX computes it: faster than int8 there, slower than onnxruntime's fp32 on a CPU
+without AMX). So a build machine's gate and timings do not carry over to another CPU class, and no build
+can time an engine for the CPU a tree is opened on. Each candidate runs the golden probe its build recorded
+and must meet the thresholds its build gate used (``gate`` in its manifest entry: an int8 file's own, the
+fp32 file's for another engine running it); a non-finite output or a miss refuses it here. The survivors
+are timed beside onnxruntime fp32 at batch 1 (a warm-up, then interleaved rounds within a time budget), and
+the fastest runs only when it is at least MIN_SPEEDUP times faster than fp32 here.
 
-The choice is cached per (CPU signature, onnxruntime version, threads, the files' sha256) as one JSON file
-in $MODELBAKE_VARIANT_CACHE, else ~/.cache/modelbake/variants when that can be written; never inside the
-model tree. A read-only container simply checks again at each start.
+The choice is cached per (CPU signature, engine versions, threads, the files' sha256) as one JSON file in
+$MODELBAKE_VARIANT_CACHE, else ~/.cache/modelbake/variants when that can be written; never inside the model
+tree. OpenVINO's compiled models are cached in its ``openvino`` folder. A read-only container simply checks
+again at each start.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from modelbake.manifest import Variant
+from modelbake.runtime import sessions
 from modelbake.runtime.gates import kendall_tau, min_row_cosine, top_k_kept
 from modelbake.runtime.golden import feeds_and_outputs, read_golden
 from modelbake.runtime.sessions import checked_session, threads_from_env
@@ -43,10 +47,11 @@ class Choice:
     entry: dict[str, Any]
     why: str
     session: Any = None
+    name: str | None = None  # another engine's variant running ``entry`` ("openvino/bf16"); None: the file's own
 
     @property
     def variant(self) -> str:
-        return str(self.entry.get("variant", Variant.FP32))
+        return self.name or str(self.entry.get("variant", Variant.FP32))
 
 
 CACHE_ENV = "MODELBAKE_VARIANT_CACHE"
@@ -72,7 +77,12 @@ def cache_dir(root: Path) -> Path | None:
     return folder if os.access(folder, os.W_OK) else None
 
 
-def _key(here: dict[str, Any], entries: list[dict[str, Any]], threads: int | None) -> str:
+def openvino_cache(folder: Path | None) -> Path | None:
+    """OpenVINO's compiled-model cache: ``openvino`` in the choices' folder (None: compile at every open)."""
+    return None if folder is None else folder / "openvino"
+
+
+def _key(here: dict[str, Any], entries: list[dict[str, Any]], threads: int | None, engines: list[str]) -> str:
     signature = {
         "cpu": here.get("cpu"),
         "arch": here.get("arch"),
@@ -80,19 +90,24 @@ def _key(here: dict[str, Any], entries: list[dict[str, Any]], threads: int | Non
         "onnxruntime": here.get("onnxruntime"),
         "threads": threads or threads_from_env() or 0,  # what the sessions will use
         "files": [[e.get("variant"), e["sha256"], e.get("gate")] for e in entries],
+        "engines": [[name, (sessions.openvino_facts() or {}).get("version")] for name in engines],
     }
     return hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()
 
 
-def _cached(folder: Path | None, key: str, entries: list[dict[str, Any]]) -> Choice | None:
+def _cached(folder: Path | None, key: str, candidates: dict[str, dict[str, Any]]) -> Choice | None:
     if folder is None:
         return None
     try:
         doc = json.loads((folder / f"{key}.json").read_text())
     except (OSError, ValueError):
         return None
-    entry = next((e for e in entries if e.get("variant") == doc.get("variant")), None)
-    return None if entry is None else Choice(entry, f"{doc['why']} (checked here before, cached)")
+    name = doc.get("variant")
+    if name not in candidates:
+        return None
+    entry = candidates[name]
+    own = name == entry.get("variant")
+    return Choice(entry, f"{doc['why']} (checked here before, cached)", name=None if own else name)
 
 
 def _store(folder: Path | None, key: str, choice: Choice) -> None:
@@ -162,22 +177,30 @@ def check_here(
     others: list[dict[str, Any]],
     here: dict[str, Any],
     threads: int | None,
+    engines: list[str] | None = None,
 ) -> Choice:
-    """The variant of one role to run on this CPU: each of ``others`` checked on its golden probe, the ones
-    that pass timed beside ``fp32``; the fastest, or fp32. Cached (see the module's doc)."""
+    """The variant of one role to run on this CPU: each of ``others`` (onnxruntime's other files) and of
+    ``engines`` (other engines running ``fp32``'s file, under its ``gate``) checked on its golden probe, the
+    ones that pass timed beside onnxruntime fp32; the fastest, or fp32. Cached (see the module's doc)."""
+    engines = engines or []
     folder = cache_dir(root)
-    key = _key(here, [fp32, *others], threads)
-    if (cached := _cached(folder, key, [fp32, *others])) is not None:
+    key = _key(here, [fp32, *others], threads, engines)
+    candidates = {str(e["variant"]): e for e in (fp32, *others)} | {name: fp32 for name in engines}
+    if (cached := _cached(folder, key, candidates)) is not None:
         return cached
     started = time.perf_counter()
     passed, refusals = [], []
-    for entry in others:
-        run = checked_session(root, model, entry, threads)
+    for name in list(candidates)[1:]:
+        entry = candidates[name]
+        run = checked_session(root, model, entry, threads, variant=name, cache_dir=openvino_cache(folder))
+        if (ran := getattr(run, "precision", None)) and not name.endswith(f"/{ran}"):  # asked for, not granted
+            refusals.append(f"{name} runs {ran} here")
+            continue
         ok, words = accuracy_here(run, root, model, entry)
         if ok:
-            passed.append((entry, run, words))
+            passed.append((name, run, words))
         else:
-            refusals.append(f"{entry['variant']} {words}")
+            refusals.append(f"{name} {words}")
     if not passed:
         choice = Choice(fp32, "fp32: " + "; ".join(refusals))
     else:
@@ -187,13 +210,22 @@ def check_here(
         if medians is None:
             choice = Choice(fp32, f"fp32: timing the variants here took over {BUDGET_S:g} s", fp32_run)
         else:
-            i = int(np.argmin(medians[1:]))
-            entry, run, words = passed[i]
-            ratio = medians[0] / medians[1 + i]
-            if ratio >= MIN_SPEEDUP:
-                choice = Choice(entry, f"{entry['variant']}: {ratio:.2f}x fp32 at batch 1 here, {words}", run)
+            ratios = [medians[0] / m for m in medians[1:]]
+            i = int(np.argmax(ratios))
+            name, run, words = passed[i]
+            entry = candidates[name]
+            if len(passed) > 1:  # each one's figures: why the others lost is part of the answer
+                timed = ", ".join(f"{n} {r:.2f}x" for (n, _, _), r in zip(passed, ratios, strict=True))
+                words = "; ".join(f"{n}: {w}" for n, _, w in passed)
             else:
-                why = f"fp32: {entry['variant']} {ratio:.2f}x fp32 at batch 1 here, under {MIN_SPEEDUP:g}x ({words})"
+                timed = f"{name} {ratios[0]:.2f}x"
+            if ratios[i] >= MIN_SPEEDUP:
+                own = name == entry.get("variant")
+                also = f" ({timed})" if len(passed) > 1 else ""
+                why = f"{name}: {ratios[i]:.2f}x fp32 at batch 1 here{also}, {words}"
+                choice = Choice(entry, why, run, name=None if own else name)
+            else:
+                why = f"fp32: {timed} fp32 at batch 1 here, under {MIN_SPEEDUP:g}x ({words})"
                 choice = Choice(fp32, why, fp32_run)
     log.info("%s runs %s (checked here in %.2f s)", fp32["role"], choice.why, time.perf_counter() - started)
     _store(folder, key, choice)

@@ -1,14 +1,19 @@
 """Which variant of an ONNX role to run, and why: the machine's facts, the build's timings, a check here.
 
-The build measures every variant it ships on its own CPU and records the figures (``speed``) in each ONNX
-entry, with the facts of that machine (:func:`machine`). ``auto`` trusts those figures only where they
-apply: on a CPU with the same architecture and the same instruction-set extensions that onnxruntime's
-int8 and fp32 kernels dispatch on. On any other CPU an int8 variant's speed *and* accuracy are unknown
-(without VNNI, u8 x s8 products can saturate), so ``auto`` checks each shipped one where the tree is opened
-(:mod:`.variant_check`: the golden probe under the build's own thresholds, then timed beside fp32) and runs
-the faster one that passes, else fp32, the variant every gate compares against.
+A variant is a file run by an engine at a precision: onnxruntime's ``fp32`` and ``int8`` (the files the
+build shipped), and, where OpenVINO is installed, ``openvino/bf16`` or ``openvino/f32`` running the fp32
+file (bf16 where OpenVINO says the CPU computes it natively: AMX, AVX-512 BF16).
 
-``MODELBAKE_VARIANT`` (fp32, int8 or auto) sets what a loader asked for ``auto`` runs, process-wide.
+The build measures every file variant it ships on its own CPU and records the figures (``speed``) in each
+ONNX entry, with the facts of that machine (:func:`machine`). ``auto`` trusts those figures only where they
+apply: on a CPU with the same architecture and the same instruction-set extensions that onnxruntime's
+int8 and fp32 kernels dispatch on, and with no other engine to try. Otherwise a variant's speed *and*
+accuracy are unknown (without VNNI, u8 x s8 products can saturate; bf16 keeps 8 bits of mantissa), so
+``auto`` checks each candidate where the tree is opened (:mod:`.variant_check`: the golden probe under the
+build's own thresholds, then timed beside onnxruntime fp32) and runs the fastest that passes, else fp32,
+the variant every gate compares against.
+
+``MODELBAKE_VARIANT`` (auto or a variant's name) sets what a loader asked for ``auto`` runs, process-wide.
 """
 
 from __future__ import annotations
@@ -20,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from modelbake.manifest import Variant, onnx_entry
-from modelbake.runtime import variant_check
+from modelbake.runtime import sessions, variant_check
+from modelbake.runtime.sessions import OPENVINO, engine_of
 from modelbake.runtime.variant_check import Choice
 
 AUTO = "auto"
@@ -68,6 +74,11 @@ def same_kernels(recorded: dict[str, Any] | None, here: dict[str, Any] | None = 
     return recorded.get("arch") == here["arch"] and sorted(recorded["isa"]) == sorted(here["isa"])
 
 
+# What OpenVINO can run: the fp32 file, at either precision.
+OPENVINO_VARIANTS = (f"{OPENVINO}/bf16", f"{OPENVINO}/f32")
+KNOWN = (*(str(v) for v in Variant), *OPENVINO_VARIANTS)
+
+
 def requested(variant: str | None, int8: bool = False) -> str:
     """A loader's variant request: ``auto`` (default; $MODELBAKE_VARIANT when set), or an explicit variant;
     ``int8=True`` means int8."""
@@ -75,12 +86,22 @@ def requested(variant: str | None, int8: bool = False) -> str:
         return Variant.INT8
     value = variant or AUTO
     if value == AUTO and (forced := os.environ.get(VARIANT_ENV, "").strip().lower()):
-        if forced != AUTO and forced not in set(Variant):
-            raise ValueError(f"{VARIANT_ENV}={forced!r}: use auto or one of {', '.join(Variant)}, or leave it unset")
+        if forced != AUTO and forced not in KNOWN:
+            raise ValueError(f"{VARIANT_ENV}={forced!r}: use auto or one of {', '.join(KNOWN)}, or leave it unset")
         return forced
-    if value != AUTO and value not in set(Variant):
-        raise ValueError(f"variant {value!r}: use auto or one of {', '.join(Variant)}")
+    if value != AUTO and value not in KNOWN:
+        raise ValueError(f"variant {value!r}: use auto or one of {', '.join(KNOWN)}")
     return value
+
+
+def engine_variants(fp32: dict[str, Any]) -> list[str]:
+    """The variants of other engines that may run ``fp32``'s file here: OpenVINO, when installed (and not left
+    out of $MODELBAKE_ENGINES), at the best precision it computes in natively on this CPU. None for a file
+    whose build recorded no ``gate`` for them (a tree built before modelbake tried other engines)."""
+    enabled = sessions.engines_enabled()  # checked on every open, not only where OpenVINO is installed
+    if OPENVINO not in enabled or not fp32.get("gate") or (facts := sessions.openvino_facts()) is None:
+        return []
+    return [f"{OPENVINO}/{'bf16' if 'bf16' in facts['precisions'] else 'f32'}"]
 
 
 def choose(
@@ -102,6 +123,8 @@ def choose(
     """
     if variant != AUTO:
         how = f" ({VARIANT_ENV})" if os.environ.get(VARIANT_ENV, "").strip().lower() == variant else ""
+        if engine_of(variant)[0] == OPENVINO:
+            return _openvino_asked(model, role, variant, how)
         if variant != Variant.FP32 and not any(
             e["role"] == role and e.get("variant") == variant for e in model["files"]
         ):  # an optional variant the build did not ship (refused by its gate, or not asked for)
@@ -111,10 +134,12 @@ def choose(
     here = here or machine()
     fp32 = onnx_entry(model, role, Variant.FP32)
     others = [e for e in model["files"] if e["role"] == role and e.get("variant", Variant.FP32) != Variant.FP32]
-    if not others:
+    engines = engine_variants(fp32)
+    if not others and not engines:
         return Choice(fp32, "fp32: the only variant built")
     timed = [e for e in (fp32, *others) if _batch1(e) is not None]
-    if len(timed) == 1 + len(others) and all(same_kernels(e["speed"].get("machine"), here) for e in timed):
+    trusted = len(timed) == 1 + len(others) and all(same_kernels(e["speed"].get("machine"), here) for e in timed)
+    if trusted and not engines:  # the build's table ranks onnxruntime's files, never another engine
         best = min(timed, key=lambda e: (_batch1(e), e["variant"] != Variant.FP32))
         what = "fastest" if best is fp32 else f"{_batch1(fp32) / max(_batch1(best), 1e-9):.3g}x fp32"
         return Choice(
@@ -122,7 +147,22 @@ def choose(
         )
     if root is None:
         return Choice(fp32, "fp32: built on another CPU class, and no tree to check the other variants in")
-    return variant_check.check_here(root, model, fp32, others, here, threads)
+    return variant_check.check_here(root, model, fp32, others, here, threads, engines)
+
+
+def _openvino_asked(model: dict[str, Any], role: str, variant: str, how: str) -> Choice:
+    """An explicit OpenVINO variant: the fp32 file run by OpenVINO, at the precision asked for where this CPU
+    computes it natively, else f32 (which OpenVINO would run anyway), the reason saying so."""
+    fp32 = onnx_entry(model, role, Variant.FP32)
+    facts = sessions.openvino_facts()
+    if facts is None:
+        why = f"fp32: {variant} asked for{how}, but OpenVINO is not installed here (runtime image: RUNTIME_OPENVINO=1)"
+        return Choice(fp32, why)
+    precision = engine_of(variant)[1]
+    if precision not in facts["precisions"]:
+        f32 = f"{OPENVINO}/f32"
+        return Choice(fp32, f"{f32}: {variant} asked for{how}, this CPU computes no {precision}", name=f32)
+    return Choice(fp32, f"{variant}: asked for{how}", name=variant)
 
 
 def _batch1(entry: dict[str, Any]) -> float | None:

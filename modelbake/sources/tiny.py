@@ -183,9 +183,14 @@ def tiny_cross_encoder_parts(seed: int = 0) -> tuple[Any, Any]:
 
 # The hidden channel int8_blind turns into a constant outlier, and its value.
 _OUTLIER_CHANNEL, _OUTLIER = 0, 1e4
+# bf16_blind: logits squeezed to 0.2% of their spread around -12. bf16 keeps 8 bits of mantissa: 0.0625
+# apart there, so every probe score rounds to one or two values; fp32's steps there are 1e-6.
+_BF16_SCALE, _BF16_OFFSET = 0.002, -12.0
 
 
-def make_tiny_cross_encoder(dest: Path, seed: int = 0, trained: bool = True, int8_blind: bool = False) -> Path:
+def make_tiny_cross_encoder(
+    dest: Path, seed: int = 0, trained: bool = True, int8_blind: bool = False, bf16_blind: bool = False
+) -> Path:
     """A Hugging Face folder holding the tiny BERT cross-encoder. ``trained``: the weights fitted once to rank
     the reranker gate's probe passages in their listed order (``RANKER_WEIGHTS``), else numpy's draw.
 
@@ -194,12 +199,17 @@ def make_tiny_cross_encoder(dest: Path, seed: int = 0, trained: bool = True, int
     with one scale per tensor, so the outlier rounds every other channel to zero and int8 scores every pair
     alike, on any CPU: a reranker whose int8 the ranking gate must refuse (a real failure mode, as
     activation outliers in large transformers).
+
+    ``bf16_blind``: the trained model with its logits squeezed close together far from zero (the classifier's
+    weights scaled down, its bias moved): the same order in fp32 (sigmoid is monotonic and float32 resolves
+    them), but bf16 rounds the logits of the probe passages to one or two values: a reranker whose bf16 run
+    the ranking gate must refuse.
     """
     from safetensors.torch import load_file
 
     dest.mkdir(parents=True, exist_ok=True)
     model, tokenizer = tiny_cross_encoder_parts(seed)
-    if trained or int8_blind:
+    if trained or int8_blind or bf16_blind:
         model.load_state_dict(load_file(RANKER_WEIGHTS))
     if int8_blind:
         state = model.state_dict()
@@ -207,6 +217,11 @@ def make_tiny_cross_encoder(dest: Path, seed: int = 0, trained: bool = True, int
         state[f"{last}.weight"][_OUTLIER_CHANNEL] = 0.0
         state[f"{last}.bias"][_OUTLIER_CHANNEL] = _OUTLIER
         state["bert.pooler.dense.weight"][:, _OUTLIER_CHANNEL] = 0.0
+        model.load_state_dict(state)
+    if bf16_blind:
+        state = model.state_dict()
+        state["classifier.weight"] *= _BF16_SCALE
+        state["classifier.bias"] = state["classifier.bias"] * _BF16_SCALE + _BF16_OFFSET
         model.load_state_dict(state)
     model.save_pretrained(dest)
     tokenizer.save_pretrained(dest)
