@@ -62,6 +62,7 @@ variable "SIGN_MODELS" { default = notequal(SIGNING_KEY_FILE, "") ? "1" : "0" }
 variable "SIGNING_KEY_ID" { default = "" }
 # 1 = the runtime image carries model_signing and verifies at start when MODELBAKE_SIGNING_PUBLIC_KEY is set.
 variable "MODEL_SIGNING" { default = "0" }
+variable "RUNTIME_OPENVINO" { default = "0" }
 variable "GIT_REVISION" { default = "" }
 variable "SOURCE_URL" { default = "" }
 
@@ -102,6 +103,7 @@ target "_common" {
     SIGN_MODELS           = SIGN_MODELS
     SIGNING_KEY_ID        = SIGNING_KEY_ID
     MODEL_SIGNING         = MODEL_SIGNING
+    RUNTIME_OPENVINO      = RUNTIME_OPENVINO
   }
   # Labels live here only; every target inherits them.
   labels = merge({

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""CLIP encoders: PyTorch eager vs onnxruntime variants, measured side by side in one process.
+"""CLIP encoders: PyTorch eager vs onnxruntime and OpenVINO variants, measured side by side in one process.
 
 For the image encoder (batch 1 and 16) and the text encoder (batch 1 and 32): equal thread counts,
 each side as users run it (PyTorch: open_clip's encode_text on 77 positions; onnxruntime: the ids cut
@@ -9,7 +9,9 @@ speed-up over PyTorch (PyTorch time / variant time) and its parity (min cosine, 
 
 Variants: fp32 as shipped (ORT_ENABLE_ALL), fp32 at ORT_ENABLE_BASIC, the int8 the build picked with
 CLIP_INT8=1 (forced to ship, its method named), dynamic int8 per-channel, per-tensor, after onnxruntime's
-quantisation pre-processing, and (image tower) static QDQ int8 calibrated as the build does. Also prints
+quantisation pre-processing, and (image tower) static QDQ int8 calibrated as the build does; where OpenVINO
+is installed, the fp32 file run by OpenVINO in f32 and in bf16 (bf16 only where the CPU computes it; else
+the row says OpenVINO runs f32), and what ``auto`` picks here (its own check, a fresh cache). Also prints
 what the build's own timing decided (shipped or not, and why). The model is a full-size OpenCLIP
 architecture with random weights (no hub needed); `--arch` picks it.
 
@@ -22,11 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime as ort
@@ -35,11 +39,15 @@ import torch
 from onnxruntime.quantization import QuantType, quantize_dynamic
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from safetensors.torch import save_file
+from torch.utils.flop_counter import FlopCounterMode
 
+from modelbake.manifest import merge_fragments, read_manifest
 from modelbake.params import defaults, for_stage
 from modelbake.producers.clip import run
 from modelbake.producers.onnx_export import _quantize, _quantize_static
+from modelbake.runtime import sessions as engines
 from modelbake.runtime.clip import cut_after_eot
+from modelbake.runtime.variants import AUTO, choose
 from modelbake.spec import clip_onnx_name, parse_clip
 
 
@@ -80,6 +88,30 @@ def variants(
     return out
 
 
+def openvino_rows(fp32: Path, entry: dict[str, object], threads: int) -> dict[str, object]:
+    """OpenVINO sessions of the fp32 file: f32, and bf16 where this CPU computes it (else named for what runs)."""
+    facts = engines.openvino_facts()
+    if facts is None:
+        return {}
+    out = {}
+    for precision in ("f32", "bf16"):
+        session = engines.openvino_session(fp32.read_bytes(), entry, threads, precision=precision)
+        label = f"openvino {precision}" + ("" if session.precision == precision else f" (runs {session.precision})")
+        out[label] = session
+    return out
+
+
+def auto_picks(root: Path, threads: int) -> dict[str, str]:
+    """What ``auto`` runs for each role of the exported model here: its own check and timing, a fresh cache."""
+    (model,) = read_manifest(root)["models"]
+    with tempfile.TemporaryDirectory(prefix="auto-cache-") as cache:
+        os.environ["MODELBAKE_VARIANT_CACHE"] = cache
+        return {
+            role: choose(model, role, AUTO, root=root, threads=threads).variant
+            for role in ("image_encoder", "text_encoder")
+        }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", default="ViT-B-32")
@@ -97,7 +129,7 @@ def main() -> None:
         print(f"exporting {args.arch} (fp32 + int8) ...", flush=True)
         values = {"CLIP_MODELS": spec.text, "CLIP_INT8": True, "INT8_SHIP": "gated"}
         (record,) = run(work / "models", defaults(for_stage("clip-export"), **values))
-        figures: dict[str, list[dict[str, object]]] = {"build": [], "rows": []}
+        figures: dict[str, Any] = {"build": [], "rows": []}
         for entry in record["files"]:
             if "speed" in entry and entry["variant"] == "int8":
                 ratio, method = entry["speed"]["vs_fp32"], entry["parity"]["method"]
@@ -108,6 +140,9 @@ def main() -> None:
             for dropped in entry.get("speed", {}).get("not_shipped", []):
                 print(f"  build dropped {dropped['variant']} {dropped['method']}: {dropped['why']}")
         picked = {e["role"]: e["parity"].get("method", "") for e in record["files"] if e.get("variant") == "int8"}
+        merge_fragments(work / "models")
+        figures["auto"] = auto_picks(work / "models", args.threads)
+        print(f"auto picks here: {figures['auto']}")
         text_cut = record["preprocessing"]["text_cut"] == "eot"
         tokenizer = open_clip.get_tokenizer(args.arch)
         size = model.visual.image_size
@@ -147,6 +182,9 @@ def main() -> None:
         )
         header = f"{'encoder':<6} {'batch':>5} {'variant':<20} {'ms/call':>9} {'vs PyTorch':>11}"
         print(f"{header} {'min cos':>9} {'max|d|':>8}")
+        with torch.inference_mode(), FlopCounterMode(display=False) as counter:
+            model.encode_image(torch.zeros(1, 3, size, size))
+        figures["image_macs_batch1"] = counter.get_total_flops() / 2  # for speed_all's compute bound
         for tower, batch, input_name, x, torch_fn in cases:
             fp32 = work / "models" / "onnx" / clip_onnx_name(spec.key, tower)
             sessions = {}
@@ -158,6 +196,8 @@ def main() -> None:
                 options.intra_op_num_threads, options.inter_op_num_threads = args.threads, 1
                 options.graph_optimization_level = level
                 sessions[name] = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            (entry,) = [e for e in record["files"] if e.get("variant") == "fp32" and e["role"] == role]
+            sessions |= openvino_rows(fp32, entry, args.threads)
             with torch.inference_mode():
                 reference = torch_fn(torch.from_numpy(x)).numpy()
             calls: dict[str, Callable[[], object]] = {"pytorch": lambda f=torch_fn, x=x: f(torch.from_numpy(x))}

@@ -11,7 +11,9 @@ One process, 32 (query, passage) pairs of mixed lengths (8 to 150 words, as real
 0-31 words with the query, equal thread counts, interleaved rounds, medians; prints the speed-up and the
 parity (max score difference, same ranking, top-5 identical, Kendall's tau) of each variant: the run
 time's ``score`` (pairs sorted by length, batches of similar length) and, to show that lever, fp32 run
-as one batch padded to the longest pair, as CrossEncoder.predict does.
+as one batch padded to the longest pair, as CrossEncoder.predict does. Where OpenVINO is installed, the fp32
+file run by OpenVINO too (f32, and bf16 where the CPU computes it), each row saying whether the ranking
+gate's thresholds hold on these pairs, and what ``auto`` picks here (its own check, a fresh cache).
 
     pip install -r bench/requirements.txt
     python bench/reranker_speed.py [--threads 2] [--rounds 15] [--head fitted|random] [--int8-min-tau 0.9]
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -38,7 +41,8 @@ from modelbake.manifest import merge_fragments
 from modelbake.params import defaults, for_stage
 from modelbake.producers.common import ProducerError
 from modelbake.producers.reranker import run
-from modelbake.runtime.gates import kendall_tau
+from modelbake.runtime import sessions as engines
+from modelbake.runtime.gates import kendall_tau, top_k_kept
 from modelbake.runtime.reranker import Reranker
 
 WORDS = (
@@ -128,9 +132,14 @@ def main() -> None:
             int8_label = "int8 (refused)"
         merge_fragments(work / "models")
         ce = CrossEncoder(str(work / "models" / "reranker" / "minilm"), device="cpu")
-        variants = {
-            name: Reranker.from_folder(work / "models", variant=name, threads=args.threads) for name in ("fp32", "int8")
-        }
+        names = ["fp32", "int8"]
+        if (facts := engines.openvino_facts()) is not None:
+            names += ["openvino/f32"] + (["openvino/bf16"] if "bf16" in facts["precisions"] else [])
+            print(f"OpenVINO {facts['version']} computes {' '.join(facts['precisions'])} natively here")
+        variants = {name: Reranker.from_folder(work / "models", variant=name, threads=args.threads) for name in names}
+        os.environ["MODELBAKE_VARIANT_CACHE"] = str(work / "auto-cache")
+        auto = Reranker.from_folder(work / "models", threads=args.threads)
+        print(f"auto picks here: {auto.why['reranker']}")
 
         passages = [passage(rng, query, k, int(n)) for k, n in zip(range(32), rng.integers(8, 150, 32), strict=True)]
         tokens = variants["fp32"].encode(query, passages)["attention_mask"].sum(axis=1)
@@ -157,7 +166,7 @@ def main() -> None:
         header = f"{'variant':<28} {'ms/call':>8} {'vs PyTorch':>11} {'max|score d|':>13} {'same ranking':>13}"
         print(f"{header} {'top-5':>6} {'tau':>6}")
         print(f"{'CrossEncoder.predict (torch)':<28} {base * 1e3:>8.1f} {'1.00x':>11}")
-        figures: dict[str, object] = {"int8_gate_passed": int8_label == "int8", "rows": []}
+        figures: dict[str, object] = {"int8_gate_passed": int8_label == "int8", "rows": [], "auto": auto.variant}
         for name in names[1:]:
             t = statistics.median(times[name])
             out = np.asarray(calls[name]())
@@ -166,14 +175,14 @@ def main() -> None:
             same = np.array_equal(order, ref_order)
             top5 = np.array_equal(order[:5], ref_order[:5])
             diff = float(np.max(np.abs(scores - reference)))
-            label = name if name.startswith("fp32,") else f"onnxruntime {int8_label if name == 'int8' else name}"
-            print(
-                f"{label:<28} {t * 1e3:>8.1f} {base / t:>10.2f}x {diff:>13.1e} {same!s:>13} {top5!s:>6} "
-                f"{kendall_tau(scores, reference):>6.3f}"
-            )
+            tau = kendall_tau(scores, reference)
+            gate = top_k_kept(scores, reference, args.int8_top_k) and tau >= args.int8_min_tau  # the build's bounds
+            own = name.startswith(("fp32,", "openvino"))
+            label = name if own else f"onnxruntime {int8_label if name == 'int8' else name}"
+            print(f"{label:<28} {t * 1e3:>8.1f} {base / t:>10.2f}x {diff:>13.1e} {same!s:>13} {top5!s:>6} {tau:>6.3f}")
             figures["rows"].append(  # type: ignore[union-attr]
                 {"variant": name, "ms": t * 1e3, "vs_pytorch": base / t, "same_ranking": bool(same)}
-                | {"top5_same": bool(top5), "tau": kendall_tau(scores, reference)}
+                | {"top5_same": bool(top5), "tau": tau, "gate": bool(gate)}
             )
         if args.json:
             args.json.write_text(json.dumps(figures, indent=1))

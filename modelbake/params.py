@@ -215,6 +215,9 @@ TABLE: tuple[Param, ...] = (
           stages=("manifest",), where=frozenset({ARG, BAKE})),
     Param("MODEL_SIGNING", "0", "1 = the runtime image can verify signatures (adds model_signing, ~70 MB)", _BOOL,
           ("runtime-base",), where=frozenset({ARG, BAKE})),
+    Param("RUNTIME_OPENVINO", "0", "1 = the runtime image also carries OpenVINO (its CPU plugin and ONNX reader, "
+          "~100 MB): `auto` then checks it on each role, bf16 where the CPU computes it (AMX)", _BOOL,
+          ("runtime-base",), where=frozenset({ARG, BAKE})),
     # --- bake only: inputs, names and labels ----------------------------------------------------------
     Param("WHEELHOUSE", "", "a wheel folder for offline pip (named context)", where=BAKE_ONLY),
     Param("MODEL_SOURCES", "", "a folder of local model sources, mounted at /sources", where=BAKE_ONLY),

@@ -221,6 +221,42 @@ def test_runtime_has_no_torch(baked: dict[str, str]) -> None:
     assert proc.stdout.strip() == "", proc.stdout
 
 
+def test_the_runtime_with_openvino_checks_and_runs_it_and_the_default_one_has_none(baked: dict[str, str]) -> None:
+    """RUNTIME_OPENVINO=1: OpenVINO from the wheelhouse, pruned to its CPU plugin and ONNX reader; the image
+    verifies, `auto` checks OpenVINO on each role, and it runs where asked. The default image has none."""
+    image = f"modelbake:{TAG}-openvino"
+    _docker(
+        "buildx",
+        "bake",
+        "--progress=plain",
+        "runtime",
+        env={**baked, "TAG": f"{TAG}-openvino", "RUNTIME_OPENVINO": "1"},
+    )
+    absent = _run("--entrypoint", "python", IMAGE, "-c", "import openvino")
+    assert absent.returncode != 0 and "No module named 'openvino'" in absent.stderr
+    listing = (
+        "import openvino as ov, os; print(ov.Core().available_devices, sorted(os.listdir(ov.__path__[0] + '/libs')))"
+    )
+    proc = _run("--entrypoint", "python", image, "-c", listing, check=True)
+    assert proc.stdout.startswith("['CPU'] ") and "libopenvino_intel_cpu_plugin.so" in proc.stdout, proc.stdout
+    assert "libopenvino_onnx_frontend" in proc.stdout and not re.search(
+        r"gpu|npu|tensorflow|pytorch|paddle", proc.stdout
+    )
+    verified = _run("--read-only", "--cap-drop", "ALL", "--security-opt", "no-new-privileges", image)
+    assert verified.returncode == 0 and "FAIL" not in verified.stdout, verified.stdout + verified.stderr
+    assert re.search(r"cpu .*OpenVINO \d{4}\.\d+\.\d+ \((bf16 )?f32\)", verified.stdout), verified.stdout
+    # whichever wins on this CPU, OpenVINO was checked and timed (or refused with its figures) on each role
+    for role in ("text_encoder", "image_encoder", "reranker"):
+        assert re.search(rf"auto {role} +runs .*openvino/(bf16|f32)", verified.stdout), (role, verified.stdout)
+    forced = _run("-e", "MODELBAKE_VARIANT=openvino/f32", image)
+    assert forced.returncode == 0 and "runs openvino/f32: asked for (MODELBAKE_VARIANT)" in forced.stdout
+    sizes = [json.loads(_docker("image", "inspect", name).stdout)[0]["Size"] for name in (IMAGE, image)]
+    added = (sizes[1] - sizes[0]) / 1e6
+    print(f"RUNTIME_OPENVINO=1 adds {added:.0f} MB ({sizes[0] / 1e6:.0f} MB -> {sizes[1] / 1e6:.0f} MB)")
+    assert 50 < added < 150, added  # pruned: the wheel installs 180 MB
+    _docker("image", "rm", image)
+
+
 def test_runtime_is_non_root_and_models_are_read_only(baked: dict[str, str]) -> None:
     proc = _run("--entrypoint", "id", IMAGE, "-u")
     assert proc.stdout.strip() == UID

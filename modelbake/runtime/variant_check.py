@@ -201,32 +201,40 @@ def check_here(
             passed.append((name, run, words))
         else:
             refusals.append(f"{name} {words}")
-    if not passed:
-        choice = Choice(fp32, "fp32: " + "; ".join(refusals))
+    if passed:
+        choice = _fastest(root, model, candidates, passed, threads)
     else:
-        fp32_run = checked_session(root, model, fp32, threads)
-        feeds, _ = feeds_and_outputs(read_golden(root, model, fp32))
-        medians = time_here([fp32_run, *(run for _, run, _ in passed)], {k: v[:1] for k, v in feeds.items()})
-        if medians is None:
-            choice = Choice(fp32, f"fp32: timing the variants here took over {BUDGET_S:g} s", fp32_run)
-        else:
-            ratios = [medians[0] / m for m in medians[1:]]
-            i = int(np.argmax(ratios))
-            name, run, words = passed[i]
-            entry = candidates[name]
-            if len(passed) > 1:  # each one's figures: why the others lost is part of the answer
-                timed = ", ".join(f"{n} {r:.2f}x" for (n, _, _), r in zip(passed, ratios, strict=True))
-                words = "; ".join(f"{n}: {w}" for n, _, w in passed)
-            else:
-                timed = f"{name} {ratios[0]:.2f}x"
-            if ratios[i] >= MIN_SPEEDUP:
-                own = name == entry.get("variant")
-                also = f" ({timed})" if len(passed) > 1 else ""
-                why = f"{name}: {ratios[i]:.2f}x fp32 at batch 1 here{also}, {words}"
-                choice = Choice(entry, why, run, name=None if own else name)
-            else:
-                why = f"fp32: {timed} fp32 at batch 1 here, under {MIN_SPEEDUP:g}x ({words})"
-                choice = Choice(fp32, why, fp32_run)
+        choice = Choice(fp32, "fp32: " + "; ".join(refusals))
     log.info("%s runs %s (checked here in %.2f s)", fp32["role"], choice.why, time.perf_counter() - started)
     _store(folder, key, choice)
     return choice
+
+
+def _fastest(
+    root: Path,
+    model: dict[str, Any],
+    candidates: dict[str, dict[str, Any]],
+    passed: list[tuple[str, Any, str]],
+    threads: int | None,
+) -> Choice:
+    """The candidates that ``passed`` (name, session, figures) timed beside onnxruntime fp32: the fastest when
+    it is at least MIN_SPEEDUP faster, else fp32; the reason gives every one's ratio."""
+    fp32 = candidates["fp32"]
+    fp32_run = checked_session(root, model, fp32, threads)
+    feeds, _ = feeds_and_outputs(read_golden(root, model, fp32))
+    medians = time_here([fp32_run, *(run for _, run, _ in passed)], {k: v[:1] for k, v in feeds.items()})
+    if medians is None:
+        return Choice(fp32, f"fp32: timing the variants here took over {BUDGET_S:g} s", fp32_run)
+    ratios = [medians[0] / m for m in medians[1:]]
+    i = int(np.argmax(ratios))
+    name, run, words = passed[i]
+    timed = f"{name} {ratios[0]:.2f}x"
+    if len(passed) > 1:  # each one's figures: why the others lost is part of the answer
+        timed = ", ".join(f"{n} {r:.2f}x" for (n, _, _), r in zip(passed, ratios, strict=True))
+        words = "; ".join(f"{n}: {w}" for n, _, w in passed)
+    if ratios[i] < MIN_SPEEDUP:
+        return Choice(fp32, f"fp32: {timed} fp32 at batch 1 here, under {MIN_SPEEDUP:g}x ({words})", fp32_run)
+    entry = candidates[name]
+    also = f" ({timed})" if len(passed) > 1 else ""
+    why = f"{name}: {ratios[i]:.2f}x fp32 at batch 1 here{also}, {words}"
+    return Choice(entry, why, run, name=None if name == entry.get("variant") else name)

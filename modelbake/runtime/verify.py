@@ -11,7 +11,7 @@ from typing import Any, TextIO
 import numpy as np
 
 from modelbake.manifest import ManifestError, check_files, read_manifest
-from modelbake.runtime import variants
+from modelbake.runtime import sessions, variants
 from modelbake.runtime.golden import feeds_and_outputs, read_golden
 from modelbake.runtime.registry import loader_for
 from modelbake.runtime.sessions import checked_session
@@ -89,14 +89,22 @@ def cpu_row() -> Check:
     log says which class of machine passed."""
     here = variants.machine()
     flags = " ".join(here["isa"]) or "none known"
-    return Check("-", "cpu", True, f"{here['cpu']} ({here['arch']}; {flags}; onnxruntime {here['onnxruntime']})")
+    engines = f"onnxruntime {here['onnxruntime']}"
+    if (openvino := sessions.openvino_facts()) is not None:
+        engines += f", OpenVINO {openvino['version']} ({' '.join(openvino['precisions'])})"
+    return Check("-", "cpu", True, f"{here['cpu']} ({here['arch']}; {flags}; {engines})")
 
 
 def _auto(root: Path, model: dict[str, Any]) -> list[Check]:
-    """What ``variant="auto"`` runs here for each role with more than one variant, and why (an information
-    row; on a CPU the build did not measure, the check here runs, :mod:`.variant_check`)."""
+    """What ``variant="auto"`` runs here for each role with more than one candidate (another file, another
+    engine), and why (an information row; where the build's table does not decide, the check here runs,
+    :mod:`.variant_check`)."""
     checks = []
-    roles = [e["role"] for e in model["files"] if e.get("variant") not in (None, "fp32")]
+    roles = [
+        e["role"]
+        for e in model["files"]
+        if e.get("variant") not in (None, "fp32") or (e.get("variant") == "fp32" and variants.engine_variants(e))
+    ]
     for role in dict.fromkeys(roles):
         choice = choose(model, role, requested(None), root=root)
         checks.append(Check("", f"auto {role}", True, f"runs {choice.why}"))
