@@ -12,8 +12,9 @@
 #      bridge, sharing nothing with the first but the registry (the cross-builder cache test, provenance,
 #      multi-platform images);
 #   6. linux/arm64 under emulation: qemu-user-static registered with the kernel's binfmt_misc, an arm64 base
-#      image made the way the amd64 one is, the arm64 wheels of the run-time set (build/wheelhouse-lock-arm64.txt),
-#      and both base images as one two-platform index in the registry (MODELBAKE_MULTI_BASE). When the kernel
+#      image made the way the amd64 one is, the arm64 wheels of the run-time set and OpenVINO
+#      (build/wheelhouse-lock-arm64.txt), and both base images as one two-platform index in the registry
+#      (MODELBAKE_MULTI_BASE). When the kernel
 #      refuses, MODELBAKE_ARM64 says why in one line (the arm64 tests then fail with it under CI).
 # Prints the variables the build needs as `export` lines (eval "$(bash docker/setup-engine.sh)").
 #
@@ -321,8 +322,8 @@ setup_arm64() {
   if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
     say "pip download the arm64 wheels of the run-time set, each checked against its locked sha256"
     python3 -m pip download -q --only-binary=:all: --no-deps --require-hashes -d "$wheelhouse" -r "$lock" \
-      --platform manylinux_2_28_aarch64 --platform manylinux_2_17_aarch64 --python-version 3.11 \
-      --implementation cp --abi cp311 2> >(grep -v "is ignored: it is neither" >&2)
+      --platform manylinux_2_35_aarch64 --platform manylinux_2_28_aarch64 --platform manylinux_2_17_aarch64 \
+      --python-version 3.11 --implementation cp --abi cp311 2> >(grep -v "is ignored: it is neither" >&2)
     echo "$want" >"$stamp"
   fi
   multi_base=$registry/${base_image%%:*}:${base_image##*:}
