@@ -9,6 +9,7 @@ compute no bf16 and OpenVINO runs f32 there. The sessions, graphs, golden files 
 
 from __future__ import annotations
 
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -218,3 +219,39 @@ def test_a_tree_built_before_engines_never_runs_another(
     models = open_models(old)
     assert "openvino" not in json.dumps(models.variants())
     assert all("OpenVinoSession" not in kinds for kinds in calls)
+
+
+def test_the_build_records_openvino_on_the_fp32_graph_under_the_int8_gates(
+    built_tree: Path, tiny_sources: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Where the build has OpenVINO, it runs each fp32 graph at the best precision it computes there, under
+    the reduced-precision gate, and records the figures (never failing the build: open time decides)."""
+    import json
+
+    from modelbake.params import defaults, for_stage
+    from modelbake.producers.reranker import run
+    from modelbake.sources.tiny import make_tiny_cross_encoder
+
+    manifest = json.loads((built_tree / "model_manifest.json").read_text())
+    recorded = {
+        (model["name"], entry["role"]): entry["parity"].get("engines")
+        for model in manifest["models"]
+        for entry in model["files"]
+        if entry.get("variant") == "fp32"
+    }
+    assert recorded[("boundary_regressor", "regressor")] is None  # no reduced-precision gate: nothing to run
+    (name,) = recorded[("tiny-bert", "reranker")]
+    assert re.fullmatch(r"openvino/(bf16|f32)", name)  # this CPU's: bf16 where OpenVINO computes it
+    for key in [("tiny-vit", "image_encoder"), ("tiny-vit", "text_encoder"), ("tiny-bert", "reranker")]:
+        figures = recorded[key][name]
+        assert figures["passed"] is True or figures["why"], (key, figures)
+        assert not figures["passed"] or figures["min_cosine"] >= 0.99, (key, figures)
+
+    _openvino_computes(monkeypatch, "bf16")
+    _bf16_injected(monkeypatch)
+    source = make_tiny_cross_encoder(tmp_path / "bf16-blind-source", bf16_blind=True)
+    values = defaults(for_stage("reranker-cache"), RERANKER_MODELS=f"tiny-bert@dir:{source}")
+    (record,) = run(tmp_path / "tree", values)  # the build passes: fp32 keeps the score contract
+    (fp32,) = [e for e in record["files"] if e.get("variant") == "fp32"]
+    blind = fp32["parity"]["engines"]["openvino/bf16"]
+    assert blind["passed"] is False and "the ranking changed on the probe queries" in blind["why"], blind

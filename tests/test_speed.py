@@ -288,7 +288,7 @@ def test_the_ranking_gate_passes_what_keeps_the_order_and_names_what_does_not(tm
         ({k: v.numpy() for k, v in feeds[q].items()}, np.asarray(ce.predict([(q, p) for p in ps])))
         for q, ps in RANKING_PROBE.items()
     ]
-    figures = _ranking_gate(graph, probe, "sigmoid", 3, 0.9)
+    figures = _ranking_gate(session(graph), probe, "sigmoid", 3, 0.9)
     assert figures["top_k_same"] == [True] * len(RANKING_PROBE) and figures["min_kendall_tau"] > 0.99
     spread = [np.ptp(reference) for _, reference in probe]
     assert min(spread) > 0.5, spread  # trained: its scores spread, as a real reranker's do
@@ -297,4 +297,4 @@ def test_the_ranking_gate_passes_what_keeps_the_order_and_names_what_does_not(tm
     top = np.argsort(-reference)[:2]
     reference[top] = reference[top[::-1]]
     with pytest.raises(ProducerError, match=r"top 3 kept per query \[True, False, True\]"):
-        _ranking_gate(graph, swapped, "sigmoid", 3, 0.9)
+        _ranking_gate(session(graph), swapped, "sigmoid", 3, 0.9)

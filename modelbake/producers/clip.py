@@ -39,7 +39,6 @@ from modelbake.producers.onnx_export import (
 from modelbake.producers.openclip_source import load_clip, preprocessing, text_clean, text_cut, tower_bytes, validate
 from modelbake.producers.progress import steps
 from modelbake.runtime.clip import cut_after_eot
-from modelbake.runtime.sessions import session
 from modelbake.spec import CLIP_DIR, ClipSpec, clip_onnx_name
 
 STAGE = CLIP.stage
@@ -191,8 +190,8 @@ def _cut_gate(model: torch.nn.Module, tokenizer: Any, export: OnnxExport) -> Ext
         reference = [model.encode_text(full).numpy()]
     cut = cut_after_eot(full.numpy())
 
-    def gate(graph: Path, variant: Variant) -> dict[str, Any]:
-        figures = compare(reference, session(graph).run(["text_embeds"], {"input_ids": cut}))
+    def gate(run: Any, variant: str) -> dict[str, Any]:
+        figures = compare(reference, run.run(["text_embeds"], {"input_ids": cut}))
         fp32 = variant == Variant.FP32
         atol, min_cosine = (export.atol, export.min_cosine) if fp32 else (inf, export.int8_min_cosine)
         if figures["max_abs_diff"] > atol or figures["min_cosine"] < min_cosine:

@@ -35,8 +35,9 @@ from modelbake.params import BY_NAME
 from modelbake.producers import Values
 from modelbake.producers.common import ProducerError, log
 from modelbake.producers.speed import Candidate, decide, measure, record
+from modelbake.runtime import sessions
 from modelbake.runtime.gates import min_row_cosine
-from modelbake.runtime.sessions import session
+from modelbake.runtime.sessions import OPENVINO, session
 from modelbake.spec import ONNX_DIR, external_data_name, golden_path, variant_name
 
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)
@@ -219,7 +220,9 @@ def torch_outputs(module: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> l
 
 
 # Called with the graph's file (external data beside it) and its variant; raises ProducerError to refuse it.
-ExtraGate = Callable[[Path, Variant], dict[str, Any]]
+# A stage's own gate: (a session of the graph, the variant's name: "fp32", "int8", "openvino/bf16") -> figures.
+# Anything but fp32 is judged on the reduced-precision thresholds (the export's ``int8_gate``).
+ExtraGate = Callable[[Any, str], dict[str, Any]]
 
 
 def export_variants(
@@ -248,7 +251,7 @@ def export_variants(
         work = Path(tmp)
         graph, graph_info = _export(export, settings, work, onnx_name)
         gated = _gate_all(export, Variant.FP32, graph, reference, extra_gate, (export.atol, export.min_cosine))
-        fp32 = Candidate(Variant.FP32, graph, gated | graph_info)
+        fp32 = Candidate(Variant.FP32, graph, gated | graph_info | _engine_gates(export, graph, reference, extra_gate))
         done(f"{export.role} exported, parity checked")
         shipped, dropped = [fp32], []
         if settings.int8:
@@ -310,13 +313,47 @@ def _gate_all(
     bounds: tuple[float, float],
 ) -> dict[str, Any]:
     """Every gate of one variant: parity with PyTorch within ``bounds`` (atol, min cosine), then ``extra_gate``."""
-    figures = _gate(export, graph, reference, *bounds)
+    try:
+        run = session(graph)
+    except MemoryError:
+        raise
+    except Exception as exc:  # onnxruntime's own error types: the graph cannot be loaded here
+        raise ProducerError(f"{export.role}: onnxruntime could not load {graph.name} ({first_line(exc)})") from exc
+    figures = _gate(export, run, "onnxruntime", reference, *bounds)
     if extra_gate is not None:
-        figures.update(extra_gate(graph, variant))
+        figures.update(extra_gate(run, str(variant)))
     log.info(
         "%s %s: parity max|d|=%.2e min cos=%.6f", export.role, variant, figures["max_abs_diff"], figures["min_cosine"]
     )
     return figures
+
+
+def _engine_gates(
+    export: OnnxExport, graph: Path, reference: list[np.ndarray], extra_gate: ExtraGate | None
+) -> dict[str, Any]:
+    """Where the build has OpenVINO: it runs the fp32 graph at the best precision it computes on this CPU,
+    under the same gates as int8 (the export's ``int8_gate``: cosine for towers, the ranking for rerankers).
+    The figures go in the fp32 entry's ``parity.engines``, passed or refused; never a reason to fail the
+    build: where the tree is opened, each engine is checked again on that CPU (bf16 exists only on some)."""
+    facts = sessions.openvino_facts()
+    if facts is None or not export.int8_gate:
+        return {}
+    name = f"{OPENVINO}/{'bf16' if 'bf16' in facts['precisions'] else 'f32'}"
+    model = onnx.load(graph, load_external_data=False)
+    described = {"path": graph.name, "inputs": _tensor_info(list(model.graph.input))}
+    described["outputs"] = _tensor_info(list(model.graph.output))
+    run = sessions.openvino_session(graph, described, precision=name.rpartition("/")[2])
+    try:
+        figures = _gate(export, run, name, reference, float("inf"), export.int8_min_cosine)
+        if extra_gate is not None:
+            figures.update(extra_gate(run, name))
+        result = {"passed": True, **figures}
+    except ProducerError as exc:
+        result = {"passed": False, "why": str(exc)}
+    log.info(
+        "%s %s (OpenVINO %s): %s", export.role, name, facts["version"], "passed" if result["passed"] else "refused"
+    )
+    return {"engines": {name: result}}
 
 
 def _int8_candidates(
@@ -501,20 +538,22 @@ def _write(
     return [entry, *data_entries, file_entry(root, golden, role=Role.GOLDEN, fmt="npz")]
 
 
-def _gate(spec: OnnxExport, graph: Path, reference: list[np.ndarray], atol: float, min_cosine: float) -> dict[str, Any]:
-    """The parity gate: onnxruntime on the probe inputs against PyTorch's outputs."""
+def _gate(
+    spec: OnnxExport, run: Any, engine: str, reference: list[np.ndarray], atol: float, min_cosine: float
+) -> dict[str, Any]:
+    """The parity gate: a session (``engine`` names it) on the probe inputs against PyTorch's outputs."""
     feeds = {name: t.detach().cpu().numpy() for name, t in spec.probe.items()}
     try:
-        actual = session(graph).run(spec.output_names, feeds)
+        actual = run.run(spec.output_names, feeds)
     except MemoryError:
         raise
-    except Exception as exc:  # onnxruntime's own error types: the graph cannot be loaded or run here
-        raise ProducerError(f"{spec.role}: onnxruntime could not run {graph.name} ({first_line(exc)})") from exc
+    except Exception as exc:  # the engine's own error types: the graph cannot be run here
+        raise ProducerError(f"{spec.role}: {engine} could not run the graph ({first_line(exc)})") from exc
     figures: dict[str, Any] = compare(reference, actual)
     figures["probe_batch"] = int(next(iter(spec.probe.values())).shape[0])
     if figures["max_abs_diff"] > atol or figures["min_cosine"] < min_cosine:
         raise ToleranceMiss(
-            f"{spec.role}: onnxruntime differs from PyTorch: max abs diff {figures['max_abs_diff']:.3g} "
+            f"{spec.role}: {engine} differs from PyTorch: max abs diff {figures['max_abs_diff']:.3g} "
             f"(allowed {atol:g}), min cosine {figures['min_cosine']:.6f} (required {min_cosine}); "
             "nothing was written"
         )

@@ -22,7 +22,6 @@ from modelbake.producers.common import ProducerError, hub_offline, log, measured
 from modelbake.producers.onnx_export import ExportSettings, Int8Refused, OnnxExport, export_variants
 from modelbake.producers.progress import steps
 from modelbake.runtime.gates import kendall_tau, top_k_kept
-from modelbake.runtime.sessions import session
 from modelbake.spec import ORIGIN_FILE, RERANKER_DIR, RerankerSpec, reranker_onnx_name
 
 STAGE = RERANKER.stage
@@ -139,14 +138,14 @@ def _tokenize(ce: Any, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
 
 
 def _score_gate(
-    graph: Path, feeds: dict[str, np.ndarray], st_scores: np.ndarray, activation: str, atol: float
+    run: Any, feeds: dict[str, np.ndarray], st_scores: np.ndarray, activation: str, atol: float
 ) -> dict[str, Any]:
     """The score contract: sentence-transformers' predict, reproduced from the ONNX logits.
 
     Scores must agree within ``atol``, and every two passages whose reference scores differ by more
     than ``2 * atol`` must keep their order (passages the model itself cannot tell apart may swap).
     """
-    scores = _scores(session(graph), feeds, activation, st_scores.shape)
+    scores = _scores(run, feeds, activation, st_scores.shape)
     if not np.isfinite(scores).all():
         raise ProducerError("the ONNX scores hold NaN or inf on the probe pairs; nothing was written")
     gap = st_scores[:, None] - st_scores[None, :]
@@ -174,11 +173,10 @@ def _scores(run: Any, feeds: dict[str, np.ndarray], activation: str, shape: tupl
 
 
 def _ranking_gate(
-    graph: Path, probe: list[tuple[dict[str, np.ndarray], np.ndarray]], activation: str, top_k: int, min_tau: float
+    run: Any, probe: list[tuple[dict[str, np.ndarray], np.ndarray]], activation: str, top_k: int, min_tau: float
 ) -> dict[str, Any]:
     """What a reranker is for, per probe query: its top ``top_k`` passages in sentence-transformers' order,
     and Kendall's tau over all its passages at least ``min_tau`` (below the top, near-ties may swap)."""
-    run = session(graph)
     taus, tops, diffs = [], [], []
     for feeds, reference in probe:
         scores = _scores(run, feeds, activation, reference.shape)
@@ -248,11 +246,11 @@ def _export(ce: Any, key: str, root: Path, values: Values, done: Callable[[str],
         for query, passages in RANKING_PROBE.items()
     ]
 
-    def scores_gate(graph: Path, variant: Variant) -> dict[str, Any]:
-        # fp32 keeps the score contract; int8 is judged on what a reranker is for, its ranking.
+    def scores_gate(run: Any, variant: str) -> dict[str, Any]:
+        # fp32 keeps the score contract; int8 (and bf16) are judged on what a reranker is for, its ranking.
         if variant == Variant.FP32:
-            return _score_gate(graph, feeds, st_scores, activation, export.atol)
-        return _ranking_gate(graph, ranking, activation, export.int8_gate["top_k"], export.int8_gate["min_tau"])
+            return _score_gate(run, feeds, st_scores, activation, export.atol)
+        return _ranking_gate(run, ranking, activation, export.int8_gate["top_k"], export.int8_gate["min_tau"])
 
     settings = ExportSettings.from_values(values, int8=values["RERANKER_INT8"])
     return export_variants(export, reranker_onnx_name(key), root, settings, extra_gate=scores_gate, done=done)

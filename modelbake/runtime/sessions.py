@@ -171,7 +171,7 @@ class OpenVinoSession:
 
 
 def openvino_session(
-    graph: bytes,
+    graph: bytes | Path,
     entry: dict[str, Any],
     threads: int | None = None,
     *,
@@ -179,10 +179,11 @@ def openvino_session(
     external: dict[str, bytes] | None = None,
     cache_dir: Path | None = None,
 ) -> OpenVinoSession:
-    """An OpenVINO CPU session of an ONNX graph (its bytes; ``entry`` its manifest entry) computing in
-    ``precision`` ("bf16" or "f32"). ``cache_dir``: OpenVINO's compiled-model cache (a second open of the
-    same graph skips compiling). A graph with external data is read from a private temporary folder holding
-    exactly the checked bytes, removed once compiled (OpenVINO's ONNX reader looks for it beside a file)."""
+    """An OpenVINO CPU session of an ONNX graph (its bytes, or a file OpenVINO reads with its external data
+    beside it; ``entry`` its manifest entry) computing in ``precision`` ("bf16" or "f32"). ``cache_dir``:
+    OpenVINO's compiled-model cache (a second open of the same graph skips compiling). Bytes with external
+    data are read from a private temporary folder holding exactly the checked bytes, removed once compiled
+    (OpenVINO's ONNX reader looks for the data beside a file)."""
     import openvino as ov
 
     core = ov.Core()
@@ -191,8 +192,9 @@ def openvino_session(
     config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
     if threads := threads or threads_from_env():
         config["INFERENCE_NUM_THREADS"] = threads
-    if not external:
-        return OpenVinoSession(core.compile_model(core.read_model(graph), "CPU", config), entry)
+    if isinstance(graph, Path) or not external:
+        source = str(graph) if isinstance(graph, Path) else graph
+        return OpenVinoSession(core.compile_model(core.read_model(source), "CPU", config), entry)
     folder = Path(tempfile.mkdtemp(prefix="modelbake-ov-"))
     try:
         name = Path(entry["path"]).name
