@@ -5,10 +5,14 @@ The default set of bench/startup.py (a full-size ViT-B/32 with random weights, M
 cross-encoder, the seed regressor; fp32 and int8 side by side, built with ``--int8-ship gated``) is opened in
 fresh interpreters three ways, rounds interleaved:
 
-- ``table``: on this machine's own class (the build's table decides, no check): the baseline;
+- ``table``: on this machine's own class, onnxruntime alone (the build's table decides, no check): the
+  baseline;
 - ``first``: as another CPU class (its signature faked in the child), with an empty variant cache, so every
   int8 role is checked on its golden probe and timed beside fp32;
-- ``cached``: the same, with the cache the ``first`` run filled.
+- ``cached``: the same, with the cache the ``first`` run filled;
+- where OpenVINO is installed (it is then one of the candidates checked above), ``ov-first`` and
+  ``ov-cached``: every role asked to run on OpenVINO (``MODELBAKE_VARIANT=openvino/bf16``, f32 where the CPU
+  has no bf16), with an empty cache (each graph compiled) and with OpenVINO's compiled models cached.
 
 Medians of ``open_models``'s time, its difference to the baseline, and the time spent inside the check
 itself (or its cache look-up) are printed side by side; the choices and their reasons of the last ``first``
@@ -57,6 +61,10 @@ print(json.dumps({"open": opened, "check": sum(spent), "variants": models.varian
 def open_once(tree: Path, mode: str, cache: Path, threads: int) -> dict:
     env = {**os.environ, "MODELBAKE_VARIANT_CACHE": str(cache)}
     env.pop("MODELBAKE_VARIANT", None)
+    if mode.startswith("ov-"):
+        env["MODELBAKE_VARIANT"] = "openvino/bf16"
+    if mode == "table":  # the build's table decides only where no other engine is a candidate
+        env["MODELBAKE_ENGINES"] = "onnxruntime"
     proc = subprocess.run(
         [sys.executable, "-c", CHILD, str(tree), mode, str(threads)], capture_output=True, text=True, env=env
     )
@@ -73,13 +81,18 @@ def main() -> int:
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     tree = build_tree(args.work)
-    times: dict[str, list[float]] = {"table": [], "first": [], "cached": []}
-    checks: dict[str, list[float]] = {"table": [], "first": [], "cached": []}
+    from modelbake.runtime.sessions import openvino_facts
+
+    modes = ["table", "first", "cached", *(["ov-first", "ov-cached"] if openvino_facts() else [])]
+    times: dict[str, list[float]] = {mode: [] for mode in modes}
+    checks: dict[str, list[float]] = {mode: [] for mode in modes}
     last = {}
     with tempfile.TemporaryDirectory() as scratch:
         for r in range(args.rounds):
             cache = Path(scratch) / f"round-{r}"
-            for mode in ("table", "first", "cached") if r % 2 == 0 else ("first", "cached", "table"):
+            for mode in modes if r % 2 == 0 else [*modes[1:], modes[0]]:
+                if mode == "ov-first":
+                    cache = Path(scratch) / f"round-{r}-openvino"  # nothing compiled yet
                 result = open_once(tree, mode, cache, args.threads)
                 times[mode].append(result["open"])
                 checks[mode].append(result["check"])
@@ -95,7 +108,8 @@ def main() -> int:
     for mode, ts in times.items():
         median, inside = statistics.median(ts), statistics.median(checks[mode])
         print(f"{mode:<7} {median:9.2f} s  {median - base:+10.2f} s  {inside:10.3f} s  {[round(t, 2) for t in ts]}")
-    print("(open_models also differs by the variant each role then opens: an int8 session is made faster)")
+    print("(open_models also differs by the variant each role then opens: an int8 session is made faster;")
+    print(" ov-*: every role on OpenVINO, compiling each graph, or reading it from OpenVINO's cache)")
     print("\n# the choices of the last uncached check")
     for kind, models in last["why"].items():
         for name, roles in models.items():
