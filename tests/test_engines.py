@@ -255,3 +255,22 @@ def test_the_build_records_openvino_on_the_fp32_graph_under_the_int8_gates(
     (fp32,) = [e for e in record["files"] if e.get("variant") == "fp32"]
     blind = fp32["parity"]["engines"]["openvino/bf16"]
     assert blind["passed"] is False and "the ranking changed on the probe queries" in blind["why"], blind
+
+
+def test_a_tree_found_by_name_runs_on_openvino_when_asked(
+    built_tree: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No manifest (allow_unverified): OpenVINO opens the graph from its path, its inputs as it reads them."""
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    for onnx in (built_tree / "onnx").glob("clip_tiny-vit_*_encoder.onnx*"):  # the text tower's data too
+        shutil.copy(onnx, flat / onnx.name)
+    shutil.copytree(built_tree / "clip", flat / "clip")
+    monkeypatch.setenv(variants.VARIANT_ENV, "openvino/f32")
+    found = open_models(flat, allow_unverified=True).clip["tiny-vit"]
+    assert {type(s).__name__ for s in found.sessions.values()} == {"OpenVinoSession"}
+    assert found.chosen == {"text_encoder": "openvino/f32", "image_encoder": "openvino/f32"}
+    monkeypatch.delenv(variants.VARIANT_ENV)
+    checked = open_models(built_tree, variant="fp32").clip["tiny-vit"]
+    texts = ["a dog on a beach"]
+    np.testing.assert_allclose(found.encode_text(texts), checked.encode_text(texts), atol=1e-4)

@@ -17,7 +17,7 @@ import numpy as np
 
 from modelbake.kinds import KINDS
 from modelbake.manifest import Variant, checked_model, resolve_inside
-from modelbake.runtime.sessions import checked_session, session
+from modelbake.runtime.sessions import OPENVINO, checked_session, engine_of, openvino_session, session
 from modelbake.runtime.variant_check import cache_dir, openvino_cache
 from modelbake.runtime.variants import choose, requested
 from modelbake.signature import check_signature
@@ -63,8 +63,12 @@ class Loader:
         """A session of the variant :meth:`onnx` picks for ``role`` (the check's own, when it made one): its file
         run by its engine (:mod:`.sessions`), built from the bytes its digest check read."""
         entry = self.onnx(model, role)
-        if self.unverified:
-            return session(resolve_inside(self.folder, entry["path"]), self.threads)
+        if self.unverified:  # found by name: opened from its path, nothing to check its bytes against
+            path = resolve_inside(self.folder, entry["path"])
+            engine, precision = engine_of(self.chosen[role])
+            if engine == OPENVINO:
+                return openvino_session(path, entry, self.threads, precision=precision)
+            return session(path, self.threads)
         if (checked := self._checked.pop(role, None)) is not None:
             return checked
         cache = openvino_cache(cache_dir(self.folder))

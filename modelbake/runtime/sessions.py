@@ -35,7 +35,7 @@ THREADS_ENV = "MODELBAKE_THREADS"
 ENGINES_ENV = "MODELBAKE_ENGINES"
 ONNXRUNTIME, OPENVINO = "onnxruntime", "openvino"
 # OpenVINO's names for the precisions it computes in, as a variant spells them.
-_OV_PRECISIONS = {"bf16": "bf16", "f32": "f32", "float32": "f32", "bfloat16": "bf16"}
+_OV_PRECISIONS = {"bf16": "bf16", "bfloat16": "bf16", "f32": "f32", "fp32": "f32", "float32": "f32"}
 
 
 def threads_from_env() -> int | None:
@@ -150,8 +150,8 @@ class OpenVinoSession:
 
     def __init__(self, compiled: Any, entry: dict[str, Any]) -> None:
         self._compiled, self._local = compiled, threading.local()
-        self._inputs = [TensorInfo(t["name"], list(t["shape"]), t["dtype"]) for t in entry["inputs"]]
-        self._outputs = [TensorInfo(t["name"], list(t["shape"]), t["dtype"]) for t in entry["outputs"]]
+        self._inputs = _described(entry, "inputs", compiled.inputs)
+        self._outputs = _described(entry, "outputs", compiled.outputs)
         hint = compiled.get_property("INFERENCE_PRECISION_HINT").get_type_name()  # "f32", "bf16"
         self.precision = _OV_PRECISIONS.get(hint, hint)
 
@@ -168,6 +168,18 @@ class OpenVinoSession:
         results = request.infer(feeds)  # copies out of the request's tensors (share_outputs=False)
         by_name = {port.any_name: value for port, value in results.items()}
         return [np.asarray(by_name[name]) for name in (names or [t.name for t in self._outputs])]
+
+
+def _described(entry: dict[str, Any], side: str, ports: list[Any]) -> list[TensorInfo]:
+    """A graph's inputs or outputs from its manifest entry, else (a graph found by name) OpenVINO's view."""
+    if side in entry:
+        return [TensorInfo(t["name"], list(t["shape"]), t["dtype"]) for t in entry[side]]
+    return [TensorInfo(p.any_name, _dims(p.partial_shape), p.element_type.to_dtype().name) for p in ports]
+
+
+def _dims(shape: Any) -> list[int | str]:
+    """An OpenVINO partial shape as onnxruntime gives one: fixed sizes as ints, dynamic ones as names."""
+    return [d.get_length() if d.is_static else f"dim{i}" for i, d in enumerate(shape)]
 
 
 def openvino_session(

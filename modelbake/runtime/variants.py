@@ -96,8 +96,8 @@ def requested(variant: str | None, int8: bool = False) -> str:
 
 def engine_variants(fp32: dict[str, Any]) -> list[str]:
     """The variants of other engines that may run ``fp32``'s file here: OpenVINO, when installed (and not left
-    out of $MODELBAKE_ENGINES), at the best precision it computes in natively on this CPU. None for a file
-    whose build recorded no ``gate`` for them (a tree built before modelbake tried other engines)."""
+    out of $MODELBAKE_ENGINES), at the best precision it computes in natively on this CPU. None at all for a
+    file whose build recorded no ``gate`` for them (a tree built before modelbake tried other engines)."""
     enabled = sessions.engines_enabled()  # checked on every open, not only where OpenVINO is installed
     if OPENVINO not in enabled or not fp32.get("gate") or (facts := sessions.openvino_facts()) is None:
         return []
@@ -146,7 +146,8 @@ def choose(
             best, f"{best['variant']}: {what} at batch 1 on the build machine, whose ISA flags this CPU shares"
         )
     if root is None:
-        return Choice(fp32, "fp32: built on another CPU class, and no tree to check the other variants in")
+        where = "OpenVINO is installed" if trusted else "built on another CPU class"
+        return Choice(fp32, f"fp32: {where}, and no tree to check the other variants in")
     return variant_check.check_here(root, model, fp32, others, here, threads, engines)
 
 
