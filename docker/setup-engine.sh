@@ -14,8 +14,9 @@
 #   6. linux/arm64 under emulation: qemu-user-static registered with the kernel's binfmt_misc, an arm64 base
 #      image made the way the amd64 one is, the arm64 wheels of the run-time set and OpenVINO
 #      (build/wheelhouse-lock-arm64.txt), and both base images as one two-platform index in the registry
-#      (MODELBAKE_MULTI_BASE). When the kernel
-#      refuses, MODELBAKE_ARM64 says why in one line (the arm64 tests then fail with it under CI).
+#      (MODELBAKE_MULTI_BASE). When the kernel refuses, MODELBAKE_ARM64 says why in one line (the arm64
+#      tests then fail with it under CI);
+#   7. free disk: when less than a run needs is free, the build caches are pruned first (make_room).
 # Prints the variables the build needs as `export` lines (eval "$(bash docker/setup-engine.sh)").
 #
 # Why not Debian 12's docker.io alone: its engine (20.10) embeds a BuildKit too old for named contexts,
