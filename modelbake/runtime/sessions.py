@@ -207,7 +207,13 @@ def openvino_session(
     if isinstance(graph, Path) or not external:
         source = str(graph) if isinstance(graph, Path) else graph
         return OpenVinoSession(core.compile_model(core.read_model(source), "CPU", config), entry)
-    folder = Path(tempfile.mkdtemp(prefix="modelbake-ov-"))
+    try:
+        folder = Path(tempfile.mkdtemp(prefix="modelbake-ov-"))
+    except OSError as exc:  # a read-only container without a tmpfs
+        raise OSError(
+            f"{entry['path']}: OpenVINO reads a graph with external data from files, and no temporary folder "
+            f"can be written here ({exc.strerror}); mount one (docker run --tmpfs /tmp) or set TMPDIR"
+        ) from exc
     try:
         name = Path(entry["path"]).name
         (folder / name).write_bytes(graph)

@@ -30,7 +30,8 @@ from typing import Any
 
 import numpy as np
 
-from modelbake.manifest import Variant
+from modelbake.errors import first_line
+from modelbake.manifest import ManifestError, Variant
 from modelbake.runtime import sessions
 from modelbake.runtime.gates import kendall_tau, min_row_cosine, top_k_kept
 from modelbake.runtime.golden import feeds_and_outputs, read_golden
@@ -192,7 +193,13 @@ def check_here(
     passed, refusals = [], []
     for name in list(candidates)[1:]:
         entry = candidates[name]
-        run = checked_session(root, model, entry, threads, variant=name, cache_dir=openvino_cache(folder))
+        try:
+            run = checked_session(root, model, entry, threads, variant=name, cache_dir=openvino_cache(folder))
+        except ManifestError:
+            raise  # the tree itself is wrong: no candidate hides that
+        except Exception as exc:  # an engine that cannot open the graph here is not a candidate here
+            refusals.append(f"{name} could not be opened here: {first_line(exc)}")
+            continue
         if (ran := getattr(run, "precision", None)) and not name.endswith(f"/{ran}"):  # asked for, not granted
             refusals.append(f"{name} runs {ran} here")
             continue
@@ -203,6 +210,8 @@ def check_here(
             refusals.append(f"{name} {words}")
     if passed:
         choice = _fastest(root, model, candidates, passed, threads)
+        if refusals:  # the others too: a candidate that could not even be tried is part of the answer
+            choice.why += f"; refused: {'; '.join(refusals)}"
     else:
         choice = Choice(fp32, "fp32: " + "; ".join(refusals))
     log.info("%s runs %s (checked here in %.2f s)", fp32["role"], choice.why, time.perf_counter() - started)
