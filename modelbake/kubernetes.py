@@ -28,16 +28,18 @@ SERVICE_PORT = 8080  # examples/search_service listens here
 RUNTIME_UID = BY_NAME["RUNTIME_UID"].typed_default  # the runtime image's user
 SIGNING_MOUNT = "/etc/modelbake/signing"  # the ConfigMap's folder in the service container
 SIGNING_KEY_NAME = "model-signing.pub"
-# The restricted Pod Security Standard's container settings, plus a read-only root (the service writes nothing:
-# no variant cache then, which it does without). Resources: the full-size default set (ViT-B/32, MiniLM-L6, the
-# regressor) peaked at 1.05 GB in fp32 (bench/README.md, start-up); the 4 GiB limit leaves room for the
-# batches of concurrent requests.
+# The restricted Pod Security Standard's container settings, plus a read-only root. The one place the service
+# writes is a scratch emptyDir at /tmp (SCRATCH): the variant check's cache and OpenVINO's compiled models for
+# the pod's life, and the files OpenVINO reads a graph with external data from. Resources: the full-size
+# default set (ViT-B/32, MiniLM-L6, the regressor) peaked at 1.05 GB in fp32 (bench/README.md, start-up);
+# the 4 GiB limit leaves room for the batches of concurrent requests.
 CONTAINER_SECURITY = {
     "allowPrivilegeEscalation": False,
     "readOnlyRootFilesystem": True,
     "capabilities": {"drop": ["ALL"]},
 }
 SERVICE_RESOURCES = {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "4Gi"}}
+SCRATCH = {"name": "scratch", "emptyDir": {"sizeLimit": "1Gi"}}
 COPIER_RESOURCES = {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}}
 
 
@@ -55,8 +57,12 @@ def _deployment(
             {"name": "MODELBAKE_MODELS", "value": "/models"},
             # The mounted tree must be the one built: its manifest's sha256, checked at start.
             {"name": "MODELBAKE_MANIFEST_SHA256", "value": manifest_digest},
+            {"name": "MODELBAKE_VARIANT_CACHE", "value": "/tmp/modelbake-variants"},
         ],
-        "volumeMounts": [{"name": "models", "mountPath": "/models", "readOnly": True}],
+        "volumeMounts": [
+            {"name": "models", "mountPath": "/models", "readOnly": True},
+            {"name": SCRATCH["name"], "mountPath": "/tmp"},
+        ],
         "startupProbe": {**probe, "periodSeconds": 5, "failureThreshold": 60},  # loading and hashing the tree
         "readinessProbe": {**probe, "periodSeconds": 10},
         "livenessProbe": {**probe, "periodSeconds": 30},
@@ -71,7 +77,7 @@ def _deployment(
             "seccompProfile": {"type": "RuntimeDefault"},
         },
         "containers": [container],
-        "volumes": [{"name": "models", **models["volume"]}],
+        "volumes": [{"name": "models", **models["volume"]}, SCRATCH],
     }
     if signed:  # the tree's signature is checked at start against the key of _signing_key()
         container["env"].append({"name": PUBLIC_KEY_ENV, "value": f"{SIGNING_MOUNT}/{SIGNING_KEY_NAME}"})

@@ -44,10 +44,18 @@ def test_the_manifests_are_valid_kubernetes_1_36_and_pin_the_tree(name: str) -> 
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
     env = {e["name"]: e["value"] for e in container["env"]}
-    assert env == {"MODELBAKE_MODELS": "/models", "MODELBAKE_MANIFEST_SHA256": EXAMPLE["manifest_digest"]}
-    assert container["volumeMounts"] == [{"name": "models", "mountPath": "/models", "readOnly": True}]
+    assert env == {
+        "MODELBAKE_MODELS": "/models",
+        "MODELBAKE_MANIFEST_SHA256": EXAMPLE["manifest_digest"],
+        "MODELBAKE_VARIANT_CACHE": "/tmp/modelbake-variants",  # on the scratch emptyDir: the root is read-only
+    }
+    assert container["volumeMounts"] == [
+        {"name": "models", "mountPath": "/models", "readOnly": True},
+        {"name": "scratch", "mountPath": "/tmp"},
+    ]
     assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["runAsUser"] == 10001
-    (volume,) = pod["volumes"]
+    volume, scratch = pod["volumes"]
+    assert scratch == {"name": "scratch", "emptyDir": {"sizeLimit": "1Gi"}}
     if name == "image-volume.yaml":
         assert volume["image"]["reference"] == EXAMPLE["models_image"] and "initContainers" not in pod
     else:
