@@ -6,8 +6,9 @@ sets, dependencies included, with its sha256, for ``pip download --require-hashe
 pip resolves ``build/requirements-dev.txt`` (which includes every other set) for this interpreter and
 platform, as setup-engine.sh's download does, and ``build/requirements-runtime.txt`` with
 ``build/requirements-openvino.txt`` for CPython 3.11 on linux/arm64 (Debian 12's python3; the arm64 runtime
-image's sets: the models are exported on the build platform, so no build set is needed there), and reports each chosen file's digest as the package index
-published it. Run it after changing a pin, from the repository root, and commit both locks:
+image's sets: the models are exported on the build platform, so no build set is needed there), and reports
+each chosen file's digest as the package index published it. Run it after changing a pin, from the
+repository root, and commit both locks:
 
     python3 docker/lock_wheelhouse.py
 """
