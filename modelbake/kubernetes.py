@@ -39,6 +39,12 @@ CONTAINER_SECURITY = {
     "capabilities": {"drop": ["ALL"]},
 }
 SERVICE_RESOURCES = {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "4Gi"}}
+POD_SECURITY = {
+    "runAsNonRoot": True,
+    "runAsUser": RUNTIME_UID,
+    "runAsGroup": RUNTIME_UID,
+    "seccompProfile": {"type": "RuntimeDefault"},
+}
 SCRATCH = {"name": "scratch", "emptyDir": {"sizeLimit": "1Gi"}}
 COPIER_RESOURCES = {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "512Mi"}}
 
@@ -70,12 +76,7 @@ def _deployment(
         "securityContext": CONTAINER_SECURITY,
     }
     pod: dict[str, Any] = {
-        "securityContext": {
-            "runAsNonRoot": True,
-            "runAsUser": RUNTIME_UID,
-            "runAsGroup": RUNTIME_UID,
-            "seccompProfile": {"type": "RuntimeDefault"},
-        },
+        "securityContext": POD_SECURITY,
         "containers": [container],
         "volumes": [{"name": "models", **models["volume"]}, SCRATCH],
     }
