@@ -208,11 +208,12 @@ def tiff() -> bytes:
 def test_every_route_answers(service: Service) -> None:
     port = service.port
     status, _, body = request(port, b"GET /models HTTP/1.1\r\nHost: t\r\n\r\n")
-    variants, why = body.pop("variants"), body.pop("why")
+    variants, engines, why = body.pop("variants"), body.pop("engines"), body.pop("why")
     assert status == 200 and body == {"clip": {"tiny-vit": 32, "tiny-rn": 32}, "reranker": True, "regressor": True}
     assert set(variants["clip"]["tiny-vit"]) == {"text_encoder", "image_encoder"}
     assert variants["regressor"] == {"boundary_regressor": {"regressor": "fp32"}}
     assert {v for roles in variants["clip"].values() for v in roles.values()} <= {"fp32", "int8"}
+    assert engines["clip"]["tiny-vit"] == {role: f"onnxruntime/{v}" for role, v in variants["clip"]["tiny-vit"].items()}
     # why each runs what it runs, starting with its name (built here, so the build's table decides)
     assert all(w.startswith(f"{variants['clip']['tiny-vit'][r]}: ") for r, w in why["clip"]["tiny-vit"].items())
     status, _, body = request(port, *post("/embed/text", doc({"texts": ["a dog", "x" * 4096, ""]})))

@@ -292,7 +292,8 @@ class Service:
     async def list_models(self, request: Request) -> Response:
         clip = {name: enc.embed_dim for name, enc in self.models.clip.items()}
         held = {"reranker": self.models.reranker is not None, "regressor": self.models.regressor is not None}
-        return reply(200, {"clip": clip, **held, "variants": self.models.variants(), "why": self.models.reasons()})
+        runs = {"variants": self.models.variants(), "engines": self.models.engines(), "why": self.models.reasons()}
+        return reply(200, {"clip": clip, **held, **runs})
 
     async def embed_text(self, request: Request) -> Response:
         body = parse(EmbedText, await request.body())

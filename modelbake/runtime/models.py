@@ -46,6 +46,10 @@ class Models:
         """What each model runs: {kind: {name: {role: variant}}}."""
         return self._per_role("chosen")
 
+    def engines(self) -> dict[str, dict[str, dict[str, str]]]:
+        """The engine and precision each role runs: {kind: {name: {role: "onnxruntime/fp32"}}}."""
+        return self._per_role("engines")
+
     def reasons(self) -> dict[str, dict[str, dict[str, str]]]:
         """Why each model runs that variant here: {kind: {name: {role: why}}} (e.g. "int8: 1.90x fp32 at batch 1
         here, cosine 0.9991 here")."""

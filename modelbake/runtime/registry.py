@@ -75,6 +75,11 @@ class Loader:
         return checked_session(self.folder, model, entry, self.threads, variant=self.chosen[role], cache_dir=cache)
 
     @property
+    def engines(self) -> dict[str, str]:
+        """role -> the engine and precision it runs: "onnxruntime/int8", "openvino/bf16"."""
+        return {role: "/".join(engine_of(variant)) for role, variant in self.chosen.items()}
+
+    @property
     def variant(self) -> str:
         """The variant every role runs, or ``mixed`` (see ``chosen``)."""
         used = set(self.chosen.values())
