@@ -752,6 +752,7 @@ def test_example_service_from_compose_becomes_healthy_and_serves(baked: dict[str
         assert _wait_healthy(name) == "healthy", _docker("logs", name, check=False).stderr[-3000:]
         status, doc = _exec_json(name, "GET", "/models")
         assert status == 200 and set(doc.pop("variants")) == {"clip", "reranker", "regressor"}
+        assert doc.pop("engines")["reranker"]["tiny-bert"]["reranker"].startswith("onnxruntime/")  # none other here
         assert doc.pop("why")["regressor"] == {"boundary_regressor": {"regressor": "fp32: the only variant built"}}
         assert doc == {"clip": {"tiny-vit": 32, "tiny-rn": 32}, "reranker": True, "regressor": True}
         status, doc = _exec_json(name, "POST", "/rank", {"query": "a dog", "passages": ["a dog runs", "a car"]})
