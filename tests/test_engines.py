@@ -274,3 +274,13 @@ def test_a_tree_found_by_name_runs_on_openvino_when_asked(
     checked = open_models(built_tree, variant="fp32").clip["tiny-vit"]
     texts = ["a dog on a beach"]
     np.testing.assert_allclose(found.encode_text(texts), checked.encode_text(texts), atol=1e-4)
+
+
+def test_openvino_never_writes_an_external_data_location_outside_its_folder(tmp_path: Path) -> None:
+    """The bytes of a graph with external data go to a private temporary folder: a location that is not a
+    plain file name there (the manifest check lets ``../onnx/NAME.onnx.data`` through when it names a listed
+    file) is refused before anything is written."""
+    outside = tmp_path / "outside.onnx.data"
+    with pytest.raises(PermissionError, match="an external-data location in the graph is not a file beside it"):
+        sessions.openvino_session(b"graph", {"path": "onnx/a.onnx"}, external={f"../../{outside}": b"w"})
+    assert not outside.exists()

@@ -207,6 +207,11 @@ def openvino_session(
     if isinstance(graph, Path) or not external:
         source = str(graph) if isinstance(graph, Path) else graph
         return OpenVinoSession(core.compile_model(core.read_model(source), "CPU", config), entry)
+    if any(Path(location).name != location for location in external):  # never a write outside the folder
+        raise PermissionError(
+            f"{entry['path']}: refused, an external-data location in the graph is not a file beside it; "
+            "a graph's weights must lie beside it (NAME.onnx.data), rebuild or re-export it"
+        )
     try:
         folder = Path(tempfile.mkdtemp(prefix="modelbake-ov-"))
     except OSError as exc:  # a read-only container without a tmpfs
