@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import contextlib
 import http.client
 import io
 import json
@@ -175,7 +176,8 @@ def abuse_slow_readers(
 ) -> dict[str, int]:
     """Until ``stop``: ``connections`` sockets (a small receive buffer) that each send three pipelined
     /embed/text requests with large replies and never read; every ``hold`` seconds they are replaced by new
-    ones. Returns how many were opened."""
+    ones. Returns how many were opened (one whose requests the service stopped reading stays open, half-sent:
+    how much the kernel buffers before that varies with the machine's memory)."""
     body = json.dumps({"texts": ["a dog runs on the beach " * 100] * 256}).encode()
     head = f"POST /embed/text HTTP/1.1\r\nHost: {HOST}\r\nContent-Type: application/json\r\n"
     request = (head + f"Content-Length: {len(body)}\r\n\r\n").encode() + body
@@ -189,11 +191,14 @@ def abuse_slow_readers(
             try:
                 sock.bind((source, 0))
                 sock.connect((HOST, port))
-                sock.sendall(request * 3)
-                opened += 1
-                sockets.append(sock)
-            except OSError:  # refused or dropped by the service: it is allowed to
+            except OSError:  # refused by the service: it is allowed to
                 sock.close()
+                continue
+            opened += 1
+            sockets.append(sock)
+            # The service may stop reading it: it then stays open half-sent, as a slow sender's would.
+            with contextlib.suppress(OSError):
+                sock.sendall(request * 3)
         stop.wait(hold)
         for sock in sockets:
             sock.close()

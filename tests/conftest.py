@@ -18,6 +18,11 @@ CACHE = Path(os.environ.get("MODELBAKE_TEST_CACHE", REPO / ".cache"))
 # The tiny graphs whose weights pass 1 MB (the text towers, tiny-rn's fp32 image tower) ship as NAME.onnx +
 # NAME.onnx.data, the others as one file: every tree the tests build, on the host or in Docker, has both kinds.
 EXTERNAL_DATA_BYTES = "1000000"
+# OpenVINO is in the dev set, and `auto` would check it beside every int8 on every open: the tests of
+# onnxruntime's variants, and the services the tests start (a session's subprocesses, started before any
+# test's own fixtures), would then choose by a second engine's timings on this CPU. Process-wide, so every
+# child inherits it; tests/test_engines.py lifts it per test.
+os.environ["MODELBAKE_ENGINES"] = "onnxruntime"
 
 
 def free_port() -> int:
@@ -75,13 +80,6 @@ def remove_test_images(request: pytest.FixtureRequest) -> Iterator[None]:
         for args in (names, ids):
             if args:
                 subprocess.run(["docker", "rmi", *args], capture_output=True, env=env, timeout=600)
-
-
-@pytest.fixture(autouse=True)
-def onnxruntime_only(monkeypatch: pytest.MonkeyPatch) -> None:
-    """OpenVINO is in the dev set, and `auto` would check it beside every int8 on every open: the tests of
-    onnxruntime's variants would then depend on a second engine's timings. tests/test_engines.py lifts this."""
-    monkeypatch.setenv("MODELBAKE_ENGINES", "onnxruntime")
 
 
 @pytest.fixture(scope="session")
