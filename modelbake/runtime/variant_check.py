@@ -195,8 +195,8 @@ def check_here(
         entry = candidates[name]
         try:
             run = checked_session(root, model, entry, threads, variant=name, cache_dir=openvino_cache(folder))
-        except ManifestError:
-            raise  # the tree itself is wrong: no candidate hides that
+        except (ManifestError, MemoryError):
+            raise  # the tree itself is wrong, or the machine is out of memory: no candidate hides that
         except Exception as exc:  # an engine that cannot open the graph here is not a candidate here
             refusals.append(f"{name} could not be opened here: {first_line(exc)}")
             continue
