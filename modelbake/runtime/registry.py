@@ -71,8 +71,9 @@ class Loader:
             return session(path, self.threads)
         if (checked := self._checked.pop(role, None)) is not None:
             return checked
-        cache = openvino_cache(cache_dir(self.folder))
-        return checked_session(self.folder, model, entry, self.threads, variant=self.chosen[role], cache_dir=cache)
+        variant = self.chosen[role]
+        cache = openvino_cache(cache_dir(self.folder)) if engine_of(variant)[0] == OPENVINO else None
+        return checked_session(self.folder, model, entry, self.threads, variant=variant, cache_dir=cache)
 
     @property
     def engines(self) -> dict[str, str]:
