@@ -240,7 +240,8 @@ setup_second_builder() {
 free_gb() { df --output=avail -BG "$cache" | tail -1 | tr -dc 0-9; }
 
 make_room() {
-  # A full run writes about 30 GB at its peak (stage results, images, pytest's temp). BuildKit's gc
+  # A full run took 22 GB at its peak from 31 GB free with the caches near their caps (39 GB from 49 GB free,
+  # where they had room to grow): stage results, images, the venv, pytest's temp. BuildKit's gc
   # trims each cache only once it is over its cap, and a machine carrying the caches of earlier runs ran out
   # of disk before that (CI: ENOSPC installing the venv). So free space is checked up front and, when short,
   # what can be rebuilt is dropped, cheapest first: dangling images, the second engine's images and cache

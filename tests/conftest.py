@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from modelbake.runtime.sessions import ENGINES_ENV
+
 REPO = Path(__file__).resolve().parents[1]
 # Kept between runs (git-ignored) so BuildKit sees identical sources and reuses its cache.
 CACHE = Path(os.environ.get("MODELBAKE_TEST_CACHE", REPO / ".cache"))
@@ -22,7 +24,7 @@ EXTERNAL_DATA_BYTES = "1000000"
 # onnxruntime's variants, and the services the tests start (a session's subprocesses, started before any
 # test's own fixtures), would then choose by a second engine's timings on this CPU. Process-wide, so every
 # child inherits it; tests/test_engines.py lifts it per test.
-os.environ["MODELBAKE_ENGINES"] = "onnxruntime"
+os.environ[ENGINES_ENV] = "onnxruntime"
 
 
 def free_port() -> int:

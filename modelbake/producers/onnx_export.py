@@ -219,8 +219,8 @@ def torch_outputs(module: torch.nn.Module, inputs: dict[str, torch.Tensor]) -> l
     return [o.detach().cpu().numpy() for o in outs]
 
 
-# Called with the graph's file (external data beside it) and its variant; raises ProducerError to refuse it.
-# A stage's own gate: (a session of the graph, the variant's name: "fp32", "int8", "openvino/bf16") -> figures.
+# A stage's own gate, raising ProducerError to refuse: (a session of the graph, the variant's name: "fp32",
+# "int8", "openvino/bf16") -> figures.
 # Anything but fp32 is judged on the reduced-precision thresholds (the export's ``int8_gate``).
 ExtraGate = Callable[[Any, str], dict[str, Any]]
 
@@ -342,14 +342,16 @@ def _engine_gates(
     model = onnx.load(graph, load_external_data=False)
     described = {"path": graph.name, "inputs": _tensor_info(list(model.graph.input))}
     described["outputs"] = _tensor_info(list(model.graph.output))
-    run = sessions.openvino_session(graph, described, precision=name.rpartition("/")[2])
     try:
+        run = sessions.openvino_session(graph, described, precision=name.rpartition("/")[2])
         figures = _gate(export, run, name, reference, float("inf"), export.int8_min_cosine)
         if extra_gate is not None:
             figures.update(extra_gate(run, name))
         result = {"passed": True, **figures}
-    except ProducerError as exc:
-        result = {"passed": False, "why": str(exc)}
+    except MemoryError:
+        raise
+    except Exception as exc:  # a gate's refusal, or OpenVINO unable to read or compile the graph: recorded
+        result = {"passed": False, "why": first_line(exc, with_type=not isinstance(exc, ProducerError))}
     log.info(
         "%s %s (OpenVINO %s): %s", export.role, name, facts["version"], "passed" if result["passed"] else "refused"
     )
