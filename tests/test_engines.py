@@ -133,7 +133,7 @@ def test_auto_never_runs_openvino_where_it_is_slower(
     models = open_models(built_tree)
     assert models.variants()["reranker"]["tiny-bert"] == {"reranker": "fp32"}
     assert models.reasons()["reranker"]["tiny-bert"]["reranker"].startswith(
-        "fp32: int8 1.00x, openvino/f32 0.50x fp32 at batch 1 here, under 1.1x (int8: Kendall's tau"
+        "fp32: int8 1.00x, openvino/f32 0.50x fp32 at batch 8 x 64 positions here, under 1.1x (int8: Kendall's tau"
     )
 
 
@@ -174,7 +174,7 @@ def test_a_precision_asked_for_and_not_granted_is_refused(
     _bf16_injected(monkeypatch, granted="f32")  # as OpenVINO does on a CPU without bf16
     _timed(monkeypatch, FASTER, int8=0.8)
     why = open_models(built_tree).reasons()["reranker"]["tiny-bert"]["reranker"]
-    assert why.startswith("int8: 1.25x fp32 at batch 1 here, Kendall's tau")  # OpenVINO never timed
+    assert why.startswith("int8: 1.25x fp32 at batch 8 x 64 positions here, Kendall's tau")  # OpenVINO never timed
 
 
 def test_an_explicit_engine_and_the_engine_list(built_tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:

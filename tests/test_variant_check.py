@@ -43,7 +43,9 @@ def _timed(monkeypatch: pytest.MonkeyPatch, int8_speedup: float) -> list[int]:
 
     def fake(runs: list[Any], feeds: dict[str, Any], budget_s: float = 0.0) -> list[float]:
         calls.append(len(runs))
-        assert all(len(v) == 1 for v in feeds.values())  # batch 1
+        # each role's workload (variant_check.TIMED_AT): a tower one input, a reranker 8 pairs of <= 64 tokens
+        rows, most = (8, 64) if "attention_mask" in feeds else (1, None)
+        assert all(len(v) == rows and (most is None or v.shape[1] <= most) for v in feeds.values())
         return [2.0] + [2.0 / int8_speedup] * (len(runs) - 1)
 
     monkeypatch.setattr(variant_check, "time_here", fake)
@@ -59,7 +61,7 @@ def test_on_another_cpu_class_auto_checks_times_and_caches_its_choice(
     why = models.reasons()
     assert why["clip"]["tiny-vit"]["image_encoder"].startswith("int8: 2.00x fp32 at batch 1 here, cosine 0.9")
     assert why["reranker"]["tiny-bert"]["reranker"].startswith(
-        "int8: 2.00x fp32 at batch 1 here, Kendall's tau 1.0000 here"
+        "int8: 2.00x fp32 at batch 8 x 64 positions here, Kendall's tau 1.0000 here"
     )
     assert why["regressor"]["boundary_regressor"] == {"regressor": "fp32: the only variant built"}
     assert calls == [2] * INT8_ROLES and len(list(elsewhere.glob("*.json"))) == INT8_ROLES
@@ -185,3 +187,18 @@ def test_the_timer_gives_up_past_its_budget(built_tree: Path) -> None:
     medians = variant_check.time_here(runs, feeds)
     assert medians is not None and len(medians) == 2 and all(m > 0 for m in medians)
     assert variant_check.time_here(runs, feeds, budget_s=0.0) is None
+
+
+def test_each_role_is_timed_on_its_workload_cut_from_its_probe() -> None:
+    """A tower at batch 1; a reranker on 8 pairs (the probe's rows repeated) of at most 64 positions, since
+    engines compare otherwise on one pair than on a batch (variant_check.TIMED_AT)."""
+    long = {k: np.arange(5 * 207).reshape(5, 207) for k in ("input_ids", "attention_mask")}
+    pairs = variant_check.timed_feeds("reranker", long)
+    assert {k: v.shape for k, v in pairs.items()} == {"input_ids": (8, 64), "attention_mask": (8, 64)}
+    np.testing.assert_array_equal(pairs["input_ids"][5], long["input_ids"][0, :64])  # rows repeated, then cut
+    short = variant_check.timed_feeds("reranker", {"input_ids": np.ones((3, 20), np.int64)})
+    assert short["input_ids"].shape == (8, 20)  # never longer than the probe: within the model's positions
+    image = variant_check.timed_feeds("image_encoder", {"image": np.zeros((4, 3, 8, 8), np.float32)})
+    assert image["image"].shape == (1, 3, 8, 8)
+    assert variant_check.timed_words("reranker") == "at batch 8 x 64 positions"
+    assert variant_check.timed_words("text_encoder") == "at batch 1"

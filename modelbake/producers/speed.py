@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from modelbake.manifest import Variant
+from modelbake.runtime.golden import probe_rows
 from modelbake.runtime.sessions import session, threads_from_env
 from modelbake.runtime.variants import machine
 
@@ -36,12 +37,6 @@ class Candidate:
         return str(self.figures.get("method", "export"))
 
 
-def batch_of(probe: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
-    """``size`` rows of the probe inputs (repeated when the probe has fewer)."""
-    rows = np.arange(size) % len(next(iter(probe.values())))
-    return {name: array[rows] for name, array in probe.items()}
-
-
 def measure(
     candidates: list[Candidate], probe: dict[str, np.ndarray], threads: int | None = None, rounds: int = ROUNDS
 ) -> None:
@@ -52,7 +47,7 @@ def measure(
     """
     sessions = [session(c.graph, threads) for c in candidates]
     for size in BATCHES:
-        feeds = batch_of(probe, size)
+        feeds = probe_rows(probe, size)
         for s in sessions:
             s.run(None, feeds)
         times: list[list[float]] = [[] for _ in candidates]

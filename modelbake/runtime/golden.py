@@ -24,3 +24,9 @@ def feeds_and_outputs(golden: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarr
     feeds = {k.removeprefix("input:"): v for k, v in golden.items() if k.startswith("input:")}
     outputs = {k.removeprefix("output:"): v for k, v in golden.items() if k.startswith("output:")}
     return feeds, outputs
+
+
+def probe_rows(probe: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    """``size`` rows of the probe inputs (repeated when the probe has fewer): a batch of that size to time."""
+    rows = np.arange(size) % len(next(iter(probe.values())))
+    return {name: array[rows] for name, array in probe.items()}
