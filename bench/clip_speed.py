@@ -47,11 +47,16 @@ from modelbake.producers.clip import run
 from modelbake.producers.onnx_export import _quantize, _quantize_static
 from modelbake.runtime import sessions as engines
 from modelbake.runtime.clip import cut_after_eot
+from modelbake.runtime.variant_check import QUIET_S
 from modelbake.runtime.variants import AUTO, choose
 from modelbake.spec import clip_onnx_name, parse_clip
 
 
 def per_call(fn: Callable[[], object], calls: int) -> float:
+    """Seconds per call of ``fn`` over ``calls`` calls, after a pause and one untimed call: the previous
+    measurement's worker threads (PyTorch's, another session's) stop spinning before this one is timed."""
+    time.sleep(QUIET_S)
+    fn()
     start = time.perf_counter()
     for _ in range(calls):
         fn()
@@ -104,10 +109,12 @@ def auto_picks(root: Path, threads: int) -> dict[str, str]:
     (model,) = read_manifest(root)["models"]
     with tempfile.TemporaryDirectory(prefix="auto-cache-") as cache:
         os.environ["MODELBAKE_VARIANT_CACHE"] = cache
-        return {
-            role: choose(model, role, AUTO, root=root, threads=threads).variant
-            for role in ("image_encoder", "text_encoder")
-        }
+        picks = {}
+        for role in ("image_encoder", "text_encoder"):
+            choice = choose(model, role, AUTO, root=root, threads=threads)
+            print(f"auto {role} runs {choice.why}")
+            picks[role] = choice.variant
+        return picks
 
 
 def main() -> None:

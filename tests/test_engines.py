@@ -127,13 +127,16 @@ def test_auto_never_runs_openvino_where_it_is_slower(
     models = open_models(built_tree)
     assert models.variants()["clip"]["tiny-rn"] == {"text_encoder": "int8", "image_encoder": "int8"}
     why = models.reasons()["clip"]["tiny-rn"]["text_encoder"]
-    assert why.startswith("int8: 1.25x fp32 at batch 1 here (int8 1.25x, openvino/f32 0.50x), int8: cosine")
+    assert re.match(
+        r"int8: 1\.25x fp32 at batch 1 x \d+ positions here \(int8 1\.25x, openvino/f32 0\.50x\), int8: cos", why
+    )
     _timed(monkeypatch, SLOWER, int8=1.0)
     monkeypatch.setenv(variant_check.CACHE_ENV, str(elsewhere.with_name("second")))
     models = open_models(built_tree)
     assert models.variants()["reranker"]["tiny-bert"] == {"reranker": "fp32"}
-    assert models.reasons()["reranker"]["tiny-bert"]["reranker"].startswith(
-        "fp32: int8 1.00x, openvino/f32 0.50x fp32 at batch 8 x 64 positions here, under 1.1x (int8: Kendall's tau"
+    assert re.match(
+        r"fp32: int8 1\.00x, openvino/f32 0\.50x fp32 at batch 8 x \d+ positions here, under 1\.1x \(int8: Kendall",
+        models.reasons()["reranker"]["tiny-bert"]["reranker"],
     )
 
 
@@ -174,7 +177,7 @@ def test_a_precision_asked_for_and_not_granted_is_refused(
     _bf16_injected(monkeypatch, granted="f32")  # as OpenVINO does on a CPU without bf16
     _timed(monkeypatch, FASTER, int8=0.8)
     why = open_models(built_tree).reasons()["reranker"]["tiny-bert"]["reranker"]
-    assert why.startswith("int8: 1.25x fp32 at batch 8 x 64 positions here, Kendall's tau")  # OpenVINO never timed
+    assert re.match(r"int8: 1\.25x fp32 at batch 8 x \d+ positions here, Kendall's tau", why)  # OpenVINO never timed
 
 
 def test_an_explicit_engine_and_the_engine_list(built_tree: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -44,7 +44,7 @@ def _timed(monkeypatch: pytest.MonkeyPatch, int8_speedup: float) -> list[int]:
     def fake(runs: list[Any], feeds: dict[str, Any], budget_s: float = 0.0) -> list[float]:
         calls.append(len(runs))
         # each role's workload (variant_check.TIMED_AT): a tower one input, a reranker 8 pairs of <= 64 tokens
-        rows, most = (8, 64) if "attention_mask" in feeds else (1, None)
+        rows, most = (8, 64) if "attention_mask" in feeds else (1, 16) if "input_ids" in feeds else (1, None)
         assert all(len(v) == rows and (most is None or v.shape[1] <= most) for v in feeds.values())
         return [2.0] + [2.0 / int8_speedup] * (len(runs) - 1)
 
@@ -60,8 +60,9 @@ def test_on_another_cpu_class_auto_checks_times_and_caches_its_choice(
     assert models.variants()["clip"]["tiny-vit"] == {"text_encoder": "int8", "image_encoder": "int8"}
     why = models.reasons()
     assert why["clip"]["tiny-vit"]["image_encoder"].startswith("int8: 2.00x fp32 at batch 1 here, cosine 0.9")
-    assert why["reranker"]["tiny-bert"]["reranker"].startswith(
-        "int8: 2.00x fp32 at batch 8 x 64 positions here, Kendall's tau 1.0000 here"
+    assert re.match(  # 8 pairs, as many positions as the tiny probe has up to 64
+        r"int8: 2\.00x fp32 at batch 8 x \d+ positions here, Kendall's tau 1\.0000 here",
+        why["reranker"]["tiny-bert"]["reranker"],
     )
     assert why["regressor"]["boundary_regressor"] == {"regressor": "fp32: the only variant built"}
     assert calls == [2] * INT8_ROLES and len(list(elsewhere.glob("*.json"))) == INT8_ROLES
@@ -82,7 +83,7 @@ def test_on_another_cpu_class_auto_checks_times_and_caches_its_choice(
     models = open_models(built_tree)
     assert set(models.variants()["clip"]["tiny-rn"].values()) == {"fp32"}
     why = models.reasons()["clip"]["tiny-rn"]["text_encoder"]
-    assert why.startswith("fp32: int8 0.50x fp32 at batch 1 here, under 1.1x (")
+    assert re.match(r"fp32: int8 0\.50x fp32 at batch 1 x \d+ positions here, under 1\.1x \(", why)  # a query
     assert calls == [2] * INT8_ROLES and len(list(elsewhere.glob("*.json"))) == 2 * INT8_ROLES
 
 
@@ -172,8 +173,8 @@ def test_the_real_timer_decides_either_way_and_says_which(built_tree: Path, else
     models = open_models(built_tree)
     for role, why in models.reasons()["clip"]["tiny-vit"].items():
         assert re.fullmatch(
-            r"int8: \d+\.\d\dx fp32 at batch 1 here, cosine 0\.\d{4} here|fp32: int8 \d+\.\d\dx fp32 at batch 1 "
-            r"here, under 1\.1x \(cosine 0\.\d{4} here\)",
+            r"int8: \d+\.\d\dx fp32 at batch 1( x 16 positions)? here, cosine 0\.\d{4} here|"
+            r"fp32: int8 \d+\.\d\dx fp32 at batch 1( x 16 positions)? here, under 1\.1x \(cosine 0\.\d{4} here\)",
             why,
         ), (role, why)
 
@@ -190,15 +191,17 @@ def test_the_timer_gives_up_past_its_budget(built_tree: Path) -> None:
 
 
 def test_each_role_is_timed_on_its_workload_cut_from_its_probe() -> None:
-    """A tower at batch 1; a reranker on 8 pairs (the probe's rows repeated) of at most 64 positions, since
-    engines compare otherwise on one pair than on a batch (variant_check.TIMED_AT)."""
+    """An image at batch 1; a query's 16 tokens; a reranker's 8 pairs (the probe's rows repeated) of at most 64
+    positions (variant_check.TIMED_AT); positions cut only where the graph's sequence axis is dynamic."""
     long = {k: np.arange(5 * 207).reshape(5, 207) for k in ("input_ids", "attention_mask")}
-    pairs = variant_check.timed_feeds("reranker", long)
+    pairs = variant_check.timed_feeds("reranker", long, {"input_ids", "attention_mask"})
     assert {k: v.shape for k, v in pairs.items()} == {"input_ids": (8, 64), "attention_mask": (8, 64)}
     np.testing.assert_array_equal(pairs["input_ids"][5], long["input_ids"][0, :64])  # rows repeated, then cut
-    short = variant_check.timed_feeds("reranker", {"input_ids": np.ones((3, 20), np.int64)})
+    assert variant_check.timed_words(pairs) == "at batch 8 x 64 positions"
+    short = variant_check.timed_feeds("reranker", {"input_ids": np.ones((3, 20), np.int64)}, {"input_ids"})
     assert short["input_ids"].shape == (8, 20)  # never longer than the probe: within the model's positions
-    image = variant_check.timed_feeds("image_encoder", {"image": np.zeros((4, 3, 8, 8), np.float32)})
-    assert image["image"].shape == (1, 3, 8, 8)
-    assert variant_check.timed_words("reranker") == "at batch 8 x 64 positions"
-    assert variant_check.timed_words("text_encoder") == "at batch 1"
+    ids = {"input_ids": np.ones((4, 77), np.int64)}
+    assert variant_check.timed_feeds("text_encoder", ids, {"input_ids"})["input_ids"].shape == (1, 16)
+    assert variant_check.timed_feeds("text_encoder", ids, set())["input_ids"].shape == (1, 77)  # fixed axis
+    image = variant_check.timed_feeds("image_encoder", {"image": np.zeros((4, 3, 8, 8), np.float32)}, set())
+    assert image["image"].shape == (1, 3, 8, 8) and variant_check.timed_words(image) == "at batch 1"

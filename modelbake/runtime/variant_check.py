@@ -7,13 +7,12 @@ without AMX). So a build machine's gate and timings do not carry over to another
 can time an engine for the CPU a tree is opened on. Each candidate runs the golden probe its build recorded
 and must meet the thresholds its build gate used (``gate`` in its manifest entry: an int8 file's own, the
 fp32 file's for another engine running it); a non-finite output or a miss refuses it here. The survivors
-are timed beside onnxruntime fp32 on the role's workload (:data:`TIMED_AT`: batch 1 for a tower, a batch of
-pairs for a reranker; a warm-up, then interleaved rounds within a time budget), and the fastest runs only
-when it is at least MIN_SPEEDUP times faster than fp32 here.
+are timed beside onnxruntime fp32 on the role's workload (:data:`TIMED_AT`: one image, one query's tokens, a
+batch of pairs for a reranker; a warm-up, then interleaved rounds within a time budget), and the fastest runs
+only when it is at least MIN_SPEEDUP times faster than fp32 here.
 
 The choice is cached per (CPU signature, engine versions, threads, the files' sha256, the workload) as one
-JSON file in
-$MODELBAKE_VARIANT_CACHE, else ~/.cache/modelbake/variants when that can be written; never inside the model
+JSON file in $MODELBAKE_VARIANT_CACHE, else ~/.cache/modelbake/variants when that can be written; never inside the model
 tree. OpenVINO's compiled models are cached in its ``openvino`` folder. A read-only container simply checks
 again at each start.
 """
@@ -64,12 +63,19 @@ BUDGET_S = 30.0  # the timing's total; a CPU too slow to finish MIN_ROUNDS in it
 # int8 must be this much faster here to replace fp32: a tie within timing noise (1.00x was measured on an
 # AVX2 CPU for ViT-B/32's text tower) is no reason to give up fp32's accuracy.
 MIN_SPEEDUP = 1.1
-# What each role is timed on: (rows, at most this many positions) of its golden probe's inputs, rows repeated
-# where the probe has fewer. A tower serves one query or one image at a time: batch 1, as the probe has it. A
-# reranker scores a query's candidates in batches, where engines compare otherwise than on one pair: OpenVINO
-# bf16 against onnxruntime fp32 ran 0.93x on 1 pair of 16 tokens, 2.00x on 8 pairs of 64 and 2.17x on 32
-# pairs of 96 (MiniLM-L6, AVX-512 BF16, 2 threads). 64 positions keep the check's cost near a tower's.
-TIMED_AT: dict[str, tuple[int, int | None]] = {Role.RERANKER: (8, 64)}
+# What each role is timed on: (rows, at most this many positions where the graph's sequence axis is dynamic)
+# of its golden probe's inputs, rows repeated where the probe has fewer. Engines compare differently by shape,
+# so the timing runs what the role runs. A tower serves one image or one query at a time; a query's ids are
+# cut after its end-of-text token, so 16 positions, not the probe's 77. A reranker scores a query's
+# candidates in batches: OpenVINO bf16 against onnxruntime fp32 ran 0.93x on 1 pair of 16 tokens, 2.00x on 8
+# pairs of 64 and 2.17x on 32 pairs of 96 (MiniLM-L6, AVX-512 BF16, 2 threads). 64 positions keep the check's
+# cost near a tower's.
+TIMED_AT: dict[str, tuple[int, int | None]] = {Role.TEXT_ENCODER: (1, 16), Role.RERANKER: (8, 64)}
+# A pause before each timed run: a session's worker threads spin for a while after a run (onnxruntime's and
+# OpenVINO's pools alike), and on a 2-core machine the previous session's spinning slows the next one. Single
+# runs back to back measured OpenVINO bf16 1.31x onnxruntime fp32 (ViT-B/32 image, AVX-512 BF16) where each
+# session timed alone in 0.5 s blocks gave 1.97x; 10 ms pauses gave 1.30x, 50 ms 2.44x.
+QUIET_S = 0.05
 
 
 def cache_dir(root: Path) -> Path | None:
@@ -91,19 +97,23 @@ def openvino_cache(folder: Path | None) -> Path | None:
     return None if folder is None else folder / "openvino"
 
 
-def timed_feeds(role: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The inputs ``role`` is timed on here (:data:`TIMED_AT`), cut from its golden probe's ``feeds``."""
+def timed_feeds(role: str, feeds: dict[str, np.ndarray], dynamic: set[str]) -> dict[str, np.ndarray]:
+    """The inputs ``role`` is timed on here (:data:`TIMED_AT`), from its golden probe's ``feeds``; positions
+    are cut only in the inputs named in ``dynamic`` (a graph with a fixed sequence axis runs what it takes)."""
     rows, positions = TIMED_AT.get(role, (1, None))
     batch = probe_rows(feeds, rows)
-    if positions is None:
-        return batch
-    return {k: v[:, :positions] if v.ndim == 2 else v for k, v in batch.items()}
+    return {k: v[:, :positions] if positions and k in dynamic and v.ndim == 2 else v for k, v in batch.items()}
 
 
-def timed_words(role: str) -> str:
-    """Where ``role`` is timed, in a reason's words: "at batch 1", "at batch 8 x 64 positions"."""
-    rows, positions = TIMED_AT.get(role, (1, None))
-    return f"at batch {rows}" + (f" x {positions} positions" if positions else "")
+def dynamic_positions(run: Any) -> set[str]:
+    """The inputs of session ``run`` whose second axis (positions) is not fixed in the graph."""
+    return {i.name for i in run.get_inputs() if len(i.shape) == 2 and not isinstance(i.shape[1], int)}
+
+
+def timed_words(workload: dict[str, np.ndarray]) -> str:
+    """What ``workload`` is, in a reason's words: "at batch 1", "at batch 8 x 64 positions"."""
+    first = next(iter(workload.values()))
+    return f"at batch {len(first)}" + (f" x {first.shape[1]} positions" if first.ndim == 2 else "")
 
 
 def _key(here: dict[str, Any], entries: list[dict[str, Any]], threads: int | None, engines: list[str]) -> str:
@@ -178,7 +188,8 @@ def accuracy_here(run: Any, root: Path, model: dict[str, Any], entry: dict[str, 
 
 def time_here(runs: list[Any], feeds: dict[str, np.ndarray], budget_s: float = BUDGET_S) -> list[float] | None:
     """Median seconds per run of each session on ``feeds``, interleaved (each round runs all, in a rotating
-    order), after one warm-up each; None when ``budget_s`` ran out before MIN_ROUNDS rounds."""
+    order, each run after a QUIET_S pause), after one warm-up each; None when ``budget_s`` ran out before
+    MIN_ROUNDS rounds."""
     start = time.perf_counter()
     for run in runs:
         run.run(None, feeds)
@@ -187,6 +198,7 @@ def time_here(runs: list[Any], feeds: dict[str, np.ndarray], budget_s: float = B
         if time.perf_counter() - start > budget_s:
             break
         for i in np.roll(np.arange(len(runs)), r):
+            time.sleep(QUIET_S)
             t = time.perf_counter()
             runs[i].run(None, feeds)
             times[i].append(time.perf_counter() - t)
@@ -255,8 +267,9 @@ def _fastest(
     fp32 = candidates["fp32"]
     fp32_run = checked_session(root, model, fp32, threads)
     feeds, _ = feeds_and_outputs(read_golden(root, model, fp32))
-    at = timed_words(fp32["role"])
-    medians = time_here([fp32_run, *(run for _, run, _ in passed)], timed_feeds(fp32["role"], feeds))
+    workload = timed_feeds(fp32["role"], feeds, dynamic_positions(fp32_run))
+    at = timed_words(workload)
+    medians = time_here([fp32_run, *(run for _, run, _ in passed)], workload)
     if medians is None:
         return Choice(fp32, f"fp32: timing the variants here took over {BUDGET_S:g} s", fp32_run)
     ratios = [medians[0] / m for m in medians[1:]]
