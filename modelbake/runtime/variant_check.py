@@ -12,9 +12,9 @@ batch of pairs for a reranker; a warm-up, then interleaved rounds within a time 
 only when it is at least MIN_SPEEDUP times faster than fp32 here.
 
 The choice is cached per (CPU signature, engine versions, threads, the files' sha256, the workload) as one
-JSON file in $MODELBAKE_VARIANT_CACHE, else ~/.cache/modelbake/variants when that can be written; never inside the model
-tree. OpenVINO's compiled models are cached in its ``openvino`` folder. A read-only container simply checks
-again at each start.
+JSON file in $MODELBAKE_VARIANT_CACHE, else ~/.cache/modelbake/variants when that can be written; never
+inside the model tree. OpenVINO's compiled models are cached in its ``openvino`` folder. A read-only
+container simply checks again at each start.
 """
 
 from __future__ import annotations
