@@ -13,6 +13,8 @@ import json
 import re
 import select
 import socket
+import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable
@@ -541,3 +543,78 @@ def test_one_abusive_client_and_the_others_are_still_served(send_bound_service: 
     print(f"\nbeside an abusive client: p50 {result['p50_ms']:.0f} ms, p99 {result['p99_ms']:.0f} ms, {result}")
     assert result["abusive_connections"] >= 16
     assert result["errors"] == 0 and result["not_run"] == 0, result["first_errors"]
+
+
+@pytest.fixture(scope="module")
+def one_worker_service(built_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Service:
+    """An instance with one model worker, so that the order in which model calls are granted is the order
+    in which replies come."""
+    log = tmp_path_factory.mktemp("search-service-one") / "service.log"
+    proc, port = load.start_service(built_tree, log, env={"SEARCH_WORKERS": "1"})
+    yield Service(proc, port, log)
+    load.stop_service(proc)
+
+
+def test_a_client_with_many_large_jobs_queued_does_not_hold_back_another(one_worker_service: Service) -> None:
+    """One client (127.0.0.2) sends 8 large /embed/text jobs (16 model calls each); then another sends one
+    text. Model calls were once granted first come, first served, so the small request waited for every large
+    job before it (3.2 s at the median in bench/load.py --abuse); they are now granted to clients in turn, so
+    it waits for about one call. Asserted by the order of the replies, never by time."""
+    port, order, lock = one_worker_service.port, [], threading.Lock()
+    heavy = doc({"texts": ["a dog runs on the beach " * 100] * 256})
+
+    def send(name: str, source: str, body: bytes) -> None:
+        with socket.create_connection(("127.0.0.1", port), timeout=300, source_address=(source, 0)) as sock:
+            sock.sendall(b"".join(post("/embed/text", body)))
+            response = http.client.HTTPResponse(sock)
+            response.begin()
+            response.read()
+        with lock:
+            order.append((name, response.status))
+
+    large = [threading.Thread(target=send, args=(f"large{i}", load.ABUSER, heavy)) for i in range(8)]
+    for thread in large:
+        thread.start()
+    time.sleep(0.3)  # the large jobs are in (were one still on its way, it would queue behind the small one)
+    started = time.monotonic()
+    send("small", "127.0.0.1", doc({"texts": ["a dog"]}))
+    waited = time.monotonic() - started
+    for thread in large:
+        thread.join()
+    print(f"\nreplies in order: {order}; the small request took {waited * 1e3:.0f} ms")
+    assert all(status == 200 for _, status in order), order
+    assert [name for name, _ in order].index("small") == 0, order
+
+
+def test_turns_go_round_the_clients_and_a_call_out_of_time_leaves_the_queue() -> None:
+    """The scheduler alone, in this process: one slot held; client a queues two calls, b one, c one with a
+    short deadline. c gets OutOfTime without a turn and leaves the queue; the slot then goes a, b, a."""
+    spec = importlib.util.spec_from_file_location("search_app", load.APP)
+    app = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = app  # its dataclasses look their module up
+    spec.loader.exec_module(app)
+    turns, order, far = app.Turns(1), [], time.monotonic() + 60
+
+    def call(client: str, name: str, deadline: float) -> None:
+        try:
+            with turns.turn(client, deadline):
+                order.append(name)
+        except app.OutOfTime:
+            order.append(f"{name} out of time")
+
+    held = turns.turn("a", far)
+    held.__enter__()
+    threads = []
+    for client, name, seconds in [("a", "a1", 60), ("a", "a2", 60), ("b", "b1", 60), ("c", "c1", 0.2)]:
+        threads.append(threading.Thread(target=call, args=(client, name, time.monotonic() + seconds)))
+        threads[-1].start()
+        while turns.waiting < len(threads) and not order:  # queued in this order
+            time.sleep(0.001)
+    threads[-1].join()
+    assert order == ["c1 out of time"] and turns.waiting == 3
+    held.__exit__(None, None, None)
+    for thread in threads:
+        thread.join()
+    assert order == ["c1 out of time", "a1", "b1", "a2"] and turns.waiting == 0
+    with turns.turn("d", far):  # the slot is free again: granted at once
+        assert turns.waiting == 0

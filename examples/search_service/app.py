@@ -35,6 +35,7 @@ Limits, from the environment [default]:
     SEARCH_MAX_ASPECT_RATIO [256]           long side / short side of one image
     SEARCH_BATCH_SIZE [16]                  texts, pairs or images per model call
     SEARCH_WORKERS [2]                      model calls at once (each with MODELBAKE_THREADS onnxruntime threads)
+                                            taken by the waiting clients in turn, one call (batch) each
     SEARCH_MAX_CONCURRENCY [16]             requests in progress, and model jobs queued or running; beyond: 503
     SEARCH_MAX_PER_CLIENT [as CONCURRENCY]  requests in progress from one client address; beyond: 503. Set it
                                             below SEARCH_MAX_CONCURRENCY (half, say) where clients come with
@@ -65,9 +66,10 @@ import logging
 import math
 import os
 import sys
+import threading
 import time
-from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections import Counter, OrderedDict, deque
+from collections.abc import Awaitable, Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, fields
 from typing import Annotated, Any, TypeVar
@@ -206,23 +208,86 @@ class OutOfTime(Exception):
     pass
 
 
-def check_time(deadline: float) -> None:
-    """Between two model calls: stop a job whose request has already had its 503."""
-    if time.monotonic() > deadline:
-        raise OutOfTime
-
-
 def batches(items: list[Any], size: int) -> list[list[Any]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
 
 
+class Turns:
+    """Model calls, at most ``slots`` at once, granted to the waiting clients in turn: one call each, round
+    robin, and within a client to its jobs in turn. Jobs once took the model workers first come, first served:
+    beside a client with 8 large jobs queued, another's one-text request waited for all of them (3.2 s at the
+    median, bench/README). Now it waits for about one call per slot, whatever the others have queued."""
+
+    def __init__(self, slots: int) -> None:
+        self._lock = threading.Lock()
+        self._free = slots  # above 0 only while nobody waits: a released slot goes straight to the next call
+        self._waiting: OrderedDict[str, deque[threading.Event]] = OrderedDict()  # the next client first
+
+    @property
+    def waiting(self) -> int:
+        """Model calls waiting for a turn."""
+        with self._lock:
+            return sum(len(queue) for queue in self._waiting.values())
+
+    @contextlib.contextmanager
+    def turn(self, client: str, deadline: float) -> Iterator[None]:
+        """Hold a slot for one model call of ``client``; OutOfTime when ``deadline`` passes first."""
+        with self._lock:
+            granted = None if self._free else threading.Event()
+            if granted is None:
+                self._free -= 1
+            else:
+                self._waiting.setdefault(client, deque()).append(granted)
+        if granted is not None and not granted.wait(max(0.0, deadline - time.monotonic())):
+            with self._lock:
+                if not granted.is_set():  # still waiting: leave the queue (else the slot was just handed over)
+                    queue = self._waiting[client]
+                    queue.remove(granted)
+                    if not queue:
+                        del self._waiting[client]
+                    raise OutOfTime
+        try:
+            if time.monotonic() > deadline:  # the request has had its 503: stop its job here
+                raise OutOfTime
+            yield
+        finally:
+            self._hand_on()
+
+    def _hand_on(self) -> None:
+        with self._lock:
+            if not self._waiting:
+                self._free += 1
+                return
+            client, queue = next(iter(self._waiting.items()))
+            queue.popleft().set()
+            if queue:
+                self._waiting.move_to_end(client)  # its next call waits for every other client's
+            else:
+                del self._waiting[client]
+
+
+@dataclass(frozen=True)
+class Job:
+    """One request's model work: whose it is and until when. Each model call takes its turn."""
+
+    turns: Turns
+    client: str
+    deadline: float
+
+    def turn(self) -> contextlib.AbstractContextManager[None]:
+        return self.turns.turn(self.client, self.deadline)
+
+
 class Runner:
-    """Model work on a bounded thread pool. At most ``limit`` jobs are queued or running, counting jobs whose
-    request timed out until they stop (at their next batch), so abandoned work cannot pile up."""
+    """Model work on threads, at most SEARCH_MAX_CONCURRENCY jobs queued or running (counting jobs whose
+    request timed out until they stop, at their next model call, so abandoned work cannot pile up), their model
+    calls SEARCH_WORKERS at once, taken in turns (:class:`Turns`)."""
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.pool = ThreadPoolExecutor(settings.workers, thread_name_prefix="model")
+        # a thread per job: jobs wait for turns, not for a thread
+        self.pool = ThreadPoolExecutor(settings.max_concurrency, thread_name_prefix="model")
+        self.turns = Turns(settings.workers)
         self.jobs = 0
 
     def _finished(self, loop: asyncio.AbstractEventLoop, _: Future) -> None:
@@ -232,15 +297,15 @@ class Runner:
     def _release(self) -> None:
         self.jobs -= 1
 
-    async def run(self, work: Callable[..., bytes], *args: Any) -> bytes:
+    async def run(self, client: str, work: Callable[..., bytes], *args: Any) -> bytes:
         timeout = self.settings.request_timeout
         if self.jobs >= self.settings.max_concurrency:
             raise ApiError(503, f"busy: {self.jobs} model jobs queued or running", {"Retry-After": "1"})
         loop = asyncio.get_running_loop()
         self.jobs += 1
-        job = self.pool.submit(work, time.monotonic() + timeout, *args)
+        job = self.pool.submit(work, Job(self.turns, client, time.monotonic() + timeout), *args)
         job.add_done_callback(lambda done: self._finished(loop, done))
-        try:  # on timeout wait_for cancels the job if it has not started; a running one stops at its next batch
+        try:  # on timeout a job waiting for its turn stops then; a running one stops at its next model call
             return await asyncio.wait_for(asyncio.wrap_future(job), timeout)
         except (TimeoutError, OutOfTime):
             raise ApiError(
@@ -297,7 +362,7 @@ class Service:
 
     async def embed_text(self, request: Request) -> Response:
         body = parse(EmbedText, await request.body())
-        return self.ok(await self.runner.run(self._embed_text, body.texts))
+        return self.ok(await self.runner.run(client_of(request), self._embed_text, body.texts))
 
     async def embed_image(self, request: Request) -> Response:
         raw = await request.body()
@@ -306,63 +371,64 @@ class Service:
         if raw.count(b",") > self.settings.max_images + 8:
             raise ApiError(422, f"images: at most {self.settings.max_images} base64 strings (SEARCH_MAX_IMAGES)")
         body = parse(EmbedImage, raw)
-        return self.ok(await self.runner.run(self._embed_image, body.images))
+        return self.ok(await self.runner.run(client_of(request), self._embed_image, body.images))
 
     async def rank(self, request: Request) -> Response:
         body = parse(Rank, await request.body())
-        return self.ok(await self.runner.run(self._rank, body.query, body.passages, body.top_k))
+        return self.ok(await self.runner.run(client_of(request), self._rank, body.query, body.passages, body.top_k))
 
     async def boundaries(self, request: Request) -> Response:
         body = parse(Boundaries, await request.body())
         if len({len(row) for row in body.features}) > 1:
             raise ApiError(422, "features: every row must have the same length")
-        return self.ok(await self.runner.run(self._boundaries, body.features))
+        return self.ok(await self.runner.run(client_of(request), self._boundaries, body.features))
 
     @staticmethod
     def ok(data: bytes) -> Response:
         return Response(data, 200, media_type="application/json")
 
-    # Model work, in the Runner's threads: batches of SEARCH_BATCH_SIZE, the deadline checked between them,
-    # the reply encoded here too (not on the event loop).
-    def _embed_text(self, deadline: float, texts: list[str]) -> bytes:
+    # Model work, in the Runner's threads: batches of SEARCH_BATCH_SIZE, one turn each (the deadline checked
+    # then), the reply encoded here too (not on the event loop).
+    def _embed_text(self, job: Job, texts: list[str]) -> bytes:
         clip, size = self.models.default_clip, self.settings.batch_size
         out = []
         for batch in batches(texts, size):
-            check_time(deadline)
-            out.append(clip.encode_text(batch, batch_size=size))
+            with job.turn():
+                out.append(clip.encode_text(batch, batch_size=size))
         return json_bytes({"embeddings": np.concatenate(out).tolist() if out else []})
 
-    def _embed_image(self, deadline: float, images: list[str]) -> bytes:
+    def _embed_image(self, job: Job, images: list[str]) -> bytes:
         clip, size = self.models.default_clip, self.settings.batch_size
         files = [decode_image(i, text) for i, text in enumerate(images)]
         out = []
         for start in range(0, len(files), size):  # each decoded only while it is preprocessed
-            check_time(deadline)
             batch = files[start : start + size]
             try:
-                out.append(clip.encode_image(batch, batch_size=size))
+                with job.turn():
+                    out.append(clip.encode_image(batch, batch_size=size))
             except ValueError as exc:  # the header was fine, the data is not (truncated, corrupt)
                 where = f"images[{start}]" if len(batch) == 1 else f"one of images[{start}:{start + len(batch)}]"
                 raise ValueError(f"{where}: {exc}") from None
         return json_bytes({"embeddings": np.concatenate(out).tolist() if out else []})
 
-    def _rank(self, deadline: float, query: str, passages: list[str], top_k: int | None) -> bytes:
+    def _rank(self, job: Job, query: str, passages: list[str], top_k: int | None) -> bytes:
         reranker, size = self.models.reranker, self.settings.batch_size
         if reranker is None:
             raise LookupError("this model folder holds no reranker")
         parts = []
         for batch in batches(passages, size):
-            check_time(deadline)
-            parts.append(reranker.score(query, batch, batch_size=size))
+            with job.turn():
+                parts.append(reranker.score(query, batch, batch_size=size))
         scores = np.concatenate(parts) if parts else np.zeros((0,), np.float32)
         order = np.argsort(-scores, kind="stable")[:top_k]  # as Reranker.rank
         return json_bytes({"ranking": [[int(i), float(scores[i])] for i in order]})
 
-    def _boundaries(self, deadline: float, features: list[list[float]]) -> bytes:
+    def _boundaries(self, job: Job, features: list[list[float]]) -> bytes:
         if self.models.regressor is None:
             raise LookupError("this model folder holds no boundary regressor")
-        check_time(deadline)
-        return json_bytes({"deltas": self.models.regressor.predict(features).tolist()})
+        with job.turn():
+            deltas = self.models.regressor.predict(features)
+        return json_bytes({"deltas": deltas.tolist()})
 
 
 def decode_image(index: int, text: str) -> bytes:
@@ -389,6 +455,12 @@ def decode_image(index: int, text: str) -> bytes:
 HEALTH = json.dumps({"status": "ok"}).encode()
 
 
+def client_of(request: Request | dict[str, Any]) -> str:
+    """The client's address, as the limits and turns know it (behind a proxy every client is the proxy)."""
+    scope = request.scope if isinstance(request, Request) else request
+    return (scope.get("client") or ("?", 0))[0]
+
+
 class Guard:
     """Around the whole app (pure ASGI): at most SEARCH_MAX_CONCURRENCY requests in progress, each body read
     whole before any route sees it, under its size limit and within SEARCH_READ_TIMEOUT, and each reply sent
@@ -412,7 +484,7 @@ class Guard:
         if self.active >= self.settings.max_concurrency:
             return await self.refuse(send, 503, f"busy: {self.active} requests in progress", {"retry-after": "1"})
         # One client cannot hold every slot: the others are still served while it floods or stalls.
-        client = (scope.get("client") or ("?", 0))[0]
+        client = client_of(scope)
         if self.by_client[client] >= (self.settings.max_per_client or self.settings.max_concurrency):
             mine = self.by_client[client]
             message = f"busy: {mine} requests of this client in progress (SEARCH_MAX_PER_CLIENT)"
