@@ -25,4 +25,5 @@ fi
 "$venv/bin/ruff" check .
 "$venv/bin/ruff" format --check .
 "$venv/bin/hadolint" Dockerfile.models examples/*/Dockerfile bench/naive.Dockerfile
-exec "$venv/bin/python" -m pytest -ra "$@"
+# --durations: every run says where its time went (the suite should stay near 30 minutes)
+exec "$venv/bin/python" -m pytest -ra --durations=30 "$@"
