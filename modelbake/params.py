@@ -184,8 +184,8 @@ TABLE: tuple[Param, ...] = (
           _number(int, 0), _REGRESSOR, "--regressor-seed"),
     Param("REGRESSOR_EPOCHS", "20", "training epochs of the seed weights",
           _number(int, 1), _REGRESSOR, "--regressor-epochs"),
-    Param("INT8_SHIP", "faster", "which gated int8 variants ship: faster (than fp32 at batch 1 on the build machine) "
-          "or gated (every one its gate passed; `auto` checks it where the tree is opened)",
+    Param("INT8_SHIP", "faster", "which gated int8 variants ship: faster (than fp32 on the role's workload on "
+          "the build machine) or gated (every one its gate passed; `auto` checks it where the tree is opened)",
           _choice(*INT8_SHIP_CHOICES), (*_CLIP, *_RERANKER), "--int8-ship"),
     Param("INT8_REQUIRED", "0", "1 = a graph whose int8 was refused by its gate or is slower fails the stage "
           "(default: it ships fp32 alone and says why)", _BOOL, (*_CLIP, *_RERANKER), "--int8-required"),

@@ -20,10 +20,11 @@ from modelbake.manifest import Role, Variant
 from modelbake.params import defaults
 from modelbake.producers import onnx_export
 from modelbake.producers.onnx_export import ExportSettings, Int8Refused, OnnxExport, export_variants
-from modelbake.producers.speed import BATCHES, Candidate, decide, measure
+from modelbake.producers.speed import Candidate, Timing, decide, measure
 from modelbake.runtime.gates import min_row_cosine
 from modelbake.runtime.registry import Loader
 from modelbake.runtime.sessions import session
+from modelbake.runtime.variant_check import workload
 from modelbake.runtime.variants import AUTO, choose, machine, requested, same_kernels
 
 
@@ -70,41 +71,46 @@ def _cnn_export(calibrate: bool = True, int8_min_cosine: float = 0.99) -> OnnxEx
 
 
 def _fake_timer(ms: dict[str, float]):
-    """A stand-in for speed.measure: batch-1 ms by quantisation method ('export' is fp32)."""
+    """A stand-in for speed.measure: ms on the role's workload by quantisation method ('export' is fp32)."""
 
-    def fake(candidates: list[Candidate], probe: dict[str, np.ndarray], *args: Any, **kwargs: Any) -> None:
+    def fake(candidates: list[Candidate], probe: dict[str, np.ndarray], role: str, *args: Any, **kwargs: Any):
+        rows, _ = workload(role)
         for c in candidates:
-            c.batch_ms = {str(b): ms[c.method] * b for b in BATCHES}
+            c.batch_ms = {str(rows): ms[c.method]}
+        return Timing(role, f"at batch {rows}")
 
     return fake
 
 
 def test_decide_drops_a_variant_slower_than_fp32_unless_forced() -> None:
-    fp32 = Candidate(Variant.FP32, Path("a.onnx"), {}, {"1": 10.0, "8": 60.0})
-    dynamic = Candidate(Variant.INT8, Path("b.onnx"), {"method": "quantize_dynamic"}, {"1": 30.0, "8": 200.0})
-    static = Candidate(Variant.INT8, Path("c.onnx"), {"method": "quantize_static_qdq"}, {"1": 12.0, "8": 50.0})
-    ships, dropped = decide(fp32, [dynamic, static], keep_slower=False)
+    fp32 = Candidate(Variant.FP32, Path("a.onnx"), {}, {"1": 10.0})
+    dynamic = Candidate(Variant.INT8, Path("b.onnx"), {"method": "quantize_dynamic"}, {"1": 30.0})
+    static = Candidate(Variant.INT8, Path("c.onnx"), {"method": "quantize_static_qdq"}, {"1": 12.0})
+    at = Timing(Role.IMAGE_ENCODER, "at batch 1")
+    ships, dropped = decide(fp32, [dynamic, static], False, at)
     assert ships == []
     assert [(d["method"], d["why"].split(" (")[0]) for d in dropped] == [
         ("quantize_dynamic", "quantize_static_qdq was faster at batch 1"),
         ("quantize_static_qdq", "1.20x slower than fp32 at batch 1 on the build machine"),
     ]
     assert "INT8_SHIP=gated ships it anyway" in dropped[1]["why"]
-    ships, _ = decide(fp32, [dynamic, static], keep_slower=True)
+    ships, _ = decide(fp32, [dynamic, static], True, at)
     assert ships == [static]
     static.batch_ms["1"] = 7.0
-    ships, dropped = decide(fp32, [dynamic, static], keep_slower=False)
+    ships, dropped = decide(fp32, [dynamic, static], False, at)
     assert ships == [static] and [d["method"] for d in dropped] == ["quantize_dynamic"]
 
 
-def test_the_timer_records_every_batch_size_for_every_candidate(tmp_path: Path) -> None:
+def test_the_timer_times_every_candidate_on_the_roles_workload(tmp_path: Path) -> None:
+    """The real timer, the open-time check's own, on what the check would time: one image for an image tower."""
     export = _cnn_export()
     fp32, _ = onnx_export._export(export, _settings(), tmp_path, "cnn.onnx")
     onnx_export._quantize(fp32, tmp_path / "cnn_int8.onnx")
     candidates = [Candidate(Variant.FP32, fp32, {}), Candidate(Variant.INT8, tmp_path / "cnn_int8.onnx", {})]
-    measure(candidates, {"pixel_values": export.probe["pixel_values"].numpy()}, threads=1, rounds=2)
+    timing = measure(candidates, {"pixel_values": export.probe["pixel_values"].numpy()}, Role.IMAGE_ENCODER, 1)
+    assert timing.at == "at batch 1" and timing.record() == {"timed_at": [1, None], "at": "at batch 1"}
     for c in candidates:
-        assert set(c.batch_ms) == {str(b) for b in BATCHES} and all(v > 0 for v in c.batch_ms.values())
+        assert list(c.batch_ms) == ["1"] and c.ms > 0
 
 
 def test_a_slower_int8_is_not_shipped_and_the_fp32_entry_says_why(
@@ -115,13 +121,14 @@ def test_a_slower_int8_is_not_shipped_and_the_fp32_entry_says_why(
     onnx_files = [f for f in files if f["format"] == "onnx"]
     assert [f["variant"] for f in onnx_files] == ["fp32"] and not (tmp_path / "onnx" / "cnn_int8.onnx").exists()
     speed = onnx_files[0]["speed"]
-    assert speed["batch_ms"] == {"1": 1.0, "8": 8.0} and speed["machine"] == machine()
+    assert speed["batch_ms"] == {"1": 1.0} and speed["machine"] == machine()
+    assert speed["timed_at"] == [1, None] and speed["at"] == "at batch 1"
     (dropped,) = speed["not_shipped"]
     assert dropped["method"] == "quantize_dynamic" and dropped["why"].startswith("3.00x slower than fp32")
     # Forced, it ships, with its ratio to fp32 recorded.
     files = export_variants(_cnn_export(calibrate=False), "cnn.onnx", tmp_path, _settings(int8_ship="gated"))
     int8 = next(f for f in files if f.get("variant") == "int8")
-    assert int8["speed"]["vs_fp32"] == {"1": pytest.approx(1 / 3, abs=1e-3), "8": pytest.approx(1 / 3, abs=1e-3)}
+    assert int8["speed"]["vs_fp32"] == {"1": pytest.approx(1 / 3, abs=1e-3)}
 
 
 def test_a_cnn_gets_a_static_qdq_candidate_and_the_faster_one_ships(
@@ -178,7 +185,7 @@ def _model(ms: dict[str, float], isa: list[str]) -> dict[str, Any]:
                 "path": f"{v}.onnx",
                 "role": Role.IMAGE_ENCODER,
                 "variant": v,
-                "speed": {"batch_ms": {"1": t}, "machine": where},
+                "speed": {"batch_ms": {"1": t}, "timed_at": [1, None], "at": "at batch 1", "machine": where},
             }
             for v, t in ms.items()
         ],
@@ -193,6 +200,12 @@ def test_auto_picks_what_the_table_says_on_the_same_kernels_and_checks_elsewhere
         "int8: 1.6x fp32 at batch 1 on the build machine, whose ISA flags this CPU shares"
     )
     assert choose(_model({"fp32": 4.0, "int8": 5.0}, ["avx2", "fma"]), Role.IMAGE_ENCODER, AUTO, here).variant == "fp32"
+    # Timed by an older build on another workload (batch 1 of the probe, no timed_at): not what the check
+    # would time, so not trusted even on the same kernels.
+    older = _model({"fp32": 4.0, "int8": 2.5}, ["avx2", "fma"])
+    for entry in older["files"]:
+        del entry["speed"]["timed_at"]
+    assert choose(older, Role.IMAGE_ENCODER, AUTO, here).why.startswith("fp32: the build timed them on another work")
     # Measured on a VNNI machine: its int8 kernels are not the ones that would run here, nor its int8 error.
     # With the tree at hand the variants are checked here (tests/test_variant_check.py); without, fp32.
     vnni = _model({"fp32": 4.0, "int8": 1.0}, ["avx2", "avx512_vnni", "fma"])

@@ -34,7 +34,7 @@ from modelbake.manifest import Role, Variant, file_entry
 from modelbake.params import BY_NAME
 from modelbake.producers import Values
 from modelbake.producers.common import ProducerError, log
-from modelbake.producers.speed import Candidate, decide, measure, record
+from modelbake.producers.speed import Candidate, Timing, decide, measure, record
 from modelbake.runtime import sessions
 from modelbake.runtime.gates import min_row_cosine
 from modelbake.runtime.sessions import OPENVINO, session
@@ -239,7 +239,7 @@ def export_variants(
     Each variant passes the parity gate against PyTorch (and ``extra_gate``, e.g. a reranker's score
     contract) before anything is written. int8 candidates: dynamic, and static QDQ for convolutional graphs
     given calibration inputs; the gated ones are timed beside fp32 on this machine and the fastest ships,
-    unless it is slower than fp32 at batch 1 (:mod:`.speed`) and ``int8_ship`` is ``faster``. int8 is
+    unless it is slower than fp32 on the role's workload (:mod:`.speed`) and ``int8_ship`` is ``faster``. int8 is
     optional (:func:`_int8_that_ship`); each int8 entry records as ``gate`` the export's ``int8_gate``, which
     a CPU that opens the tree checks it against again. Weights over ``external_data_bytes`` ship in
     ``<name>.onnx.data``. Returns the manifest entries: per shipped variant
@@ -256,21 +256,21 @@ def export_variants(
         shipped, dropped = [fp32], []
         if settings.int8:
             candidates, dropped = _int8_candidates(export, graph, reference, extra_gate, work, settings)
-            ships, slower = _int8_that_ship(export, fp32, candidates, settings, dropped)
+            ships, slower, timing = _int8_that_ship(export, fp32, candidates, settings, dropped)
             shipped, dropped = [fp32, *ships], dropped + slower
             done(f"{export.role} int8 checked and timed")
         files: list[dict[str, Any]] = []
         for candidate in shipped:
             path = root / ONNX_DIR / variant_name(onnx_name, candidate.variant)
-            speed = _speed(candidate, fp32, dropped) if settings.int8 else None
+            speed = _speed(candidate, fp32, dropped, timing) if settings.int8 else None
             files += _write(export, candidate, path, root, reference, settings.opset, speed)
     return files
 
 
-def _speed(candidate: Candidate, fp32: Candidate, dropped: list[dict[str, Any]]) -> dict[str, Any] | None:
+def _speed(candidate: Candidate, fp32: Candidate, dropped: list[dict[str, Any]], timing: Timing) -> dict[str, Any]:
     """A shipped variant's ``speed`` record; fp32's lists the variants not shipped and why."""
-    speed = record(candidate, fp32, None)
-    if speed is not None and candidate is fp32 and dropped:
+    speed = record(candidate, fp32, timing, None)
+    if candidate is fp32 and dropped:
         speed["not_shipped"] = dropped
     return speed
 
@@ -281,15 +281,16 @@ def _int8_that_ship(
     candidates: list[Candidate],
     settings: ExportSettings,
     refused: list[dict[str, Any]],
-) -> tuple[list[Candidate], list[dict[str, Any]]]:
-    """The gated int8 ``candidates`` timed beside ``fp32``: (those that ship, those slower than fp32).
+) -> tuple[list[Candidate], list[dict[str, Any]], Timing]:
+    """The gated int8 ``candidates`` timed beside ``fp32`` on the role's workload: (those that ship, those
+    slower than fp32, what they were timed on).
 
     int8 is optional: when its gate refused every candidate (``refused``), or the one left is slower, fp32
     ships alone and its entry's ``speed.not_shipped`` says why, each logged; ``int8_required`` makes that an
     :class:`Int8Refused` error instead. An int8's error depends on the CPU: its gate is checked again where
     the tree is opened."""
-    measure([fp32, *candidates], _numpy(export.probe))
-    ships, slower = decide(fp32, candidates, keep_slower=settings.int8_ship == "gated")
+    timing = measure([fp32, *candidates], _numpy(export.probe), export.role)
+    ships, slower = decide(fp32, candidates, settings.int8_ship == "gated", timing)
     for d in refused + slower:
         log.warning("%s %s (%s) not shipped: %s", export.role, d["variant"], d["method"], d["why"])
     if settings.int8_required and not ships:
@@ -297,7 +298,7 @@ def _int8_that_ship(
             f"{export.role}: INT8_REQUIRED=1 and no int8 variant ships: "
             + "; ".join(f"{d['method']}: {d['why']}" for d in refused + slower)
         )
-    return ships, slower
+    return ships, slower, timing
 
 
 def _numpy(inputs: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:

@@ -97,10 +97,15 @@ def openvino_cache(folder: Path | None) -> Path | None:
     return None if folder is None else folder / "openvino"
 
 
+def workload(role: str) -> tuple[int, int | None]:
+    """What ``role`` is timed on: (rows, at most this many positions), :data:`TIMED_AT`."""
+    return TIMED_AT.get(role, (1, None))
+
+
 def timed_feeds(role: str, feeds: dict[str, np.ndarray], dynamic: set[str]) -> dict[str, np.ndarray]:
     """The inputs ``role`` is timed on here (:data:`TIMED_AT`), from its golden probe's ``feeds``; positions
     are cut only in the inputs named in ``dynamic`` (a graph with a fixed sequence axis runs what it takes)."""
-    rows, positions = TIMED_AT.get(role, (1, None))
+    rows, positions = workload(role)
     batch = probe_rows(feeds, rows)
     return {k: v[:, :positions] if positions and k in dynamic and v.ndim == 2 else v for k, v in batch.items()}
 
@@ -125,7 +130,7 @@ def _key(here: dict[str, Any], entries: list[dict[str, Any]], threads: int | Non
         "threads": threads or threads_from_env() or 0,  # what the sessions will use
         "files": [[e.get("variant"), e["sha256"], e.get("gate")] for e in entries],
         "engines": [[name, (sessions.openvino_facts() or {}).get("version")] for name in engines],
-        "timed": TIMED_AT.get(entries[0]["role"]),  # a new workload times again
+        "timed": workload(entries[0]["role"]),  # a new workload times again
     }
     return hashlib.sha256(json.dumps(signature, sort_keys=True).encode()).hexdigest()
 

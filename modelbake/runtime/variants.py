@@ -117,8 +117,8 @@ def choose(
 
     An explicit variant runs where the build shipped it, else fp32 (an int8 refused by its gate at build time
     is a normal outcome), the reason saying so. ``auto``: fp32 when it is the only one;
-    the build's table (the smallest recorded batch-1 latency) when the recording machine has this one's
-    kernels; otherwise, given the tree's ``root``, each other variant checked and timed here
+    the build's table (the smallest recorded latency on the role's workload) when the recording machine has this
+    one's kernels; otherwise, given the tree's ``root``, each other variant checked and timed here
     (:func:`.variant_check.check_here`), else fp32.
     """
     if variant != AUTO:
@@ -137,16 +137,21 @@ def choose(
     engines = engine_variants(fp32)
     if not others and not engines:
         return Choice(fp32, "fp32: the only variant built")
-    timed = [e for e in (fp32, *others) if _batch1(e) is not None]
+    timed = [e for e in (fp32, *others) if _timed_ms(e) is not None]
     trusted = len(timed) == 1 + len(others) and all(same_kernels(e["speed"].get("machine"), here) for e in timed)
     if trusted and not engines:  # the build's table ranks onnxruntime's files, never another engine
-        best = min(timed, key=lambda e: (_batch1(e), e["variant"] != Variant.FP32))
-        what = "fastest" if best is fp32 else f"{_batch1(fp32) / max(_batch1(best), 1e-9):.3g}x fp32"
-        return Choice(
-            best, f"{best['variant']}: {what} at batch 1 on the build machine, whose ISA flags this CPU shares"
-        )
+        best = min(timed, key=lambda e: (_timed_ms(e), e["variant"] != Variant.FP32))
+        what = "fastest" if best is fp32 else f"{_timed_ms(fp32) / max(_timed_ms(best), 1e-9):.3g}x fp32"
+        at = best["speed"]["at"]
+        return Choice(best, f"{best['variant']}: {what} {at} on the build machine, whose ISA flags this CPU shares")
     if root is None:
-        where = "OpenVINO is installed" if trusted else "built on another CPU class"
+        where = (
+            "OpenVINO is installed"
+            if trusted
+            else "built on another CPU class"
+            if len(timed) == 1 + len(others)
+            else "the build timed them on another workload"
+        )
         return Choice(fp32, f"fp32: {where}, and no tree to check the other variants in")
     return variant_check.check_here(root, model, fp32, others, here, threads, engines)
 
@@ -166,5 +171,11 @@ def _openvino_asked(model: dict[str, Any], role: str, variant: str, how: str) ->
     return Choice(fp32, f"{variant}: asked for{how}", name=variant)
 
 
-def _batch1(entry: dict[str, Any]) -> float | None:
-    return entry.get("speed", {}).get("batch_ms", {}).get("1")
+def _timed_ms(entry: dict[str, Any]) -> float | None:
+    """The build's median ms for ``entry`` on its role's workload; None when it was timed on another one
+    (a tree built before the build timed what the open-time check times)."""
+    speed = entry.get("speed", {})
+    rows, positions = variant_check.workload(entry["role"])
+    if speed.get("timed_at") != [rows, positions] or "at" not in speed:
+        return None
+    return speed.get("batch_ms", {}).get(str(rows))
