@@ -44,7 +44,8 @@ variable "TAG" { default = "latest" }
 variable "PUSH_TO" { default = "" }
 # A registry build cache shared by every builder: REGISTRY/NAME:TAG. Every target imports it; `runtime` (whose
 # graph holds every stage) exports it with mode=max, so the producing stages are cached, not only the final
-# image. Needs an engine that can export one (the containerd image store, or a docker-container builder).
+# image; its layers in zstd (gzip made the export 3x slower: 207 s against 67 s for the tiny models' 3.4 GB).
+# Needs an engine that can export one (the containerd image store, or a docker-container builder).
 variable "BUILD_CACHE" { default = "" }
 # 1 = pushed images carry BuildKit's provenance attestation (mode=max); the same engines only.
 variable "PROVENANCE" { default = "0" }
@@ -169,7 +170,7 @@ target "runtime" {
   inherits = ["_common", "_platforms"]
   target   = "runtime"
   tags     = ["${IMAGE}:${TAG}"]
-  cache-to = notequal(BUILD_CACHE, "") ? ["type=registry,ref=${BUILD_CACHE},mode=max"] : []
+  cache-to = notequal(BUILD_CACHE, "") ? ["type=registry,ref=${BUILD_CACHE},mode=max,compression=zstd"] : []
 }
 
 # Push from plain bake: PUSH_TO=REGISTRY/NAME docker buildx bake push --metadata-file push.json
