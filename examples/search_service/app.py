@@ -362,7 +362,7 @@ class Service:
 
     async def embed_text(self, request: Request) -> Response:
         body = parse(EmbedText, await request.body())
-        return self.ok(await self.runner.run(client_of(request), self._embed_text, body.texts))
+        return self.ok(await self.runner.run(client_of(request.scope), self._embed_text, body.texts))
 
     async def embed_image(self, request: Request) -> Response:
         raw = await request.body()
@@ -371,17 +371,19 @@ class Service:
         if raw.count(b",") > self.settings.max_images + 8:
             raise ApiError(422, f"images: at most {self.settings.max_images} base64 strings (SEARCH_MAX_IMAGES)")
         body = parse(EmbedImage, raw)
-        return self.ok(await self.runner.run(client_of(request), self._embed_image, body.images))
+        return self.ok(await self.runner.run(client_of(request.scope), self._embed_image, body.images))
 
     async def rank(self, request: Request) -> Response:
         body = parse(Rank, await request.body())
-        return self.ok(await self.runner.run(client_of(request), self._rank, body.query, body.passages, body.top_k))
+        return self.ok(
+            await self.runner.run(client_of(request.scope), self._rank, body.query, body.passages, body.top_k)
+        )
 
     async def boundaries(self, request: Request) -> Response:
         body = parse(Boundaries, await request.body())
         if len({len(row) for row in body.features}) > 1:
             raise ApiError(422, "features: every row must have the same length")
-        return self.ok(await self.runner.run(client_of(request), self._boundaries, body.features))
+        return self.ok(await self.runner.run(client_of(request.scope), self._boundaries, body.features))
 
     @staticmethod
     def ok(data: bytes) -> Response:
@@ -455,9 +457,8 @@ def decode_image(index: int, text: str) -> bytes:
 HEALTH = json.dumps({"status": "ok"}).encode()
 
 
-def client_of(request: Request | dict[str, Any]) -> str:
+def client_of(scope: dict[str, Any]) -> str:
     """The client's address, as the limits and turns know it (behind a proxy every client is the proxy)."""
-    scope = request.scope if isinstance(request, Request) else request
     return (scope.get("client") or ("?", 0))[0]
 
 

@@ -145,13 +145,12 @@ def choose(
         at = best["speed"]["at"]
         return Choice(best, f"{best['variant']}: {what} {at} on the build machine, whose ISA flags this CPU shares")
     if root is None:
-        where = (
-            "OpenVINO is installed"
-            if trusted
-            else "built on another CPU class"
-            if len(timed) == 1 + len(others)
-            else "the build timed them on another workload"
-        )
+        if trusted:
+            where = "OpenVINO is installed"
+        elif len(timed) < 1 + len(others):
+            where = "the build timed them on another workload"
+        else:
+            where = "built on another CPU class"
         return Choice(fp32, f"fp32: {where}, and no tree to check the other variants in")
     return variant_check.check_here(root, model, fp32, others, here, threads, engines)
 
