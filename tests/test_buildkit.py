@@ -34,6 +34,7 @@ from modelbake.testing.buildkit import (
     parse_rawjson,
     ran,
     render,
+    stage_outcomes,
     stage_runs,
     stage_seconds,
 )
@@ -63,6 +64,8 @@ def test_a_step_that_ran_one_from_the_cache_and_one_that_failed() -> None:
     assert stage_seconds(steps, "work") == pytest.approx(1.451240, abs=2e-6)
     assert stage_seconds(steps, "base") == 0.0 and stage_seconds(steps, "broken") == 0.0
     assert stage_runs(steps, "no-such-stage") == [] and not ran(steps, "no-such-stage")
+    outcomes = stage_outcomes(steps, ("work", "base", "broken", "no-such-stage"))
+    assert outcomes == {"work": ["1.5s"], "base": ["CACHED"], "broken": [f"ERROR: {broken.error}"], "no-such-stage": []}
 
 
 def test_updates_are_merged_by_digest_in_the_order_announced() -> None:

@@ -198,6 +198,11 @@ def stage_runs(steps: list[Step], stage: str) -> list[Step]:
     return [s for s in steps if s.stage == stage and s.instruction == "RUN"]
 
 
+def stage_outcomes(steps: list[Step], stages: tuple[str, ...]) -> dict[str, list[str]]:
+    """How each RUN step of each stage ended ("CACHED", "9.3s", "ERROR: ..."): an assertion's message."""
+    return {stage: [describe(s).removeprefix(s.name).strip() for s in stage_runs(steps, stage)] for stage in stages}
+
+
 def ran(steps: list[Step], stage: str) -> bool:
     """True when any RUN step of ``stage`` executed (and succeeded) rather than came from the cache."""
     return any(s.done and not s.cached for s in stage_runs(steps, stage))
