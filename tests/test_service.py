@@ -10,14 +10,16 @@ import http.client
 import importlib.util
 import io
 import json
+import os
 import re
 import select
 import socket
+import subprocess
 import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ _spec = importlib.util.spec_from_file_location("search_load", REPO / "bench" / "
 load = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(load)
 
+PROXY = "127.0.0.3"  # a proxy in front of send_bound_service, on a loopback address of its own
 READ_TIMEOUT = 2  # SEARCH_READ_TIMEOUT in the test service: slow clients are cut off after 2 s
 COUNTS: Counter[int] = Counter()  # every status the hostile battery received
 
@@ -58,10 +61,12 @@ def service(built_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Servi
     assert "Traceback" not in log.read_text(errors="replace"), log.read_text(errors="replace")[-4000:]
 
 
-def request(port: int, head: bytes, body: bytes = b"", timeout: float = 60) -> tuple[int, dict[str, str], Any]:
-    """Raw bytes to the service, the reply parsed: (status, headers, decoded JSON). The body is not sent
-    when the reply comes first (a 413 on the declared length), as a client honouring it would."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+def request(
+    port: int, head: bytes, body: bytes = b"", timeout: float = 60, source: str = "127.0.0.1"
+) -> tuple[int, dict[str, str], Any]:
+    """Raw bytes to the service from ``source``, the reply parsed: (status, headers, decoded JSON). The body is
+    not sent when the reply comes first (a 413 on the declared length), as a client honouring it would."""
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(source, 0)) as sock:
         sock.sendall(head)
         for i in range(0, len(body), 65536):
             if select.select([sock], [], [], 0)[0]:
@@ -446,22 +451,31 @@ def test_reranker_scores_are_the_same_in_any_batch_size(built_tree: Path) -> Non
         reranker.score("q", passages, batch_size=0)
 
 
+def _import_app(env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-c", "import app"],
+        cwd=REPO / "examples" / "search_service",
+        env={**os.environ, **env},
+        capture_output=True,
+        text=True,
+    )
+
+
 @pytest.mark.parametrize("value", ["nan", "inf", "-inf", "0", "-2"])
 def test_a_limit_that_is_not_a_finite_positive_number_is_refused_at_start(value: str) -> None:
     """SEARCH_MAX_ASPECT_RATIO=nan once passed the "<= 0" check (nan compares false) and let a 100000x1
     strip through; every limit must be finite and above 0, said at start with the variable's name."""
-    import os
-    import subprocess
-    import sys
-
-    proc = subprocess.run(
-        [sys.executable, "-c", "import app"],
-        cwd=REPO / "examples" / "search_service",
-        env={**os.environ, "SEARCH_MAX_ASPECT_RATIO": value},
-        capture_output=True,
-        text=True,
-    )
+    proc = _import_app({"SEARCH_MAX_ASPECT_RATIO": value})
     assert proc.returncode == 1 and f"SEARCH_MAX_ASPECT_RATIO={value!r}: give a finite number above 0" in proc.stderr
+
+
+def test_a_trusted_proxy_that_is_not_an_address_is_refused_at_start() -> None:
+    # uvicorn takes any other word for a unix socket's name: "10.0.0.0/33" or "ingress" would trust nobody.
+    proc = _import_app({"SEARCH_TRUSTED_PROXIES": "10.0.0.7, 10.0.0.0/33"})
+    assert proc.returncode == 1, proc.stderr
+    assert "SEARCH_TRUSTED_PROXIES='10.0.0.7, 10.0.0.0/33': '10.0.0.0/33' is not an address or a network" in proc.stderr
+    assert _import_app({"SEARCH_TRUSTED_PROXIES": "*"}).returncode == 0
+    assert _import_app({"SEARCH_TRUSTED_PROXIES": ""}).returncode == 0
 
 
 def test_a_jpeg_of_many_scans_is_refused_before_it_is_decoded() -> None:
@@ -478,9 +492,10 @@ def test_a_jpeg_of_many_scans_is_refused_before_it_is_decoded() -> None:
 @pytest.fixture(scope="module")
 def send_bound_service(built_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Service:
     """An instance whose replies may wait 2 s for a client that does not read them; 4 requests in progress,
-    2 of them from one client."""
+    2 of them from one client; X-Forwarded-For read from PROXY."""
     log = tmp_path_factory.mktemp("search-service-send") / "service.log"
     env = {"SEARCH_MAX_CONCURRENCY": "4", "SEARCH_MAX_PER_CLIENT": "2", "SEARCH_SEND_TIMEOUT": "2"}
+    env["SEARCH_TRUSTED_PROXIES"] = f"192.0.2.0/24, {PROXY}"  # not loopback as by default
     proc, port = load.start_service(built_tree, log, env=env)
     yield Service(proc, port, log)
     load.stop_service(proc)
@@ -543,6 +558,49 @@ def test_one_abusive_client_and_the_others_are_still_served(send_bound_service: 
     print(f"\nbeside an abusive client: p50 {result['p50_ms']:.0f} ms, p99 {result['p99_ms']:.0f} ms, {result}")
     assert result["abusive_connections"] >= 16
     assert result["errors"] == 0 and result["not_run"] == 0, result["first_errors"]
+
+
+def test_a_trusted_proxys_clients_are_each_their_own_client(send_bound_service: Service) -> None:
+    """Behind a proxy every client has the proxy's address: SEARCH_MAX_PER_CLIENT and the turns took them all
+    for one. The service now reads X-Forwarded-For from SEARCH_TRUSTED_PROXIES and from no one else. A
+    client holds its 2 slots with requests whose bodies do not come; then others ask."""
+    port = send_bound_service.port
+
+    def models(source: str, forwarded_for: str | None = None) -> tuple[int, str]:
+        extra = "" if forwarded_for is None else f"X-Forwarded-For: {forwarded_for}\r\n"
+        status, _, reply = request(port, f"GET /models HTTP/1.1\r\nHost: t\r\n{extra}\r\n".encode(), source=source)
+        return status, reply.get("error", "")
+
+    @contextlib.contextmanager
+    def two_held(source: str, forwarded_for: str) -> Iterator[None]:
+        """Two requests in progress from ``source`` saying ``forwarded_for``, until the block ends."""
+        head, _ = post("/rank", b"", length=100, headers=f"X-Forwarded-For: {forwarded_for}\r\n")
+        with contextlib.ExitStack() as stack:
+            for _ in range(2):
+                sock = stack.enter_context(socket.create_connection(("127.0.0.1", port), 60, (source, 0)))
+                sock.sendall(head + b'{"q')
+            yield
+        end = time.monotonic() + 30
+        while models(source, forwarded_for)[0] != 200 and time.monotonic() < end:
+            time.sleep(0.05)  # until the service has seen them go
+
+    def until_busy(source: str, forwarded_for: str) -> tuple[int, str]:
+        end = time.monotonic() + 30
+        while (seen := models(source, forwarded_for))[0] == 200 and time.monotonic() < end:
+            time.sleep(0.05)  # until the service has the held requests in progress
+        return seen
+
+    with two_held(PROXY, "10.1.1.1"):
+        seen = until_busy(PROXY, "10.1.1.1")
+        assert seen[0] == 503 and "of this client" in seen[1], seen
+        assert models(PROXY, "10.2.2.2")[0] == 200  # another client behind the same proxy
+        assert models(PROXY, "10.1.1.1, 10.2.2.2")[0] == 200  # the peer the proxy saw, not what it was told
+        assert models(PROXY)[0] == 200  # the proxy's own request
+    # A peer that is not trusted (loopback, here) cannot pass for other clients: its header is not read.
+    with two_held("127.0.0.1", "10.3.3.3"):
+        seen = until_busy("127.0.0.1", "10.4.4.4")
+        assert seen[0] == 503 and "of this client" in seen[1], seen
+        assert models(PROXY, "10.3.3.3")[0] == 200
 
 
 @pytest.fixture(scope="module")

@@ -38,9 +38,12 @@ Limits, from the environment [default]:
                                             taken by the waiting clients in turn, one call (batch) each
     SEARCH_MAX_CONCURRENCY [16]             requests in progress, and model jobs queued or running; beyond: 503
     SEARCH_MAX_PER_CLIENT [as CONCURRENCY]  requests in progress from one client address; beyond: 503. Set it
-                                            below SEARCH_MAX_CONCURRENCY (half, say) where clients come with
-                                            their own addresses, so one cannot hold every slot (not behind a
-                                            proxy: every client then has the proxy's address)
+                                            below SEARCH_MAX_CONCURRENCY (half, say), so one client cannot hold
+                                            every slot (behind a proxy, with SEARCH_TRUSTED_PROXIES set)
+    SEARCH_TRUSTED_PROXIES [127.0.0.1,::1]  peers whose X-Forwarded-For names the client: addresses or networks,
+                                            comma-separated (10.0.0.0/8), * for any, empty for none. A proxy
+                                            in front gives every client its own address; list it here, or its
+                                            clients are one for SEARCH_MAX_PER_CLIENT and the turns
     SEARCH_REQUEST_TIMEOUT [30]             seconds for a request's model work, queueing included; beyond: 503
     SEARCH_READ_TIMEOUT [10]                seconds for a request's headers to arrive, and again for its body: 408
     SEARCH_SEND_TIMEOUT [10]                seconds a reply may wait for a client that does not read it; beyond,
@@ -61,6 +64,7 @@ import asyncio
 import base64
 import contextlib
 import io
+import ipaddress
 import json
 import logging
 import math
@@ -109,7 +113,8 @@ class Settings:
     batch_size: int = 16
     workers: int = 2
     max_concurrency: int = 16
-    max_per_client: int = 0  # 0: as max_concurrency (a proxy in front makes every client one address)
+    max_per_client: int = 0  # 0: as max_concurrency
+    trusted_proxies: str = "127.0.0.1,::1"  # uvicorn's default: a proxy beside the service (a sidecar)
     request_timeout: float = 30.0
     read_timeout: float = 10.0
     send_timeout: float = 10.0
@@ -131,7 +136,21 @@ class Settings:
             # nan compares false both ways, so "<= 0" alone let SEARCH_MAX_ASPECT_RATIO=nan turn a limit off
             if kind is not str and not (math.isfinite(values[field.name]) and values[field.name] > 0):
                 raise SystemExit(f"{name}={raw!r}: give a finite number above 0")
-        return cls(**values)
+        settings = cls(**values)
+        for proxy in settings.proxies():
+            if proxy != "*":
+                try:
+                    ipaddress.ip_network(proxy, strict=False)
+                except ValueError:
+                    raise SystemExit(
+                        f"SEARCH_TRUSTED_PROXIES={settings.trusted_proxies!r}: {proxy!r} is not an address or a "
+                        "network; give them comma-separated (10.0.0.7,10.1.0.0/16), * for any, or empty for none"
+                    ) from None
+        return settings
+
+    def proxies(self) -> list[str]:
+        """SEARCH_TRUSTED_PROXIES as a list (uvicorn's forwarded_allow_ips)."""
+        return [proxy.strip() for proxy in self.trusted_proxies.split(",") if proxy.strip()]
 
 
 SETTINGS = Settings.from_env()
@@ -458,7 +477,8 @@ HEALTH = json.dumps({"status": "ok"}).encode()
 
 
 def client_of(scope: dict[str, Any]) -> str:
-    """The client's address, as the limits and turns know it (behind a proxy every client is the proxy)."""
+    """The client's address, as the limits and turns know it: uvicorn has put X-Forwarded-For's client there
+    when the peer is one of SEARCH_TRUSTED_PROXIES (else a proxy's clients are all the proxy)."""
     return (scope.get("client") or ("?", 0))[0]
 
 
@@ -644,6 +664,8 @@ def main(argv: list[str]) -> None:
         lifespan="off",
         timeout_keep_alive=SETTINGS.keep_alive,
         server_header=False,
+        proxy_headers=bool(SETTINGS.proxies()),
+        forwarded_allow_ips=SETTINGS.proxies(),
     )
     uvicorn.Server(config).run()
 
