@@ -160,6 +160,8 @@ HOSTILE: list[tuple[str, Callable[[], tuple[bytes, bytes]], int, str]] = [
     ("features wrong size", lambda: post("/boundaries", doc({"features": [[0.1] * 5]})), 422, "shape (n, 32)"),
     ("features empty", lambda: post("/boundaries", doc({"features": []})), 422, "shape (n, 32)"),
     ("features 1e308", lambda: post("/boundaries", doc({"features": [[1e308] * 32]})), 422, "NaN or inf"),
+    # Finite as float32, and the model's output is not: never a reply of nulls.
+    ("features near float32's max", lambda: post("/boundaries", doc({"features": [[3e38] * 32]})), 422, "NaN or inf"),
     # Counts and lengths.
     ("1M one-char texts", lambda: post("/embed/text", doc({"texts": ["a"] * 10**6})), 422, "at most 256 items"),
     ("257 texts", lambda: post("/embed/text", doc({"texts": ["a"] * 257})), 422, "at most 256 items"),
@@ -492,10 +494,9 @@ def test_a_jpeg_of_many_scans_is_refused_before_it_is_decoded() -> None:
 @pytest.fixture(scope="module")
 def send_bound_service(built_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Service:
     """An instance whose replies may wait 2 s for a client that does not read them; 4 requests in progress,
-    2 of them from one client; X-Forwarded-For read from PROXY."""
+    2 of them from one client."""
     log = tmp_path_factory.mktemp("search-service-send") / "service.log"
     env = {"SEARCH_MAX_CONCURRENCY": "4", "SEARCH_MAX_PER_CLIENT": "2", "SEARCH_SEND_TIMEOUT": "2"}
-    env["SEARCH_TRUSTED_PROXIES"] = f"192.0.2.0/24, {PROXY}"  # not loopback as by default
     proc, port = load.start_service(built_tree, log, env=env)
     yield Service(proc, port, log)
     load.stop_service(proc)
@@ -560,11 +561,21 @@ def test_one_abusive_client_and_the_others_are_still_served(send_bound_service: 
     assert result["errors"] == 0 and result["not_run"] == 0, result["first_errors"]
 
 
-def test_a_trusted_proxys_clients_are_each_their_own_client(send_bound_service: Service) -> None:
+@pytest.fixture(scope="module")
+def proxied_service(built_tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Service:
+    """An instance behind PROXY, not loopback as by default: 2 requests in progress per client."""
+    log = tmp_path_factory.mktemp("search-service-proxied") / "service.log"
+    env = {"SEARCH_MAX_PER_CLIENT": "2", "SEARCH_TRUSTED_PROXIES": f"192.0.2.0/24, {PROXY}"}
+    proc, port = load.start_service(built_tree, log, env=env)
+    yield Service(proc, port, log)
+    load.stop_service(proc)
+
+
+def test_a_trusted_proxys_clients_are_each_their_own_client(proxied_service: Service) -> None:
     """Behind a proxy every client has the proxy's address: SEARCH_MAX_PER_CLIENT and the turns took them all
     for one. The service now reads X-Forwarded-For from SEARCH_TRUSTED_PROXIES and from no one else. A
     client holds its 2 slots with requests whose bodies do not come; then others ask."""
-    port = send_bound_service.port
+    port = proxied_service.port
 
     def models(source: str, forwarded_for: str | None = None) -> tuple[int, str]:
         extra = "" if forwarded_for is None else f"X-Forwarded-For: {forwarded_for}\r\n"
