@@ -767,9 +767,13 @@ def test_example_service_from_compose_becomes_healthy_and_serves(baked: dict[str
         mount = ["-v", f"{baked['MODELS_OUT']}:/models:ro", "-e", f"MODELBAKE_MANIFEST_SHA256=sha256:{digest}"]
     name = f"modelbake-search-{uuid.uuid4().hex[:8]}"
     isolated = ["--network", "none", "--read-only", "--cap-drop", "ALL", "--health-interval", "1s"]
-    _docker("run", "-d", "--name", name, *isolated, *mount, image)
+    _docker("run", "-d", "--name", name, *isolated, "--cpus", "1", *mount, image)
     try:
         assert _wait_healthy(name) == "healthy", _docker("logs", name, check=False).stderr[-3000:]
+        # The quota, read from the container's cgroup: its 2 model workers share 1 CPU (1 thread each), not the
+        # machine's cores (onnxruntime counts those).
+        started = _docker("logs", name).stderr
+        assert "model calls at once: 2; engine threads per call: 1; CPUs granted: 1" in started, started[-2000:]
         status, doc = _exec_json(name, "GET", "/models")
         assert status == 200 and set(doc.pop("variants")) == {"clip", "reranker", "regressor"}
         assert doc.pop("engines")["reranker"]["tiny-bert"]["reranker"].startswith("onnxruntime/")  # none other here

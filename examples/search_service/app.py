@@ -35,8 +35,10 @@ Limits, from the environment [default]:
     SEARCH_MAX_IMAGE_PIXELS [25000000]      pixels in one image, read from its header before it is decoded
     SEARCH_MAX_ASPECT_RATIO [256]           long side / short side of one image
     SEARCH_BATCH_SIZE [16]                  texts, pairs or images per model call
-    SEARCH_WORKERS [2]                      model calls at once (each with MODELBAKE_THREADS onnxruntime threads)
-                                            taken by the waiting clients in turn, one call (batch) each
+    SEARCH_WORKERS [2]                      model calls at once, taken by the waiting clients in turn, one
+                                            call (batch) each; each with MODELBAKE_THREADS engine threads
+                                            (unset: the CPUs granted, a docker or Kubernetes CPU limit
+                                            included, shared out between the calls)
     SEARCH_MAX_CONCURRENCY [16]             requests in progress, and model jobs queued or running; beyond: 503
     SEARCH_MAX_PER_CLIENT [as CONCURRENCY]  requests in progress from one client address; beyond: 503. Set it
                                             below SEARCH_MAX_CONCURRENCY (half, say), so one client cannot hold
@@ -94,6 +96,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from modelbake.runtime import clip as clip_runtime
 from modelbake.runtime.models import Models, open_models
+from modelbake.runtime.sessions import cpus_granted, threads_from_env
 
 log = logging.getLogger("uvicorn.error")
 IMAGE_FORMATS = ("PNG", "JPEG", "WEBP", "GIF", "BMP")
@@ -655,8 +658,12 @@ class GuardedH11Protocol(H11Protocol):
 
 def main(argv: list[str]) -> None:
     port = int(argv[1]) if len(argv) > 1 else 8080
+    # SEARCH_WORKERS model calls share the CPUs granted: each engine would size its pool to all of them, and
+    # two calls at once then ran 1.4x slower than with a thread each on 2 cores (bench/README).
+    cpus = cpus_granted() or os.cpu_count() or 1
+    threads = threads_from_env() or max(1, cpus // SETTINGS.workers)
     # Every file is checked against the manifest here; a tampered or truncated model stops the start.
-    models = open_models(os.environ.get("MODELBAKE_MODELS", "/models"))
+    models = open_models(os.environ.get("MODELBAKE_MODELS", "/models"), threads=threads)
     clip_runtime.MAX_IMAGE_PIXELS = SETTINGS.max_image_pixels  # the library's limits, for every image
     clip_runtime.MAX_ASPECT_RATIO = SETTINGS.max_aspect_ratio
     GuardedH11Protocol.read_timeout = SETTINGS.read_timeout
@@ -673,6 +680,7 @@ def main(argv: list[str]) -> None:
         proxy_headers=bool(SETTINGS.proxies()),
         forwarded_allow_ips=SETTINGS.proxies(),
     )
+    log.info("model calls at once: %d; engine threads per call: %d; CPUs granted: %d", SETTINGS.workers, threads, cpus)
     uvicorn.Server(config).run()
 
 

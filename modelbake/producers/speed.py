@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from modelbake.manifest import Variant
-from modelbake.runtime.sessions import session, threads_from_env
+from modelbake.runtime.sessions import default_threads, session
 from modelbake.runtime.variant_check import ROUNDS, dynamic_positions, time_here, timed_feeds, timed_words, workload
 from modelbake.runtime.variants import machine
 
@@ -101,7 +101,7 @@ def record(candidate: Candidate, fp32: Candidate, timing: Timing, threads: int |
         "batch_ms": candidate.batch_ms,
         "vs_fp32": {b: round(fp32.batch_ms[b] / ms, 3) for b, ms in candidate.batch_ms.items() if ms > 0},
         **timing.record(),
-        "threads": threads or threads_from_env() or machine()["cores"],
+        "threads": threads or default_threads() or machine()["cores"],
         "rounds": ROUNDS,
         "machine": machine(),
     }

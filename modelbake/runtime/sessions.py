@@ -9,13 +9,15 @@ onnxruntime's (``run``, ``get_inputs``, ``get_outputs``), so a loader never know
 A tree's graphs are opened by :func:`checked_session`: from the bytes the manifest check hashed, their
 external data included, never from a path an engine would open again after the check.
 
-Threads: the ``threads`` argument, else $MODELBAKE_THREADS, else the engine's default (one per core), the
-same setting for both engines. onnxruntime's inter-op threads stay at 1 and OpenVINO runs one stream
+Threads: the ``threads`` argument, else $MODELBAKE_THREADS, else the CPUs this process is granted when that
+is fewer than the machine has (:func:`cpus_granted`), else the engine's default (one per core), the same
+setting for both engines. onnxruntime's inter-op threads stay at 1 and OpenVINO runs one stream
 (its latency hint): the graphs run sequentially, and a second pool only competes for the cores.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import tempfile
@@ -45,6 +47,72 @@ def threads_from_env() -> int | None:
     if not value.isdigit() or int(value) < 1:
         raise ValueError(f"{THREADS_ENV}={value!r}: give a positive number of threads, or leave it unset")
     return int(value)
+
+
+def cpus_granted(
+    cgroup_root: Path = Path("/sys/fs/cgroup"), proc_cgroup: Path = Path("/proc/self/cgroup")
+) -> int | None:
+    """The CPUs this process may use when that is fewer than the machine has, else None: its affinity mask
+    (docker --cpuset-cpus) and its cgroup's CPU quota (docker --cpus, a Kubernetes CPU limit), rounded up.
+    onnxruntime sizes its pool to the machine's physical cores whatever the container may use
+    (microsoft/onnxruntime#29510): a pod limited to 2 CPUs on a 64-core node would run 64 threads a call."""
+    machine = os.cpu_count() or 1
+    granted = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else machine
+    quota = cgroup_cpu_quota(cgroup_root, proc_cgroup)
+    if quota is not None:
+        granted = min(granted, max(1, math.ceil(quota)))
+    return granted if granted < machine else None
+
+
+def cgroup_cpu_quota(root: Path, proc_cgroup: Path) -> float | None:
+    """CPUs a cgroup quota grants this process (cgroup v2 ``cpu.max``, v1 ``cpu.cfs_quota_us`` over
+    ``cpu.cfs_period_us``): the lowest from its own cgroup up to ``root``, None when none is set or none can
+    be read (not Linux)."""
+    try:
+        lines = proc_cgroup.read_text().splitlines()
+    except OSError:
+        return None
+    quotas = []
+    for line in lines:
+        parts = line.split(":", 2)
+        if len(parts) != 3:
+            continue
+        _, controllers, path = parts
+        if controllers == "":  # v2: one hierarchy
+            base, read = root, _v2_quota
+        elif "cpu" in controllers.split(","):  # v1: the cpu controller's own
+            base = next((root / n for n in ("cpu,cpuacct", "cpu") if (root / n).is_dir()), root / "cpu")
+            read = _v1_quota
+        else:
+            continue
+        # In a container its own cgroup is usually mounted as the root (the path named may not exist there);
+        # each level up may set its own limit, and the lowest binds.
+        own = base / path.strip("/")
+        levels = [level for level in (own, *own.parents) if level.is_relative_to(base)]
+        quotas += [quota for quota in map(read, levels) if quota is not None]
+    return min(quotas) if quotas else None
+
+
+def _v2_quota(folder: Path) -> float | None:
+    try:
+        quota, period = (folder / "cpu.max").read_text().split()
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
+
+
+def _v1_quota(folder: Path) -> float | None:
+    try:
+        quota, period = (int((folder / f"cpu.cfs_{name}_us").read_text()) for name in ("quota", "period"))
+    except (OSError, ValueError):
+        return None
+    return quota / period if quota > 0 and period > 0 else None
+
+
+def default_threads() -> int | None:
+    """Threads for a session when none are asked for: $MODELBAKE_THREADS, else :func:`cpus_granted`, else
+    None (the engine's own default)."""
+    return threads_from_env() or cpus_granted()
 
 
 def engine_of(variant: str) -> tuple[str, str]:
@@ -80,7 +148,7 @@ def session(
     """A CPU session for an ONNX file, or its bytes with the contents of the external-data files it names
     (``external``: {location as written in the graph: bytes}; onnxruntime copies them while it builds)."""
     options = ort.SessionOptions()
-    threads = threads or threads_from_env()
+    threads = threads or default_threads()
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -202,7 +270,7 @@ def openvino_session(
     if cache_dir is not None:
         core.set_property({"CACHE_DIR": str(cache_dir)})
     config: dict[str, Any] = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
-    if threads := threads or threads_from_env():
+    if threads := threads or default_threads():
         config["INFERENCE_NUM_THREADS"] = threads
     if isinstance(graph, Path) or not external:
         source = str(graph) if isinstance(graph, Path) else graph

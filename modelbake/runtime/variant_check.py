@@ -36,7 +36,7 @@ from modelbake.manifest import ManifestError, Role, Variant
 from modelbake.runtime import sessions
 from modelbake.runtime.gates import kendall_tau, min_row_cosine, top_k_kept
 from modelbake.runtime.golden import feeds_and_outputs, probe_rows, read_golden
-from modelbake.runtime.sessions import checked_session, threads_from_env
+from modelbake.runtime.sessions import checked_session, default_threads
 
 log = logging.getLogger("modelbake")
 
@@ -127,7 +127,7 @@ def _key(here: dict[str, Any], entries: list[dict[str, Any]], threads: int | Non
         "arch": here.get("arch"),
         "isa": sorted(here.get("isa", [])),
         "onnxruntime": here.get("onnxruntime"),
-        "threads": threads or threads_from_env() or 0,  # what the sessions will use
+        "threads": threads or default_threads() or 0,  # what the sessions will use
         "files": [[e.get("variant"), e["sha256"], e.get("gate")] for e in entries],
         "engines": [[name, (sessions.openvino_facts() or {}).get("version")] for name in engines],
         "timed": workload(entries[0]["role"]),  # a new workload times again
