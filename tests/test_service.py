@@ -573,8 +573,9 @@ def proxied_service(built_tree: Path, tmp_path_factory: pytest.TempPathFactory) 
 
 
 def test_the_model_workers_share_the_cpus_granted(service: Service, proxied_service: Service) -> None:
-    """Each engine would size its pool to every core, and two model calls at once then ran 1.4x slower than
-    with the CPUs shared out (bench/README). MODELBAKE_THREADS, when set, is the threads per call as asked."""
+    """Each engine would size its pool to every core, and two model calls at once then served 1.2-1.5x fewer
+    requests than with the CPUs shared out (bench/README). MODELBAKE_THREADS, when set, is the threads per
+    call as asked."""
     pattern = r"model calls at once: (\d+); engine threads per call: (\d+); CPUs granted: (\d+)"
     workers, threads, cpus = map(int, re.search(pattern, service.log.read_text()).groups())
     assert workers == 2 and 1 <= cpus <= (os.cpu_count() or 1) and threads == max(1, cpus // workers)
@@ -666,13 +667,34 @@ def test_a_client_with_many_large_jobs_queued_does_not_hold_back_another(one_wor
     assert [name for name, _ in order].index("small") == 0, order
 
 
-def test_turns_go_round_the_clients_and_a_call_out_of_time_leaves_the_queue() -> None:
-    """The scheduler alone, in this process: one slot held; client a queues two calls, b one, c one with a
-    short deadline. c gets OutOfTime without a turn and leaves the queue; the slot then goes a, b, a."""
+def _app_module() -> Any:
+    """examples/search_service/app.py imported in this process (its limits at their defaults)."""
     spec = importlib.util.spec_from_file_location("search_app", load.APP)
     app = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = app  # its dataclasses look their module up
     spec.loader.exec_module(app)
+    return app
+
+
+def test_a_reply_holds_the_float32_values_of_any_array_and_never_a_nan() -> None:
+    """orjson writes C-contiguous float32 arrays itself, as the shortest text of each float32; anything else
+    (a transpose, a slice, a numpy scalar) goes through .tolist(); a NaN or an inf stops the reply."""
+    app = _app_module()
+    values = np.random.default_rng(0).standard_normal((5, 3)).astype(np.float32)
+    doc = {"a": values, "t": values.T, "s": values[:, 1:], "x": values[0, 0]}
+    back = json.loads(app.json_bytes(doc, values))
+    for name, want in (("a", values), ("t", values.T), ("s", values[:, 1:]), ("x", values[0, 0])):
+        assert np.array_equal(np.asarray(back[name], np.float32), want), name
+    assert len(app.json_bytes({"a": values}, values)) < len(json.dumps({"a": values.tolist()}))
+    for bad in (np.nan, np.inf):
+        with pytest.raises(ValueError, match="NaN or infinite"):
+            app.json_bytes({"a": values}, np.array([1.0, bad], np.float32))
+
+
+def test_turns_go_round_the_clients_and_a_call_out_of_time_leaves_the_queue() -> None:
+    """The scheduler alone, in this process: one slot held; client a queues two calls, b one, c one with a
+    short deadline. c gets OutOfTime without a turn and leaves the queue; the slot then goes a, b, a."""
+    app = _app_module()
     turns, order, far = app.Turns(1), [], time.monotonic() + 60
 
     def call(client: str, name: str, deadline: float) -> None:

@@ -227,7 +227,15 @@ def json_bytes(doc: dict[str, Any], values: np.ndarray) -> bytes:
     embeddings, holding the GIL (orjson 3 ms), and twice the bytes. orjson writes NaN as null: hence the check."""
     if not np.isfinite(values).all():
         raise ValueError("the model gave NaN or infinite values for this input")
-    return orjson.dumps(doc, option=orjson.OPT_SERIALIZE_NUMPY)
+    return orjson.dumps(doc, default=_as_list, option=orjson.OPT_SERIALIZE_NUMPY)
+
+
+def _as_list(value: Any) -> Any:
+    """What orjson does not write from numpy itself: an array that is not C-contiguous (a slice, a
+    transpose) or of a type it does not know."""
+    if isinstance(value, np.ndarray | np.generic):
+        return value.tolist()
+    raise TypeError(f"{type(value).__name__} is not JSON")
 
 
 class OutOfTime(Exception):
@@ -659,7 +667,7 @@ class GuardedH11Protocol(H11Protocol):
 def main(argv: list[str]) -> None:
     port = int(argv[1]) if len(argv) > 1 else 8080
     # SEARCH_WORKERS model calls share the CPUs granted: each engine would size its pool to all of them, and
-    # two calls at once then ran 1.4x slower than with a thread each on 2 cores (bench/README).
+    # two calls at once then served 1.2-1.5x fewer requests than with a thread each on 2 cores (bench/README).
     cpus = cpus_granted() or os.cpu_count() or 1
     threads = threads_from_env() or max(1, cpus // SETTINGS.workers)
     # Every file is checked against the manifest here; a tampered or truncated model stops the start.
