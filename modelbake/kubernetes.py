@@ -39,6 +39,7 @@ CONTAINER_SECURITY = {
     "capabilities": {"drop": ["ALL"]},
 }
 SERVICE_RESOURCES = {"requests": {"cpu": "1", "memory": "2Gi"}, "limits": {"memory": "4Gi"}}
+THREADS_FROM_REQUEST = {"containerName": "service", "resource": "requests.cpu", "divisor": "1"}
 POD_SECURITY = {
     "runAsNonRoot": True,
     "runAsUser": RUNTIME_UID,
@@ -64,6 +65,9 @@ def _deployment(
             # The mounted tree must be the one built: its manifest's sha256, checked at start.
             {"name": "MODELBAKE_MANIFEST_SHA256", "value": manifest_digest},
             {"name": "MODELBAKE_VARIANT_CACHE", "value": "/tmp/modelbake-variants"},
+            # Threads per model call from the pod's CPU request (rounded up), not the node's cores, which the
+            # engines would count without a CPU limit; the service runs SEARCH_WORKERS (2) calls at once.
+            {"name": "MODELBAKE_THREADS", "valueFrom": {"resourceFieldRef": THREADS_FROM_REQUEST}},
         ],
         "volumeMounts": [
             {"name": "models", "mountPath": "/models", "readOnly": True},

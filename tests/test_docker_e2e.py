@@ -511,7 +511,10 @@ def test_a_signed_tree_is_verified_at_start_by_an_image_built_with_model_signing
     for name in ("image-volume.yaml", "init-copy.yaml"):
         config_map, deployment, _ = validate(tmp_path / "k8s" / name)
         assert list(config_map["data"].values()) == [public.read_text()]
-        env_vars = {e["name"]: e["value"] for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]}
+        env_vars = {
+            e["name"]: e.get("value", e.get("valueFrom"))
+            for e in deployment["spec"]["template"]["spec"]["containers"][0]["env"]
+        }
         assert env_vars[PUBLIC_KEY_ENV].endswith("/" + next(iter(config_map["data"])))
     _docker("image", "rm", image, f"{repository}:{tag}", f"{repository}-models:{tag}")
 

@@ -43,12 +43,17 @@ def test_the_manifests_are_valid_kubernetes_1_36_and_pin_the_tree(name: str) -> 
     assert (deployment["kind"], service["kind"]) == ("Deployment", "Service")
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    env = {e["name"]: e["value"] for e in container["env"]}
+    env = {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}
     assert env == {
         "MODELBAKE_MODELS": "/models",
         "MODELBAKE_MANIFEST_SHA256": EXAMPLE["manifest_digest"],
         "MODELBAKE_VARIANT_CACHE": "/tmp/modelbake-variants",  # on the scratch emptyDir: the root is read-only
+        # a thread a CPU requested per model call (the downward API rounds 1 or 500m up to 1), not the node's
+        "MODELBAKE_THREADS": {
+            "resourceFieldRef": {"containerName": "service", "resource": "requests.cpu", "divisor": "1"}
+        },
     }
+    assert container["resources"]["requests"]["cpu"] == "1"
     assert container["volumeMounts"] == [
         {"name": "models", "mountPath": "/models", "readOnly": True},
         {"name": "scratch", "mountPath": "/tmp"},

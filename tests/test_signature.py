@@ -236,7 +236,7 @@ def test_kubernetes_deployments_carry_the_public_key_the_pod_verifies_with(
         kubernetes_validate.validate(doc, "1.36", strict=True)
     pod = deployment["spec"]["template"]["spec"]
     (container,) = pod["containers"]
-    key_path = {e["name"]: e["value"] for e in container["env"]}[PUBLIC_KEY_ENV]
+    key_path = {e["name"]: e.get("value", e.get("valueFrom")) for e in container["env"]}[PUBLIC_KEY_ENV]
     (mount,) = [m for m in container["volumeMounts"] if key_path.startswith(m["mountPath"] + "/")]
     (volume,) = [v for v in pod["volumes"] if v["name"] == mount["name"]]
     assert mount["readOnly"] and volume["configMap"]["name"] == config_map["metadata"]["name"]
