@@ -35,7 +35,7 @@ _spec = importlib.util.spec_from_file_location("search_load", REPO / "bench" / "
 load = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(load)
 
-PROXY = "127.0.0.3"  # a proxy in front of send_bound_service, on a loopback address of its own
+PROXY = "127.0.0.3"  # a proxy in front of proxied_service, on a loopback address of its own
 READ_TIMEOUT = 2  # SEARCH_READ_TIMEOUT in the test service: slow clients are cut off after 2 s
 COUNTS: Counter[int] = Counter()  # every status the hostile battery received
 
@@ -594,6 +594,13 @@ def test_a_trusted_proxys_clients_are_each_their_own_client(proxied_service: Ser
         status, _, reply = request(port, f"GET /models HTTP/1.1\r\nHost: t\r\n{extra}\r\n".encode(), source=source)
         return status, reply.get("error", "")
 
+    def first_but(status: int, source: str, forwarded_for: str) -> tuple[int, str]:
+        """The first answer other than ``status`` (the service sees held requests come and go a little late)."""
+        end = time.monotonic() + 30
+        while (seen := models(source, forwarded_for))[0] == status and time.monotonic() < end:
+            time.sleep(0.05)
+        return seen
+
     @contextlib.contextmanager
     def two_held(source: str, forwarded_for: str) -> Iterator[None]:
         """Two requests in progress from ``source`` saying ``forwarded_for``, until the block ends."""
@@ -603,25 +610,17 @@ def test_a_trusted_proxys_clients_are_each_their_own_client(proxied_service: Ser
                 sock = stack.enter_context(socket.create_connection(("127.0.0.1", port), 60, (source, 0)))
                 sock.sendall(head + b'{"q')
             yield
-        end = time.monotonic() + 30
-        while models(source, forwarded_for)[0] != 200 and time.monotonic() < end:
-            time.sleep(0.05)  # until the service has seen them go
-
-    def until_busy(source: str, forwarded_for: str) -> tuple[int, str]:
-        end = time.monotonic() + 30
-        while (seen := models(source, forwarded_for))[0] == 200 and time.monotonic() < end:
-            time.sleep(0.05)  # until the service has the held requests in progress
-        return seen
+        first_but(503, source, forwarded_for)  # until the service has seen them go
 
     with two_held(PROXY, "10.1.1.1"):
-        seen = until_busy(PROXY, "10.1.1.1")
+        seen = first_but(200, PROXY, "10.1.1.1")  # once both are in progress
         assert seen[0] == 503 and "of this client" in seen[1], seen
         assert models(PROXY, "10.2.2.2")[0] == 200  # another client behind the same proxy
         assert models(PROXY, "10.1.1.1, 10.2.2.2")[0] == 200  # the peer the proxy saw, not what it was told
         assert models(PROXY)[0] == 200  # the proxy's own request
     # A peer that is not trusted (loopback, here) cannot pass for other clients: its header is not read.
     with two_held("127.0.0.1", "10.3.3.3"):
-        seen = until_busy("127.0.0.1", "10.4.4.4")
+        seen = first_but(200, "127.0.0.1", "10.4.4.4")
         assert seen[0] == 503 and "of this client" in seen[1], seen
         assert models(PROXY, "10.3.3.3")[0] == 200
 
